@@ -1,0 +1,167 @@
+"""Kafka helpers: typed publish, typed consume with dead-lettering, commit-after-effect.
+
+Consumer-group settings are the ones that join on Tansu (a join hangs with
+kafka-python's defaults, and takes about 3 s with these). Auto-commit is off
+everywhere: a consumer commits only after its effect is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Generic, Iterable, TypeVar
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+from pydantic import ValidationError
+
+from service.contracts import ALL_TOPICS, TOPIC_DLQ, DeadLetter, _Message
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=_Message)
+
+GROUP_SETTINGS = dict(max_poll_interval_ms=10_000, session_timeout_ms=6_000, heartbeat_interval_ms=2_000)
+
+
+def ensure_topics(bootstrap: str, topics: Iterable[str] = ALL_TOPICS, partitions: int = 1) -> None:
+    """Create the topics that do not exist yet (idempotent)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        missing = set(topics) - set(admin.list_topics())
+        for name in sorted(missing):
+            try:
+                admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
+def make_producer(bootstrap: str) -> KafkaProducer:
+    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=5)
+
+
+def publish(producer: KafkaProducer, topic: str, key: str | None, message: _Message, flush: bool = True) -> None:
+    """Send one contract message; with `flush` it is durable when this returns."""
+    future = producer.send(topic, key=key.encode() if key is not None else None, value=message.to_bytes())
+    if flush:
+        producer.flush()
+        future.get(timeout=30)
+
+
+@dataclass(frozen=True)
+class Envelope(Generic[M]):
+    """A valid message with where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: M
+
+
+def dead_letter(producer: KafkaProducer, record, error: str, component: str) -> None:
+    """Publish a `DeadLetter` for a record that could not be processed, and flush it."""
+    raw = record.value if isinstance(record.value, bytes) else str(record.value).encode()
+    key = record.key.decode(errors="replace") if record.key else None
+    letter = DeadLetter(source_topic=record.topic, partition=record.partition, offset=record.offset, key=key,
+                        payload=raw.decode(errors="replace"), error=error[:4000], component=component)
+    publish(producer, TOPIC_DLQ, key, letter)
+    log.warning("%s: dead-lettered %s[%d]@%d: %s", component, record.topic, record.partition, record.offset,
+                error.splitlines()[0][:200])
+
+
+def validation_message(exc: ValidationError) -> str:
+    """A short, readable reason from a pydantic error."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "message"
+        parts.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+class Inbox(Generic[M]):
+    """Consumes one topic as `model` messages; invalid ones go to the DLQ.
+
+    With a `group_id` the consumer joins that group and resumes from its
+    committed offsets; without one it reads every partition from the start
+    (for topics that every replica must see in full, like `odpo.adapters`).
+    """
+
+    def __init__(self, bootstrap: str, topic: str, model: type[M], component: str, producer: KafkaProducer,
+                 group_id: str | None, max_poll_records: int = 100):
+        self.topic, self.model, self.component, self.producer = topic, model, component, producer
+        self.group_id = group_id
+        common = dict(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                      max_poll_records=max_poll_records, client_id=f"odpo-{component}")
+        if group_id:
+            self.consumer = KafkaConsumer(topic, group_id=group_id, **GROUP_SETTINGS, **common)
+        else:
+            self.consumer = KafkaConsumer(**common)
+            parts = self.consumer.partitions_for_topic(topic) or {0}
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            self.consumer.assign(tps)
+            self.consumer.seek_to_beginning(*tps)
+        self.dead_lettered = 0
+
+    def poll(self, timeout_ms: int = 500, max_records: int | None = None) -> list[Envelope[M]]:
+        """Valid messages in partition order; invalid ones are dead-lettered (flushed) and skipped."""
+        batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        out: list[Envelope[M]] = []
+        for tp in sorted(batches, key=lambda t: t.partition):
+            for rec in batches[tp]:
+                env = self._decode(rec)
+                if env is not None:
+                    out.append(env)
+        return out
+
+    def _decode(self, rec) -> Envelope[M] | None:
+        try:
+            value = self.model.from_bytes(rec.value)
+        except ValidationError as exc:
+            self._reject(rec, f"invalid {self.model.__name__}: {validation_message(exc)}")
+            return None
+        except (ValueError, TypeError) as exc:
+            self._reject(rec, f"undecodable {self.model.__name__}: {exc}")
+            return None
+        key = rec.key.decode(errors="replace") if rec.key else None
+        return Envelope(rec.topic, rec.partition, rec.offset, key, value)
+
+    def _reject(self, rec, reason: str) -> None:
+        dead_letter(self.producer, rec, reason, self.component)
+        self.dead_lettered += 1
+
+    def reject(self, env: Envelope[M], reason: str) -> None:
+        """Dead-letter a message that was valid but could not be processed."""
+        payload = env.value.to_bytes()
+        rec = _Record(env.topic, env.partition, env.offset, env.key.encode() if env.key else None, payload)
+        self._reject(rec, reason)
+
+    def commit(self, upto: Iterable[Envelope[M]] | None = None) -> None:
+        """Commit after the effect is durable: through the given envelopes, or everything polled."""
+        if not self.group_id:
+            return
+        if upto is None:
+            self.consumer.commit()
+            return
+        offsets: dict[TopicPartition, int] = {}
+        for env in upto:
+            tp = TopicPartition(env.topic, env.partition)
+            offsets[tp] = max(offsets.get(tp, -1), env.offset + 1)
+        if offsets:
+            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+@dataclass(frozen=True)
+class _Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
