@@ -60,6 +60,7 @@ class CommonSettings(_ComponentSettings):
     cache_dir: Path = Field(default=Path("~/.cache/odpo"), description="Where the converted base model is cached.")
     base_model: Path | None = Field(default=None, description="A local HF model folder; default: the packaged SmolLM2-135M.")
     log_level: str = Field(default="INFO", description="Python logging level of every component.")
+    metrics_host: str = Field(default="127.0.0.1", description="Address /metrics listens on (0.0.0.0 in a pod).")
 
     def model_post_init(self, __context: Any) -> None:
         self.store_dir = self.store_dir.expanduser()

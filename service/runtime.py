@@ -1,0 +1,35 @@
+"""What every component process does on start: logging, a stop event for SIGINT/SIGTERM, /metrics."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from prometheus_client import start_http_server
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # kafka-python logs every reconnect at ERROR/INFO
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM; long-running loops check it and exit cleanly."""
+    stop = threading.Event()
+
+    def _handler(signum, frame):
+        logging.getLogger(__name__).info("signal %d: stopping", signum)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _handler)
+        signal.signal(signal.SIGTERM, _handler)
+    return stop
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
+    """Expose the default Prometheus registry on `host:port` (0 = a free port); returns the port."""
+    server, _thread = start_http_server(port, addr=host)
+    return server.server_port
