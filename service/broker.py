@@ -10,31 +10,21 @@ a crash of the parent leaves it running. Data does not survive a restart.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import logging
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from service.runtime import die_with_parent
 
-_PR_SET_PDEATHSIG = 1
+log = logging.getLogger(__name__)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: get SIGKILL when the parent dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: the atexit hook still stops it
-        pass
 
 
 def tansu_binary() -> Path:
@@ -80,7 +70,7 @@ class EmbeddedBroker:
                "--storage-engine", "memory://tansu/"]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      start_new_session=True, preexec_fn=_die_with_parent)
+                                      start_new_session=True, preexec_fn=die_with_parent)
         atexit.register(self.stop)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

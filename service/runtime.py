@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import threading
@@ -33,3 +34,11 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
     """Expose the default Prometheus registry on `host:port` (0 = a free port); returns the port."""
     server, _thread = start_http_server(port, addr=host)
     return server.server_port
+
+
+def die_with_parent() -> None:
+    """For `preexec_fn`: the child gets SIGKILL when its parent dies, so nothing is left running."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:  # not Linux: callers still stop their children explicitly
+        pass

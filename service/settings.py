@@ -90,9 +90,15 @@ class GeneratorSettings(_ComponentSettings):
     temperature: float = Field(default=1.0, ge=0, description="Sampling temperature.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_tokens: int = Field(default=48, ge=1, description="Most new tokens per sample.")
+    seed: int | None = Field(default=None, description="Per-request sampling seed (None = vLLM's own randomness).")
     max_in_flight: int = Field(default=8, ge=1, description="Prompts being sampled at once (back-pressure bound).")
     keep_versions: int = Field(default=2, ge=1, description="Policy versions kept loaded besides `base`.")
     request_timeout_s: float = Field(default=300, description="Timeout of one sampling request.")
+    max_request_attempts: int = Field(
+        default=3, ge=1, description="Tries of a prompt that vLLM answers with a server error before it is "
+                                     "dead-lettered (an unreachable server is waited for, not counted).")
+    group_id: str = Field(default="odpo-generator", description="Consumer group on odpo.prompts.")
+    log_file: Path | None = Field(default=None, description="vLLM's log; default <cache_dir>/logs/vllm-<port>.log.")
     metrics_port: int = Field(default=0, description="Port of the generator's /metrics (0 = pick a free one).")
 
 
@@ -104,6 +110,8 @@ class JudgeSettings(_ComponentSettings):
 
     judge: Literal["verifier"] = Field(default="verifier", description="Which judge plugin scores candidates.")
     min_margin: float = Field(default=1e-6, ge=0, description="Pairs whose score gap is below this are ties (dropped).")
+    group_id: str = Field(default="odpo-judge", min_length=1, description="Kafka consumer group on odpo.candidates.")
+    poll_timeout_s: float = Field(default=0.5, gt=0, description="Longest wait for candidates per poll (bounds stop latency).")
     metrics_port: int = Field(default=0, description="Port of the judge's /metrics (0 = pick a free one).")
 
 
@@ -115,14 +123,16 @@ class TrainerSettings(_ComponentSettings):
 
     loss_type: Literal["sigmoid"] = Field(default="sigmoid", description="DPO loss variant.")
     beta: float = Field(default=0.1, gt=0, description="DPO temperature beta.")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="Assumed label-flip probability (cDPO).")
     learning_rate: float = Field(default=2e-4, gt=0, description="AdamW learning rate of the LoRA weights.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay of the LoRA weights.")
     window_pairs: int = Field(default=16, ge=1, description="Pairs per rolling update.")
     window_seconds: float = Field(default=0, ge=0, description="Also close a window after this long, if > 0 and non-empty.")
     steps_per_window: int = Field(default=4, ge=1, description="Optimizer steps over each window.")
     batch_pairs: int = Field(default=8, ge=1, description="Pairs per forward/backward micro-batch.")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
     max_length: int = Field(default=512, ge=8, description="Prompt + completion tokens kept per sequence.")
-    max_staleness: int = Field(default=4, ge=0, description="Drop pairs sampled this many versions behind or more.")
+    max_staleness: int = Field(default=4, ge=0, description="Drop pairs sampled more than this many versions behind.")
     lora_r: int = Field(default=8, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(default=16, ge=1, description="LoRA alpha.")
     lora_dropout: float = Field(default=0.0, ge=0, lt=1, description="LoRA dropout.")
@@ -131,6 +141,7 @@ class TrainerSettings(_ComponentSettings):
     )
     seed: int = Field(default=0, description="Seed of LoRA init and batching.")
     threads: int = Field(default=1, ge=1, description="torch threads; 1 beside vLLM on a small CPU box.")
+    group_id: str = Field(default="odpo-trainer", min_length=1, description="Kafka consumer group on odpo.preferences.")
     metrics_port: int = Field(default=0, description="Port of the trainer's /metrics (0 = pick a free one).")
 
 

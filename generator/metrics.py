@@ -1,0 +1,23 @@
+"""The generator's Prometheus metrics (default registry, created once per process)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+POLICY_VERSION = Gauge("odpo_generator_policy_version", "Policy version new samples are drawn from (0 = base).")
+LOADED_VERSIONS = Gauge("odpo_generator_loaded_versions", "Policy versions loaded in vLLM, besides base.")
+SWAP_LATENCY = Histogram(
+    "odpo_generator_swap_latency_seconds", "From AdapterReady.created_at until vLLM serves the new version.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+SWAP_FAILURES = Counter(
+    "odpo_generator_swap_failures_total", "Adapter versions refused or not loaded, by reason.", ["reason"])
+PROMPTS = Counter("odpo_generator_prompts_consumed_total", "Valid prompts taken from odpo.prompts.")
+PROMPTS_REJECTED = Counter("odpo_generator_prompts_rejected_total", "Prompts dead-lettered by the sampler.")
+SAMPLES = Counter("odpo_generator_samples_total", "Completions sampled and published.")
+TOKENS = Counter("odpo_generator_tokens_total", "Completion tokens sampled and published.")
+IN_FLIGHT = Gauge("odpo_generator_in_flight_requests", "Sampling requests waiting on vLLM.")
+REQUEST_LATENCY = Histogram(
+    "odpo_generator_request_latency_seconds", "Duration of one successful sampling request (all n samples).",
+    buckets=(0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320))
+REQUEST_RETRIES = Counter("odpo_generator_request_retries_total", "Sampling requests retried after a server error.")
+SERVER_RESTARTS = Counter("odpo_generator_server_restarts_total", "Restarts of a vLLM server that died.")

@@ -1,0 +1,143 @@
+"""The `odpo` command: every component, the embedded broker, and `odpo up` for the whole loop.
+
+Bad input (a wrong setting, a missing file) is one line on stderr and exit code 2.
+Components are imported only by the subcommand that runs them, so `odpo gateway`
+never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+
+class UsageError(Exception):
+    """A mistake of the user's: reported in one line, exit code 2."""
+
+
+def _settings(cls):
+    try:
+        return cls()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ())) or "?"
+        prefix = cls.model_config.get("env_prefix", "")
+        raise UsageError(f"invalid setting {prefix}{where.upper()}: {err.get('msg')}") from None
+    except (ValueError, OSError) as exc:  # an unreadable or malformed ODPO_CONFIG file
+        raise UsageError(str(exc).splitlines()[0]) from None
+
+
+def _run_component(name: str) -> int:
+    from service import settings as s
+    from service.runtime import setup_logging, stop_on_signals
+
+    component_settings = {"generator": s.GeneratorSettings, "judge": s.JudgeSettings,
+                          "trainer": s.TrainerSettings, "gateway": s.GatewaySettings}[name]
+    common, settings = _settings(s.CommonSettings), _settings(component_settings)
+    setup_logging(common.log_level)
+    if name == "gateway":
+        return _run_gateway(settings)
+    if name == "generator":
+        from generator.service import run
+    elif name == "judge":
+        from judge.service import run
+    else:
+        from trainer.service import run
+    run(common, settings, stop_on_signals())
+    return 0
+
+
+def _run_gateway(settings) -> int:
+    import uvicorn
+
+    from service.gateway import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    return 0
+
+
+def _run_broker(args) -> int:
+    import time
+
+    from service.broker import EmbeddedBroker
+    from service.bus import ensure_topics
+    from service.runtime import stop_on_signals
+
+    stop = stop_on_signals()
+    with EmbeddedBroker(port=args.port) as broker:
+        ensure_topics(broker.bootstrap)
+        print(f"ODPO_BOOTSTRAP_SERVERS={broker.bootstrap}", flush=True)
+        while not stop.is_set() and broker.running:
+            time.sleep(0.5)
+    return 0
+
+
+def _prepare_model(args) -> int:
+    from service.assets import AssetError, base_model_dir
+    from service.runtime import setup_logging
+    from service.settings import CommonSettings
+
+    common = _settings(CommonSettings)
+    setup_logging(common.log_level)
+    try:
+        print(base_model_dir(common.cache_dir, common.base_model))
+    except AssetError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+def _up(args) -> int:
+    from service.up import UpOptions, run_up
+
+    if args.rounds is not None and args.rounds < 1:
+        raise UsageError("--rounds must be >= 1")
+    opts = UpOptions(rounds=args.rounds, port=args.port, run_dir=args.run_dir, train_prompts=args.train_prompts,
+                     heldout_prompts=args.heldout_prompts, window_pairs=args.window_pairs)
+    return run_up(opts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="odpo", description="Online DPO: sample, judge, train, hot-swap, repeat.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="Run the whole loop on this machine (embedded broker, packaged model).")
+    up.add_argument("--rounds", type=int, default=None, help="Stop after this many adapter versions.")
+    up.add_argument("--port", type=int, default=8000, help="Port of the gateway on 127.0.0.1.")
+    up.add_argument("--run-dir", type=Path, default=None, help="Logs and adapter store (default: a new runs/ folder).")
+    up.add_argument("--train-prompts", type=int, default=256, help="Bundled train prompts to cycle through.")
+    up.add_argument("--heldout-prompts", type=int, default=24, help="Bundled held-out prompts scored before/after.")
+    up.add_argument("--window-pairs", type=int, default=None, help="Pairs per DPO update (trainer setting).")
+    up.set_defaults(func=_up)
+
+    for name, text in (("generator", "vLLM server + sampler + adapter hot-swap."),
+                       ("judge", "Score candidates, publish preference pairs."),
+                       ("trainer", "Rolling LoRA DPO updates, publish adapters."),
+                       ("gateway", "OpenAI-compatible HTTP front door.")):
+        c = sub.add_parser(name, help=text)
+        c.set_defaults(func=lambda args, name=name: _run_component(name))
+
+    b = sub.add_parser("broker", help="Run the embedded Tansu broker (memory only) in the foreground.")
+    b.add_argument("--port", type=int, default=None, help="Port on 127.0.0.1 (default: a free one).")
+    b.set_defaults(func=_run_broker)
+
+    m = sub.add_parser("prepare-model", help="Convert the packaged base model once and print its folder.")
+    m.set_defaults(func=_prepare_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"odpo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

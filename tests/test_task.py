@@ -1,0 +1,84 @@
+"""The bundled constraints task: deterministic, well formed, train and held-out disjoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from judge import verifier
+from service.contracts import PromptEvent
+from service.task import CONSTRAINT_TYPES, HELDOUT_TOPICS, SOURCE, TRAIN_TOPICS, describe, make_prompts
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dump(prompts: list[PromptEvent]) -> list[dict]:
+    return [p.model_dump() for p in prompts]
+
+
+def test_same_seed_same_prompts_and_prefix_stable():
+    a = make_prompts("train", 40, seed=3)
+    assert _dump(a) == _dump(make_prompts("train", 40, seed=3))
+    assert _dump(make_prompts("train", 10, seed=3)) == _dump(a[:10])
+    assert _dump(a) != _dump(make_prompts("train", 40, seed=4))
+
+
+def test_same_prompts_in_a_fresh_interpreter_with_another_hash_seed():
+    """Nothing may depend on str hashing (PYTHONHASHSEED) or on process state."""
+    code = "from service.task import make_prompts; print([p.model_dump_json() for p in make_prompts('heldout', 12, 1)])"
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           cwd=REPO, env={"PYTHONHASHSEED": h, "PATH": ""}).stdout for h in ("1", "2")]
+    assert outs[0] == outs[1]
+    assert outs[0].strip() == str([p.model_dump_json() for p in make_prompts("heldout", 12, 1)])
+
+
+def test_train_and_heldout_are_disjoint():
+    train, held = make_prompts("train", 60), make_prompts("heldout", 30)
+    assert not set(TRAIN_TOPICS) & set(HELDOUT_TOPICS)
+    assert {p.task["topic"] for p in train} == set(TRAIN_TOPICS)  # 60 prompts go round all 24 topics
+    assert {p.task["topic"] for p in held} == set(HELDOUT_TOPICS)
+    assert not {p.id for p in train} & {p.id for p in held}
+    assert not {p.messages[0].content for p in train} & {p.messages[0].content for p in held}
+    for p in held:
+        assert not any(t in p.messages[0].content for t in TRAIN_TOPICS if t not in p.task["topic"])
+
+
+def test_prompts_are_well_formed():
+    prompts = make_prompts("train", 200) + make_prompts("heldout", 100)
+    seen_types = set()
+    for i, p in enumerate(prompts[:200]):
+        assert p.id == f"train-{i:04d}"
+    for p in prompts:
+        assert p.source == SOURCE
+        assert len(p.messages) == 1 and p.messages[0].role == "user"
+        text, cs = p.messages[0].content, p.task["constraints"]
+        assert p.task["kind"] == "constraints"
+        assert 1 <= len(cs) <= 3
+        types = [c["type"] for c in cs]
+        assert len(set(types)) == len(types)
+        assert not {"bullet_points", "end_with"} <= set(types)
+        seen_types.update(types)
+        verifier.parse_constraints(p.task)  # the judge accepts every generated task
+        for c in cs:
+            assert describe(c) in text  # each constraint is stated in the user turn
+            if c["type"] == "max_words":
+                assert 10 <= c["n"] <= 30
+            if c["type"] == "bullet_points":
+                assert 2 <= c["n"] <= 4
+            if c["type"] in ("include_word", "end_with"):
+                value = c.get("word") or c.get("phrase")
+                assert value == value.lower()  # satisfiable together with `lowercase`
+        assert len(text.split()) < 45  # short prompts for a 135M model
+        PromptEvent.from_bytes(p.to_bytes())  # survives the wire
+    assert seen_types == set(CONSTRAINT_TYPES)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="split"):
+        make_prompts("test", 3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        make_prompts("train", -1)
+    assert make_prompts("train", 0) == []
