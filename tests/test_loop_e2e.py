@@ -1,0 +1,158 @@
+"""One full round of the loop on real parts: Tansu, the packaged SmolLM2-135M, vLLM, real HTTP.
+
+Every component runs as its own `odpo <component>` process, exactly as `odpo up`
+starts them. Prompts in -> candidates with token ids and logprobs -> judged
+pairs -> one DPO update -> AdapterReady -> the adapter loaded by vLLM -> the
+gateway's `policy` answers greedily differently from `base`. A malformed
+message on every consumed topic lands on odpo.dlq and the loop keeps going.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from service.broker import EmbeddedBroker, free_port
+from service.bus import ensure_topics, make_producer, publish
+from service.contracts import (TOPIC_ADAPTERS, TOPIC_CANDIDATES, TOPIC_DLQ, TOPIC_PREFERENCES, TOPIC_PROMPTS,
+                               AdapterReady, CandidateSet, DeadLetter, PreferencePair)
+from service.launcher import Launcher
+from service.task import make_prompts
+
+pytestmark = [pytest.mark.integration, pytest.mark.vllm]
+
+CONSUMED = (TOPIC_PROMPTS, TOPIC_CANDIDATES, TOPIC_PREFERENCES, TOPIC_ADAPTERS)
+
+
+class TopicReader:
+    """Reads topics from the start with an assigned consumer (no group: takes nothing from the components)."""
+
+    def __init__(self, bootstrap: str, topics):
+        self.c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+        tps = [TopicPartition(t, 0) for t in topics]
+        self.c.assign(tps)
+        self.c.seek_to_beginning(*tps)
+        self.seen: dict[str, list[bytes]] = {t: [] for t in topics}
+
+    def poll(self) -> None:
+        for tp, recs in self.c.poll(timeout_ms=500).items():
+            self.seen[tp.topic] += [r.value for r in recs]
+
+
+def _wait(cond, timeout_s: float, launcher: Launcher, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        launcher.check()
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def _greedy(url: str, model: str, prompt) -> tuple[str, str]:
+    resp = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": model, "messages": [m.model_dump() for m in prompt.messages], "temperature": 0, "max_tokens": 24})
+    assert resp.status_code == 200, resp.text
+    return resp.json()["choices"][0]["message"]["content"], resp.headers["x-odpo-policy-version"]
+
+
+@pytest.fixture()
+def loop(tmp_path, model_dir):
+    with EmbeddedBroker() as broker:
+        ensure_topics(broker.bootstrap)
+        vllm_port, gw_port = free_port(), free_port()
+        launcher = Launcher(tmp_path / "logs", {
+            "ODPO_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "ODPO_STORE_DIR": str(tmp_path / "store"),
+            "ODPO_BASE_MODEL": str(model_dir),
+            "ODPO_GENERATOR_VLLM_PORT": str(vllm_port),
+            "ODPO_GENERATOR_MAX_TOKENS": "24",
+            "ODPO_GATEWAY_PORT": str(gw_port),
+            "ODPO_GATEWAY_VLLM_URL": f"http://127.0.0.1:{vllm_port}",
+            "ODPO_TRAINER_WINDOW_PAIRS": "4",
+            "ODPO_TRAINER_STEPS_PER_WINDOW": "6",
+            "ODPO_TRAINER_LEARNING_RATE": "2e-3",
+            "HF_HUB_OFFLINE": "1",
+        })
+        try:
+            groups = [launcher.start(name).proc.pid for name in ("judge", "trainer", "generator", "gateway")]
+            yield broker, launcher, f"http://127.0.0.1:{gw_port}"
+        finally:
+            launcher.stop()
+        assert not _alive_groups(groups), "a component (or a vLLM worker) outlived the launcher"
+
+
+def _alive_groups(groups: list[int], wait_s: float = 10) -> list[int]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = []
+        for g in groups:
+            try:
+                os.killpg(g, 0)
+                alive.append(g)
+            except ProcessLookupError:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def test_one_full_round(loop):
+    broker, launcher, url = loop
+    _wait(lambda: _ready(url) is not None, 600, launcher, "the gateway and vLLM to be ready")
+    probes = make_prompts("train", 3)
+    before = [_greedy(url, "base", p) for p in probes]
+    assert all(v == "0" for _, v in before)
+
+    producer = make_producer(broker.bootstrap)
+    for topic in CONSUMED:  # a malformed message first on every consumed topic: the loop must keep going
+        producer.send(topic, key=b"malformed", value=b'{"schema_version": 1, "not": "a valid message"}')
+    producer.flush()
+    prompts = make_prompts("train", 12)
+    for p in prompts:
+        publish(producer, TOPIC_PROMPTS, p.id, p, flush=False)
+    producer.flush()
+
+    reader = TopicReader(broker.bootstrap, [TOPIC_CANDIDATES, TOPIC_PREFERENCES, TOPIC_ADAPTERS, TOPIC_DLQ])
+
+    def adapter_published():
+        reader.poll()
+        return [AdapterReady.from_bytes(v) for v in reader.seen[TOPIC_ADAPTERS]]
+
+    adapters = _wait(adapter_published, 900, launcher, "the first AdapterReady")
+    assert adapters[0].version == 1 and adapters[0].parent_version == 0 and adapters[0].pairs_trained >= 4
+
+    candidates = [CandidateSet.from_bytes(v) for v in reader.seen[TOPIC_CANDIDATES]]
+    assert candidates, "no candidates were published"
+    for cs in candidates:
+        assert cs.policy_version == 0 and len(cs.completions) >= 2 and cs.prompt_token_ids
+        for c in cs.completions:
+            assert len(c.token_ids) == len(c.logprobs) > 0 and all(lp <= 0 for lp in c.logprobs)
+    pairs = [PreferencePair.from_bytes(v) for v in reader.seen[TOPIC_PREFERENCES]]
+    assert len(pairs) >= 4 and all(p.has_token_ids and p.chosen_score > p.rejected_score for p in pairs)
+
+    _wait(lambda: _ready(url) == 1, 120, launcher, "the gateway to serve policy-v1")
+    after = [_greedy(url, "policy", p) for p in probes]
+    assert all(v == "1" for _, v in after)
+    assert any(a != b for (a, _), (b, _) in zip(after, before)), f"policy-v1 answers like base: {after}"
+
+    def dead_letters():
+        reader.poll()
+        letters = [DeadLetter.from_bytes(v) for v in reader.seen[TOPIC_DLQ]]
+        return letters if {d.source_topic for d in letters if d.key == "malformed"} >= set(CONSUMED) else None
+
+    letters = _wait(dead_letters, 60, launcher, "a dead letter from every consumer")
+    assert all(d.error for d in letters)
+
+
+def _ready(url: str) -> int | None:
+    try:
+        resp = httpx.get(f"{url}/readyz", timeout=2)
+    except httpx.HTTPError:
+        return None
+    return resp.json()["policy_version"] if resp.status_code == 200 else None
