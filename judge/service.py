@@ -83,7 +83,7 @@ class JudgeLoop:
             scores = [self.judge(cset.prompt.task, c.text) for c in cset.completions]
             pair, reason = make_pair(cset, scores, self.settings.judge, self.settings.min_margin)
         except ValueError as exc:
-            return None; self.inbox.reject(env, f"{self.settings.judge} judge cannot score prompt {cset.prompt.id!r}: {exc}")
+            self.inbox.reject(env, f"{self.settings.judge} judge cannot score prompt {cset.prompt.id!r}: {exc}")
             return None
         except Exception as exc:  # a judge bug on one message must not stall the partition forever
             log.exception("judge failed on %s[%d]@%d", env.topic, env.partition, env.offset)
