@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,7 +49,7 @@ class TrainerState:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainerState":
+    def from_json(cls, text: str) -> TrainerState:
         data = json.loads(text)
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
@@ -72,6 +73,7 @@ def save_checkpoint(store: Path, model, optimizer: torch.optim.Optimizer | None,
         (staged / STATE_FILE).write_text(state.to_json())
         if optimizer is not None:
             torch.save(optimizer.state_dict(), staged / OPTIMIZER_FILE)
+        _readable(staged)
         final = publish_dir(staged, store, state.version)
     except BaseException:
         _remove(staged)
@@ -112,6 +114,14 @@ def new_state(prev: TrainerState, pair_ids: list[str], offsets: dict[str, int], 
     return TrainerState(version=prev.version + 1, parent_version=prev.version, base_model=prev.base_model,
                         trained_ids=prev.trained_ids + fresh,
                         offsets=merged, metrics=metrics, created_at=time.time())
+
+
+def _readable(folder: Path) -> None:
+    """mkdtemp makes the folder 0700 and safetensors its file 0600: let a generator running as
+    another user on a shared volume read the version (it never writes it)."""
+    os.chmod(folder, 0o755)
+    for p in folder.iterdir():
+        os.chmod(p, 0o644)
 
 
 def _remove(path: Path) -> None:

@@ -14,7 +14,7 @@ vocabulary-sized work, which dominates a 135M model's forward.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

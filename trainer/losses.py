@@ -8,8 +8,8 @@ to the function; new types are added beside `sigmoid_loss`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

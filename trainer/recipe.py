@@ -17,15 +17,22 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from service.contracts import PreferencePair, TrainMetrics
 from service.settings import TrainerSettings
-from trainer.checkpoint import Checkpoint, TrainerState, latest_checkpoint, load_optimizer_state, new_state, save_checkpoint
+from trainer.checkpoint import (
+    Checkpoint,
+    TrainerState,
+    latest_checkpoint,
+    load_optimizer_state,
+    new_state,
+    save_checkpoint,
+)
 from trainer.logps import pair_logps, reference_logps
 from trainer.losses import LOSSES, LossOutput, reward_metrics
 from trainer.model import Policy, load_policy
@@ -54,11 +61,16 @@ class WindowResult:
     seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
     restored: bool = False  # the weights went non-finite and were put back
+    aborted: bool = False  # stopped early on request; the weights were put back
+
+    @property
+    def publishable(self) -> bool:
+        return self.steps > 0 and not (self.restored or self.aborted)
 
     def metrics(self) -> dict[str, float]:
         out = asdict(self)
         out.pop("step_seconds")
-        out["restored"] = float(self.restored)
+        out["restored"], out["aborted"] = float(self.restored), float(self.aborted)
         return out
 
     def train_metrics(self) -> TrainMetrics:
@@ -80,7 +92,7 @@ class Trainer:
 
     @classmethod
     def open(cls, model_dir: Path, settings: TrainerSettings, store: Path | None = None,
-             device: torch.device | None = None) -> "Trainer":
+             device: torch.device | None = None) -> Trainer:
         """A trainer resumed from the newest version in `store`, or a fresh LoRA (version 0)."""
         found = latest_checkpoint(store) if store is not None else None
         if found is None:
@@ -121,8 +133,13 @@ class Trainer:
             ref.update({p.pair_id: out[i] for i, p in enumerate(batch)})
         return ref
 
-    def train_window(self, pairs: Sequence[TokenizedPair]) -> WindowResult:
-        """One rolling update over `pairs` (distinct ids); the policy's weights change in place."""
+    def train_window(self, pairs: Sequence[TokenizedPair],
+                     should_stop: Callable[[], bool] | None = None) -> WindowResult:
+        """One rolling update over `pairs` (distinct ids); the policy's weights change in place.
+
+        `should_stop` is asked before each step; when it says yes the window is abandoned and the
+        weights put back, so a stopping service never publishes half an update.
+        """
         t0 = time.perf_counter()
         result = WindowResult(pairs=len(pairs))
         if not pairs:
@@ -135,6 +152,9 @@ class Trainer:
         model = self.policy.model
         model.train()
         for _ in range(self.settings.steps_per_window):
+            if should_stop is not None and should_stop():
+                result.aborted = True
+                break
             ts = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             outs, finite = [], True
@@ -159,20 +179,20 @@ class Trainer:
             result.step_seconds.append(time.perf_counter() - ts)
         self.optimizer.zero_grad(set_to_none=True)
         model.eval()
-        if not self.weights_finite():
+        if result.aborted or not self.weights_finite():
             with torch.no_grad():
                 for p, saved in zip(params, snapshot):
                     p.copy_(saved)
             self.optimizer.load_state_dict(opt_snapshot)
-            result.restored = True
-            log.error("weights went non-finite at version %d: restored the window's starting weights", self.version)
+            if not result.aborted:
+                result.restored = True
+                log.error("weights went non-finite at version %d: restored the window's start", self.version)
         result.seconds = time.perf_counter() - t0
         return result
 
     @staticmethod
     def _record(result: WindowResult, outs: list[LossOutput]) -> None:
-        merged = LossOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in ("losses", "chosen_rewards",
-                                                                                  "rejected_rewards")))
+        merged = _merge(outs)
         result.steps += 1
         result.loss = merged.losses.mean().item()
         if result.steps == 1:
@@ -186,9 +206,7 @@ class Trainer:
         batches = self._batches(pairs)
         ref = self._reference(batches)
         self.policy.model.eval()
-        outs = [self._loss(b, ref) for b in batches]
-        merged = LossOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in ("losses", "chosen_rewards",
-                                                                                  "rejected_rewards")))
+        merged = _merge([self._loss(b, ref) for b in batches])
         return {"loss": merged.losses.mean().item(), **reward_metrics(merged)}
 
     def weights_finite(self) -> bool:
@@ -206,6 +224,12 @@ class Trainer:
         return ckpt
 
 
-def train_window(trainer: Trainer, pairs: Sequence[TokenizedPair]) -> WindowResult:
+def _merge(outs: list[LossOutput]) -> LossOutput:
+    return LossOutput(torch.cat([o.losses for o in outs]), torch.cat([o.chosen_rewards for o in outs]),
+                      torch.cat([o.rejected_rewards for o in outs]))
+
+
+def train_window(trainer: Trainer, pairs: Sequence[TokenizedPair],
+                 should_stop: Callable[[], bool] | None = None) -> WindowResult:
     """Module-level form of `Trainer.train_window`, for callers that hold a trainer."""
-    return trainer.train_window(pairs)
+    return trainer.train_window(pairs, should_stop)

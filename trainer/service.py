@@ -1,0 +1,233 @@
+"""The trainer service: odpo.preferences -> rolling DPO updates -> policy-v<N> in the store -> odpo.adapters.
+
+Per window: buffer valid pairs (dropping, and counting, pairs already in the
+ledger, stale ones and ones from a version the trainer never made; pairs that
+cannot be tokenized go to odpo.dlq), train once `window_pairs` are buffered
+or `window_seconds` passed, write version N+1, publish `AdapterReady`
+(flushed), then commit offsets. Kafka offsets are per-partition high-water
+marks, so what is committed is the lowest offset still buffered (or the read
+position when nothing is), i.e. the window's pairs and everything dropped
+before them, never a pair that is still waiting.
+
+Training runs in a worker thread while this thread keeps polling the paused
+consumer: a window takes longer than the group's max poll interval (10 s, the
+setting that lets groups join on Tansu), and a consumer that stops polling is
+thrown out of its group and can no longer commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from kafka import TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from service.assets import base_model_dir
+from service.bus import Envelope, Inbox, ensure_topics, make_producer, publish
+from service.contracts import TOPIC_ADAPTERS, TOPIC_PREFERENCES, AdapterReady, PreferencePair, version_name
+from service.runtime import serve_metrics
+from service.settings import CommonSettings, TrainerSettings
+from trainer import metrics as M
+from trainer.recipe import Trainer, WindowResult
+from trainer.tokenize import TokenizedPair, UntrainablePair
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "trainer"
+
+
+@dataclass
+class _Buffered:
+    env: Envelope[PreferencePair]
+    pair: TokenizedPair
+
+
+class TrainerLoop:
+    """Buffers pairs from an Inbox and turns full windows into published versions."""
+
+    def __init__(self, trainer: Trainer, inbox: Inbox[PreferencePair], producer, common: CommonSettings,
+                 settings: TrainerSettings, stop: threading.Event):
+        self.trainer, self.inbox, self.producer = trainer, inbox, producer
+        self.common, self.settings, self.stop = common, settings, stop
+        self.buffer: list[_Buffered] = []
+        self.opened_at: float | None = None
+        self._uncommitted = False
+        M.POLICY_VERSION.set(trainer.version)
+
+    # -- intake ---------------------------------------------------------------------------------
+    def admit(self, env: Envelope[PreferencePair]) -> None:
+        M.PAIRS_CONSUMED.inc()
+        self._uncommitted = True
+        pair = env.value
+        reason = self._drop_reason(pair)
+        if reason is None:
+            try:
+                tokenized = self.trainer.tokenize(pair)
+            except UntrainablePair as exc:
+                self.inbox.reject(env, f"untrainable pair: {exc}")
+                reason = "untrainable"
+        if reason is not None:
+            M.PAIRS_DROPPED.labels(reason).inc()
+            log.debug("dropped pair %s: %s", pair.id, reason)
+            return
+        M.STALENESS.observe(self.trainer.version - pair.policy_version)
+        if not self.buffer:
+            self.opened_at = time.monotonic()
+        self.buffer.append(_Buffered(env, tokenized))
+        M.BUFFERED.set(len(self.buffer))
+
+    def _drop_reason(self, pair: PreferencePair) -> str | None:
+        if self.trainer.already_trained(pair.id) or any(b.pair.pair_id == pair.id for b in self.buffer):
+            return "duplicate"
+        staleness = self.trainer.version - pair.policy_version
+        if staleness < 0:
+            return "future_version"  # sampled by a lineage this store never produced
+        if staleness > self.settings.max_staleness:
+            return "stale"
+        return None
+
+    def window_ready(self) -> bool:
+        if len(self.buffer) >= self.settings.window_pairs:
+            return True
+        waited = time.monotonic() - self.opened_at if self.opened_at is not None else 0.0
+        return bool(self.buffer) and self.settings.window_seconds > 0 and waited >= self.settings.window_seconds
+
+    # -- one loop turn --------------------------------------------------------------------------
+    def tick(self, timeout_ms: int = 500) -> None:
+        for env in self.inbox.poll(timeout_ms=timeout_ms):
+            self.admit(env)
+        if self.window_ready():
+            self.update()
+        elif not self.buffer and self._uncommitted:
+            self.commit()  # only drops and dead letters since the last commit: move past them
+
+    def update(self) -> WindowResult | None:
+        """Train the oldest `window_pairs` buffered pairs; publish and commit when the update is sound."""
+        window, self.buffer = self.buffer[: self.settings.window_pairs], self.buffer[self.settings.window_pairs :]
+        self.opened_at = time.monotonic() if self.buffer else None
+        result, late = self._train_while_polling([b.pair for b in window])
+        if result is None or result.aborted:
+            self.buffer = window + self.buffer  # stopping: leave them uncommitted for the next run
+            return result
+        for s in result.step_seconds:
+            M.STEP_SECONDS.observe(s)
+        M.NAN_SKIPS.inc(result.skipped)
+        M.WINDOW_SECONDS.observe(result.seconds)
+        if result.publishable:
+            self._publish(window, result)
+        else:
+            M.WINDOWS.labels("nonfinite").inc()
+            for b in window:  # never lose a message silently: say why these pairs taught nothing
+                self.inbox.reject(b.env, f"not trained: non-finite loss/gradient in all {result.skipped} steps"
+                                  if not result.restored else "not trained: the update made the weights non-finite")
+                M.PAIRS_DROPPED.labels("nonfinite").inc()
+            self.commit()
+        self._drop_newly_stale()
+        for env in late:  # after the ledger took the window's ids, so a replayed copy counts as a duplicate
+            self.admit(env)
+        M.BUFFERED.set(len(self.buffer))
+        return result
+
+    def _publish(self, window: list[_Buffered], result: WindowResult) -> None:
+        t0 = time.perf_counter()
+        offsets = self.commit_positions()
+        ckpt = self.trainer.publish_version(self.common.store_dir, [b.pair.pair_id for b in window], result,
+                                            {f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()})
+        state = self.trainer.state
+        M.CHECKPOINT_SECONDS.observe(time.perf_counter() - t0)
+        ready = AdapterReady(version=state.version, path=ckpt.path.name, sha256=ckpt.sha256,
+                             base_model=self.trainer.policy.base_model, parent_version=state.parent_version,
+                             pairs_trained=state.pairs_trained, metrics=result.train_metrics())
+        publish(self.producer, TOPIC_ADAPTERS, version_name(state.version), ready)
+        self.commit(offsets)
+        M.WINDOWS.labels("published").inc()
+        M.PAIRS_TRAINED.inc(len(window))
+        M.POLICY_VERSION.set(state.version)
+        M.LOSS.set(result.loss)
+        M.REWARD_MARGIN.set(result.reward_margin)
+        M.REWARD_ACCURACY.set(result.reward_accuracy)
+        M.REWARD_CHOSEN.set(result.reward_chosen)
+        M.REWARD_REJECTED.set(result.reward_rejected)
+        log.info("published %s: %d pairs, %d steps (%d skipped) in %.1fs, loss %.4f -> %.4f, margin %.4f",
+                 ckpt.path.name, len(window), result.steps, result.skipped, result.seconds, result.loss_first,
+                 result.loss, result.reward_margin)
+
+    def _train_while_polling(self, pairs: list[TokenizedPair]) -> tuple[WindowResult | None, list[Envelope]]:
+        """Train in a worker thread; poll the paused consumer meanwhile so the group keeps us."""
+        out: dict[str, object] = {}
+
+        def work() -> None:
+            try:
+                out["result"] = self.trainer.train_window(pairs, should_stop=self.stop.is_set)
+            except BaseException as exc:  # noqa: BLE001 -- re-raised in the polling thread
+                out["error"] = exc
+
+        worker = threading.Thread(target=work, name="odpo-trainer-window", daemon=True)
+        consumer = self.inbox.consumer
+        paused = set(consumer.assignment())
+        consumer.pause(*paused)
+        worker.start()
+        late: list[Envelope[PreferencePair]] = []
+        try:
+            while worker.is_alive():
+                late.extend(self.inbox.poll(timeout_ms=500))  # partitions assigned mid-window are not paused
+                worker.join(timeout=0.5)
+        finally:
+            consumer.resume(*(paused & set(consumer.assignment())))
+        if "error" in out:
+            raise out["error"]  # type: ignore[misc]
+        return out.get("result"), late  # type: ignore[return-value]
+
+    def _drop_newly_stale(self) -> None:
+        keep = []
+        for b in self.buffer:
+            if self.trainer.version - b.pair.policy_version > self.settings.max_staleness:
+                M.PAIRS_DROPPED.labels("stale").inc()
+                self._uncommitted = True
+            else:
+                keep.append(b)
+        self.buffer = keep
+
+    # -- offsets --------------------------------------------------------------------------------
+    def commit_positions(self) -> dict[TopicPartition, int]:
+        """Per assigned partition: the lowest buffered offset, or the read position when none is buffered."""
+        consumer = self.inbox.consumer
+        out = {}
+        for tp in consumer.assignment():
+            pending = [b.env.offset for b in self.buffer if b.env.partition == tp.partition and b.env.topic == tp.topic]
+            out[tp] = min(pending) if pending else consumer.position(tp)
+        return out
+
+    def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+        offsets = self.commit_positions() if offsets is None else offsets
+        if not offsets:
+            return
+        try:
+            self.inbox.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+            self._uncommitted = False
+        except KafkaError as exc:  # e.g. a rebalance: the ledger keeps a replay from training anything twice
+            log.warning("offset commit failed (%s); replayed pairs will be deduplicated", exc)
+
+
+def run(common: CommonSettings, settings: TrainerSettings, stop: threading.Event) -> None:
+    """Consume odpo.preferences and publish rolling LoRA updates until `stop` is set."""
+    model_dir = base_model_dir(common.cache_dir, common.base_model)
+    trainer = Trainer.open(model_dir, settings, common.store_dir)
+    port = serve_metrics(settings.metrics_port, common.metrics_host)
+    log.info("trainer at version %d, /metrics on %s:%d", trainer.version, common.metrics_host, port)
+    ensure_topics(common.bootstrap_servers)
+    producer = make_producer(common.bootstrap_servers)
+    inbox = Inbox(common.bootstrap_servers, TOPIC_PREFERENCES, PreferencePair, COMPONENT, producer,
+                  group_id=settings.group_id)
+    loop = TrainerLoop(trainer, inbox, producer, common, settings, stop)
+    try:
+        while not stop.is_set():
+            loop.tick()
+    finally:
+        inbox.close()
+        producer.close()
+        log.info("trainer stopped at version %d", trainer.version)
