@@ -180,7 +180,10 @@ class AdapterManager:
         if resp.status_code == 200:
             return
         if resp.status_code == 400 and "already been loaded" in resp.text:
-            root = self._served_models().get(name)
+            try:
+                root = self._served_models().get(name)
+            except httpx.HTTPStatusError as exc:
+                root = f"(unknown: {exc})"
             if root == path:
                 log.info("%s was already served from %s; adopting it", name, path)
                 return

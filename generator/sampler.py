@@ -8,7 +8,6 @@ per-token logprobs of the sampling policy, aligned one to one.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 
@@ -20,8 +19,6 @@ from generator.metrics import IN_FLIGHT, REQUEST_LATENCY
 from service.bus import validation_message
 from service.contracts import CandidateSet, Completion, PromptEvent, SamplingParams
 from service.settings import GeneratorSettings
-
-log = logging.getLogger(__name__)
 
 # A server that is down, restarting or has not re-registered the adapter yet: wait and retry.
 TRANSIENT_STATUS = frozenset({404, 408, 429, 502, 503, 504})
@@ -40,8 +37,8 @@ class Sampler:
 
     def __init__(self, client: httpx.Client, tokenizer, adapters: AdapterManager, settings: GeneratorSettings):
         self.client, self.tokenizer, self.adapters, self.settings = client, tokenizer, adapters, settings
-        self.params = SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
-                                     max_tokens=settings.max_tokens, seed=settings.seed)
+        self.params = _checked(SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
+                                              max_tokens=settings.max_tokens, seed=settings.seed))
 
     def prompt_token_ids(self, event: PromptEvent) -> list[int]:
         """Chat messages through the chat template (with the assistant header), or plain text as is."""
@@ -60,7 +57,7 @@ class Sampler:
         Raises PromptRejected (dead-letter it), ServerFailed (retry a few
         times) or httpx.TransportError (the server is unreachable: wait).
         """
-        params = params or self.params
+        params = _checked(params) if params else self.params
         ids = self.prompt_token_ids(event)
         if len(ids) + params.max_tokens > self.settings.max_model_len:
             raise PromptRejected(f"prompt has {len(ids)} tokens; with max_tokens={params.max_tokens} it exceeds "
@@ -99,3 +96,9 @@ def _completion(choice: dict) -> Completion:
         raise ValueError("a sampled token has no finite logprob")
     return Completion(text=choice["text"], token_ids=token_ids, logprobs=logprobs,
                       finish_reason=choice.get("finish_reason"))
+
+
+def _checked(params: SamplingParams) -> SamplingParams:
+    if params.temperature == 0 and params.n > 1:  # vLLM refuses it, and n equal samples make no pairs
+        raise ValueError(f"temperature 0 (greedy) gives {params.n} identical samples; use temperature > 0")
+    return params

@@ -200,7 +200,7 @@ class Supervisor:
         backoff = self.backoff_s
         while not halt.wait(self.check_every_s):
             if not self.server.external and not self.server.running:
-                log.error("vLLM died; restarting in %.0fs. Last log lines:\n%s", backoff, self.server.log_tail(10))
+                log.error("vLLM died; restarting in %.1fs. Last log lines:\n%s", backoff, self.server.log_tail(10))
                 if halt.wait(backoff):
                     return
                 try:

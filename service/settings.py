@@ -98,7 +98,7 @@ class GeneratorSettings(_ComponentSettings):
         default=3, ge=1, description="Tries of a prompt that vLLM answers with a server error before it is "
                                      "dead-lettered (an unreachable server is waited for, not counted).")
     group_id: str = Field(default="odpo-generator", description="Consumer group on odpo.prompts.")
-    log_file: Path | None = Field(default=None, description="vLLM's log; default <cache_dir>/logs/vllm-<port>.log.")
+    log_file: Path | None = Field(default=None, description="vLLM's log; default <cache_dir>/logs/vllm-<pid>.log.")
     metrics_port: int = Field(default=0, description="Port of the generator's /metrics (0 = pick a free one).")
 
 

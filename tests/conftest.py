@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -40,3 +41,35 @@ def model_dir() -> Path:
 def group_id() -> str:
     """A fresh consumer group, so tests sharing the session broker never see each other's offsets."""
     return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def vllm_store(tmp_path_factory) -> Path:
+    """The adapter store of the shared vLLM server (adapters it loads must live here)."""
+    return tmp_path_factory.mktemp("vllm-store")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(model_dir, vllm_store, tmp_path_factory):
+    """One real vLLM server (the CPU build here) on a free port for the whole session.
+
+    Starting one costs about a minute, so tests share it: each test loads its
+    adapters under names no other test uses. Its log is `server.log_file`.
+    """
+    from generator.server import VllmServer
+    from service.settings import GeneratorSettings
+
+    log_file = tmp_path_factory.mktemp("vllm-log") / "vllm.log"
+    server = VllmServer(model_dir, GeneratorSettings(vllm_port=0, startup_timeout_s=400), log_file=log_file)
+    server.start()
+    pgid = server.pid
+    yield server
+    server.stop()
+    deadline = time.monotonic() + 10  # nothing of vLLM (API server, engine core, workers) may outlive it
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, f"vLLM process group {pgid} outlived server.stop()"
+        time.sleep(0.2)

@@ -1,0 +1,82 @@
+"""The generator process: vLLM + adapter hot swap + the sampler loop (odpo.prompts -> odpo.candidates)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import httpx
+
+from generator.adapters import AdapterManager
+from generator.loop import SamplerLoop
+from generator.sampler import Sampler
+from generator.server import Supervisor, VllmServer
+from generator.watcher import AdapterWatcher
+from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
+from service.assets import base_model_dir
+from service.bus import Inbox, ensure_topics, make_producer
+from service.contracts import TOPIC_ADAPTERS, TOPIC_PROMPTS, AdapterReady, PromptEvent
+from service.runtime import serve_metrics
+from service.settings import CommonSettings, GeneratorSettings
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "generator"
+
+
+def run(common: CommonSettings, settings: GeneratorSettings, stop: threading.Event) -> None:
+    """Serve the newest policy and sample every prompt until `stop` is set; stops vLLM on exit."""
+    metrics_port = serve_metrics(settings.metrics_port, common.metrics_host)
+    log.info("generator metrics on %s:%d/metrics", common.metrics_host, metrics_port)
+    if settings.keep_versions + 1 > settings.max_loras:
+        log.warning("keep_versions=%d plus base exceeds max_loras=%d: vLLM will queue requests of the extra "
+                    "versions instead of batching them together", settings.keep_versions, settings.max_loras)
+    model_dir = base_model_dir(common.cache_dir, common.base_model)
+    log_file = settings.log_file or common.cache_dir / "logs" / f"vllm-{os.getpid()}.log"
+    server = VllmServer(model_dir, settings, log_file=log_file).start()
+    halt = threading.Event()  # ends the helper threads however the main loop ends
+    threads: list[threading.Thread] = []
+    closers: list = []
+    try:
+        client = httpx.Client(base_url=server.url, timeout=30.0)
+        closers.append(client.close)
+        adapters = AdapterManager(client, common.store_dir, model_dir, settings.keep_versions)
+        adapters.register_base(write_zero_adapter(model_dir, common.store_dir / ZERO_ADAPTER_DIR,
+                                                  r=min(8, settings.max_lora_rank)))
+
+        ensure_topics(common.bootstrap_servers)
+        producer = make_producer(common.bootstrap_servers)
+        closers.append(producer.close)
+        adapter_inbox = Inbox(common.bootstrap_servers, TOPIC_ADAPTERS, AdapterReady, COMPONENT, producer,
+                              group_id=None)
+        closers.append(adapter_inbox.close)
+        watcher = AdapterWatcher(adapter_inbox, adapters)
+        watcher.catch_up(stop)
+        log.info("serving version %d before sampling", adapters.current_version)
+
+        supervisor = Supervisor(server, adapters.resync)
+        threads = [threading.Thread(target=watcher.run, args=(halt,), name="odpo-adapter-watcher", daemon=True),
+                   threading.Thread(target=supervisor.run, args=(halt,), name="odpo-vllm-supervisor", daemon=True)]
+        for t in threads:
+            t.start()
+
+        from transformers import AutoTokenizer  # heavy import, only once vLLM is up
+
+        sampler = Sampler(client, AutoTokenizer.from_pretrained(model_dir), adapters, settings)
+        prompt_inbox = Inbox(common.bootstrap_servers, TOPIC_PROMPTS, PromptEvent, COMPONENT, producer,
+                             group_id=settings.group_id, max_poll_records=settings.max_in_flight)
+        closers.append(prompt_inbox.close)
+        SamplerLoop(prompt_inbox, sampler, producer, settings.max_in_flight, settings.max_request_attempts,
+                    stop).run()
+    finally:
+        halt.set()
+        for t in threads:
+            t.join(timeout=30)
+        for close in reversed(closers):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - closing must go on to stop vLLM
+                log.exception("closing %s", close)
+        server.stop()
+        log.info("generator stopped")

@@ -1,0 +1,103 @@
+"""Starting, attaching to and failing to start the vLLM server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+
+from generator.adapters import AdapterManager
+from generator.server import ServerError, Supervisor, VllmServer
+from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
+from service.settings import GeneratorSettings
+
+
+def test_a_taken_port_is_refused_before_starting(model_dir, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        server = VllmServer(model_dir, GeneratorSettings(vllm_port=port), log_file=tmp_path / "vllm.log")
+        with pytest.raises(ServerError, match="port is taken"):
+            server.start()
+        assert server.pid is None
+
+
+def test_command_carries_the_settings(model_dir, tmp_path):
+    settings = GeneratorSettings(vllm_port=0, max_lora_rank=16, max_loras=3, max_model_len=1024, kv_cache_gib=1,
+                                 extra_args=["--seed", "3"])
+    server = VllmServer(model_dir, settings, log_file=tmp_path / "vllm.log")
+    cmd = server.command()
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    for flag, value in (("--model", str(model_dir)), ("--port", str(server.port)), ("--dtype", "float32"),
+                        ("--max-lora-rank", "16"), ("--max-loras", "3"), ("--max-model-len", "1024")):
+        assert cmd[cmd.index(flag) + 1] == value
+    assert "--enable-lora" in cmd and cmd[-2:] == ["--seed", "3"]
+    env = server.environment()
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+@pytest.mark.vllm
+def test_a_server_that_exits_fails_fast_with_its_log(model_dir, tmp_path):
+    settings = GeneratorSettings(vllm_port=0, extra_args=["--no-such-flag"])
+    server = VllmServer(model_dir, settings, log_file=tmp_path / "vllm.log")
+    t0 = time.monotonic()
+    with pytest.raises(ServerError) as err:
+        server.start(timeout_s=300)
+    assert time.monotonic() - t0 < 120, "an exited server is noticed at once, not at the timeout"
+    assert "exited with code" in str(err.value) and "--no-such-flag" in str(err.value)
+    assert not server.running
+
+
+@pytest.mark.vllm
+def test_attaching_to_an_external_server_never_stops_it(vllm_server, model_dir):
+    external = VllmServer(model_dir, GeneratorSettings(vllm_url=vllm_server.url + "/"))
+    assert external.start(timeout_s=10).url == vllm_server.url
+    assert external.running
+    external.stop()
+    assert vllm_server.running and vllm_server.healthy()
+
+
+@pytest.mark.vllm
+def test_supervisor_restarts_a_dead_server_and_restores_its_adapters(model_dir, vllm_store, tmp_path):
+    server = VllmServer(model_dir, GeneratorSettings(vllm_port=0, startup_timeout_s=300),
+                        log_file=tmp_path / "vllm.log")
+    halt = threading.Event()
+    supervisor_thread = None
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        adapters = AdapterManager(client, vllm_store, model_dir)
+        supervisor = Supervisor(server, adapters.resync, check_every_s=0.5, backoff_s=0.5)
+        # Started from the supervisor's thread too, as PR_SET_PDEATHSIG follows the spawning thread.
+        started = threading.Event()
+        supervisor_thread = threading.Thread(target=lambda: (server.start(), started.set(), supervisor.run(halt)))
+        supervisor_thread.start()
+        try:
+            assert started.wait(300), f"vLLM did not start:\n{server.log_tail()}"
+            adapters.register_base(write_zero_adapter(model_dir, vllm_store / ZERO_ADAPTER_DIR))
+            first_pid = server.pid
+            os.killpg(first_pid, signal.SIGKILL)  # vLLM dies with all its processes
+            deadline = time.monotonic() + 300
+            while supervisor.restarts < 1 or "base" not in _served(server.url):
+                assert time.monotonic() < deadline, f"vLLM was not restarted:\n{server.log_tail()}"
+                time.sleep(0.5)
+            assert server.pid != first_pid and server.healthy()
+            assert REGISTRY.get_sample_value("odpo_generator_server_restarts_total") >= 1
+            resp = client.post("/v1/completions", json={"model": "base", "prompt": [1, 2], "max_tokens": 2})
+            assert resp.status_code == 200, "the restarted server serves `base` again"
+        finally:
+            halt.set()
+            supervisor_thread.join(timeout=30)
+            server.stop()
+
+
+def _served(url: str) -> set[str]:
+    try:
+        return {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=5).json()["data"]}
+    except httpx.HTTPError:
+        return set()
