@@ -203,13 +203,29 @@ class AdapterReady(_Message):
         return self
 
 
+class ServedResponse(BaseModel):
+    """A response the gateway served, as it kept it for feedback."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str = Field(min_length=1, description="The response id the client got.")
+    text: str
+    policy_version: int = Field(ge=0, description="Version that produced it.")
+
+
 class Feedback(_Message):
-    """A client's judgement of served responses: a rating of one, or a choice between two."""
+    """A client's judgement of served responses: a rating of one, or a choice between two.
+
+    The client sends ids only; the gateway fills `prompt`, `response` and
+    `other_response` from the responses it served, so the judge can build pairs.
+    """
 
     response_id: str = Field(min_length=1)
     rating: float | None = Field(default=None, ge=-1, le=1, description="-1 (bad) .. 1 (good).")
     other_response_id: str | None = Field(default=None, description="Set for a choice between two responses.")
     preferred: Literal["this", "other"] | None = None
+    prompt: PromptEvent | None = Field(default=None, description="The prompt both responses answered.")
+    response: ServedResponse | None = Field(default=None, description="The response `response_id` names.")
+    other_response: ServedResponse | None = Field(default=None, description="The one `other_response_id` names.")
     created_at: float = Field(default_factory=time.time)
 
     @model_validator(mode="after")
@@ -219,6 +235,10 @@ class Feedback(_Message):
             raise ValueError("give either `rating` or `other_response_id` + `preferred`")
         if is_choice and self.preferred is None:
             raise ValueError("`preferred` is required with `other_response_id`")
+        if self.response is not None and self.response.id != self.response_id:
+            raise ValueError("`response.id` must equal `response_id`")
+        if self.other_response is not None and self.other_response.id != self.other_response_id:
+            raise ValueError("`other_response.id` must equal `other_response_id`")
         return self
 
 
