@@ -114,6 +114,7 @@ def _child_env(bootstrap: str, run_dir: Path, opts: UpOptions, model_dir: Path) 
         "ODPO_BASE_MODEL": str(model_dir),
         "ODPO_GENERATOR_VLLM_PORT": str(vllm_port),
         "ODPO_GATEWAY_VLLM_URL": f"http://127.0.0.1:{vllm_port}",
+        "ODPO_GENERATOR_LOG_FILE": str(run_dir / "logs" / "vllm.log"),
         "ODPO_GATEWAY_PORT": str(opts.port),
         "HF_HUB_OFFLINE": "1",
     }
