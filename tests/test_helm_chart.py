@@ -1,0 +1,299 @@
+"""The Helm chart: rendered by Helm's Go engine, linted, and every object checked against the
+Kubernetes schemas, offline. The rendered settings file is loaded by the real settings classes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import kubernetes_validate
+import pytest
+
+from service import settings as s
+from tests.chart_tools import CHART, NAMESPACE, RELEASE, find, load_values, one, render, settings_file
+
+KUBE_VERSION = "1.30"
+# Custom resources: no schema ships with kubernetes-validate; checked field by field below
+# (and the PrometheusRule by promtool in test_helm_alerts.py).
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+                ("keda.sh/v1alpha1", "ScaledObject")}
+VALUE_FILES = [None, "values-cpu-external.yaml", "values-trial.yaml"]
+
+
+@pytest.fixture(scope="module", params=VALUE_FILES, ids=lambda v: v or "defaults")
+def rendered(request):
+    return request.param, render(load_values(request.param))
+
+
+def _containers(docs):
+    for d in find(docs, "Deployment"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            yield d, c
+
+
+def test_lint_is_clean_with_default_and_custom_values():
+    import helm_python as helm
+
+    for name in VALUE_FILES:
+        report = helm.lint(CHART, load_values(name), strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+        problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+        assert report["total_charts_linted"] == 1
+        assert not problems, (name, problems)
+
+
+def test_every_object_is_valid_kubernetes(rendered):
+    name, docs = rendered
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount"} <= kinds
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CUSTOM_KINDS:
+            continue
+        # strict: unknown fields are errors too, not just wrong types.
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_custom_resources_are_well_formed(rendered):
+    _, docs = rendered
+    services = {d["metadata"]["name"]: d for d in find(docs, "Service")}
+    for sm in find(docs, "ServiceMonitor"):
+        targets = [svc for svc in services.values()
+                   if sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()]
+        assert len(targets) == 1, sm["metadata"]["name"]
+        port_names = {p["name"] for p in targets[0]["spec"]["ports"]}
+        for ep in sm["spec"]["endpoints"]:
+            assert ep["port"] in port_names and ep["path"] == "/metrics"
+            assert re.fullmatch(r"\d+[smh]", ep["interval"])
+        assert sm["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    for so in find(docs, "ScaledObject"):
+        one(docs, "Deployment", so["spec"]["scaleTargetRef"]["name"])
+        trigger = so["spec"]["triggers"][0]
+        assert trigger["type"] == "prometheus" and "vllm:num_requests_waiting" in trigger["metadata"]["query"]
+        assert not find(docs, "HorizontalPodAutoscaler"), "KEDA owns the HPA when it scales the generator"
+    for rule in find(docs, "PrometheusRule"):
+        for group in rule["spec"]["groups"]:
+            for r in group["rules"]:
+                assert set(r) <= {"alert", "expr", "for", "labels", "annotations"}, r
+                assert r["labels"]["severity"] in {"critical", "warning", "info"}
+
+
+def test_references_between_objects_resolve(rendered):
+    name, docs = rendered
+    values = load_values(name)
+    pods = {d["metadata"]["name"]: d["spec"]["template"] for d in find(docs, "Deployment")}
+    for svc in find(docs, "Service"):
+        selected = [n for n, t in pods.items() if svc["spec"]["selector"].items() <= t["metadata"]["labels"].items()]
+        assert len(selected) == 1, (svc["metadata"]["name"], selected)
+        ports = {p["name"] for c in pods[selected[0]]["spec"]["containers"] for p in c.get("ports", [])}
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= ports
+    for d in find(docs, "PodDisruptionBudget") + find(docs, "Deployment"):
+        sel = d["spec"]["selector"]["matchLabels"]
+        assert sum(sel.items() <= t["metadata"]["labels"].items() for t in pods.values()) == 1
+    for hpa in find(docs, "HorizontalPodAutoscaler"):
+        one(docs, "Deployment", hpa["spec"]["scaleTargetRef"]["name"])
+        assert "replicas" not in one(docs, "Deployment", hpa["spec"]["scaleTargetRef"]["name"])["spec"]
+
+    config_maps = {d["metadata"]["name"] for d in find(docs, "ConfigMap")}
+    secrets = {d["metadata"]["name"] for d in find(docs, "Secret")} | {values.get("admin", {}).get("existingSecret")}
+    claims = {d["metadata"]["name"] for d in find(docs, "PersistentVolumeClaim")}
+    claims |= {values.get("adapterStore", {}).get("existingClaim"), values.get("baseModel", {}).get("existingClaim")}
+    accounts = {d["metadata"]["name"] for d in find(docs, "ServiceAccount")}
+    for dep, c in _containers(docs):
+        spec = dep["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert spec["serviceAccountName"] in accounts
+        for m in c.get("volumeMounts", []):
+            assert m["name"] in volumes, (dep["metadata"]["name"], m["name"])
+        for v in volumes.values():
+            if "configMap" in v:
+                assert v["configMap"]["name"] in config_maps
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["claimName"] in claims
+            if "secret" in v:
+                assert v["secret"]["secretName"] in secrets
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert ref["name"] in secrets
+        port_names = {p["name"] for p in c.get("ports", [])}
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            if probe in c:
+                check = c[probe].get("httpGet") or c[probe].get("tcpSocket")
+                assert check["port"] in port_names, (dep["metadata"]["name"], probe)
+
+
+def test_pods_run_with_secure_defaults(rendered):
+    _, docs = rendered
+    for dep, c in _containers(docs):
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["automountServiceAccountToken"] is False
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert "/tmp" in mounts  # writable scratch on a read-only root filesystem
+
+
+def _load_settings(docs, tmp_path, monkeypatch):
+    path = tmp_path / "odpo.yaml"
+    path.write_text(settings_file(docs))
+    for key in [k for k in os.environ if k.startswith("ODPO_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("ODPO_CONFIG", str(path))
+    return (s.CommonSettings(), s.GeneratorSettings(), s.JudgeSettings(), s.TrainerSettings(), s.GatewaySettings())
+
+
+def test_rendered_settings_load_in_the_real_settings_classes(rendered, tmp_path, monkeypatch):
+    name, docs = rendered
+    common, generator, judge, trainer, gateway = _load_settings(docs, tmp_path, monkeypatch)
+    assert common.metrics_host == "0.0.0.0" and gateway.host == "0.0.0.0"
+    store_mounts = {m["mountPath"] for _, c in _containers(docs) for m in c["volumeMounts"] if m["name"] == "adapters"}
+    assert store_mounts == {str(common.store_dir)}
+    ports = {d["metadata"]["name"]: {p["name"]: p["containerPort"] for c in d["spec"]["template"]["spec"]["containers"]
+                                     for p in c["ports"]} for d in find(docs, "Deployment")}
+    assert ports[f"{RELEASE}-odpo-gateway"]["http"] == gateway.port
+    assert ports[f"{RELEASE}-odpo-judge"]["metrics"] == judge.metrics_port
+    assert ports[f"{RELEASE}-odpo-trainer"]["metrics"] == trainer.metrics_port
+    assert ports[f"{RELEASE}-odpo-generator"]["metrics"] == generator.metrics_port
+    if generator.vllm_url is None:  # the gateway reaches the in-pod vLLM through the generator's Service
+        assert generator.vllm_host == "0.0.0.0"
+        assert ports[f"{RELEASE}-odpo-generator"]["http"] == generator.vllm_port
+        svc = one(docs, "Service", f"{RELEASE}-odpo-generator")
+        http = next(p for p in svc["spec"]["ports"] if p["name"] == "http")
+        assert gateway.vllm_url == f"http://{svc['metadata']['name']}:{http['port']}"
+    else:
+        assert gateway.vllm_url == generator.vllm_url
+    if find(docs, "Deployment", f"{RELEASE}-odpo-kafka"):
+        kafka_svc = one(docs, "Service", f"{RELEASE}-odpo-kafka")
+        assert common.bootstrap_servers == f"{kafka_svc['metadata']['name']}.{NAMESPACE}.svc:9092"
+
+
+def test_custom_values_take_effect(tmp_path, monkeypatch):
+    values = load_values("values-cpu-external.yaml")
+    docs = render(values)
+    common, generator, _, trainer, gateway = _load_settings(docs, tmp_path, monkeypatch)
+    # External Kafka, no broker pod.
+    assert common.bootstrap_servers == values["kafka"]["bootstrapServers"]
+    assert not find(docs, "Deployment", f"{RELEASE}-odpo-kafka")
+    # GPU off: no GPU requested anywhere, CPU defaults for vLLM's dtype kept.
+    assert all("nvidia.com/gpu" not in c["resources"].get("limits", {}) for _, c in _containers(docs))
+    assert generator.dtype == "float32"
+    # Existing secret and claims: used, not created.
+    assert not find(docs, "Secret") and not find(docs, "PersistentVolumeClaim")
+    gw = one(docs, "Deployment", f"{RELEASE}-odpo-gateway")["spec"]["template"]["spec"]
+    token = next(v["secret"] for v in gw["volumes"] if v["name"] == "admin-token")
+    assert token["secretName"] == "odpo-admin-token" and token["items"] == [{"key": "token", "path": "token"}]
+    mount = next(m for m in gw["containers"][0]["volumeMounts"] if m["name"] == "admin-token")
+    assert str(gateway.admin_token_file) == f"{mount['mountPath']}/token"
+    assert str(common.base_model) == values["baseModel"]["path"]
+    # config.* reaches the components; the chart's own wiring wins where it must.
+    assert (trainer.beta, trainer.window_pairs, generator.max_tokens) == (0.2, 32, 64)
+    assert gateway.request_timeout_s == 120 and common.log_level == "DEBUG"
+    gen_pod = one(docs, "Deployment", f"{RELEASE}-odpo-generator")["spec"]["template"]["spec"]
+    assert gen_pod["nodeSelector"] == {"node-pool": "cpu-large"} and gen_pod["tolerations"][0]["value"] == "llm"
+    assert len(find(docs, "ServiceMonitor")) == 4
+    assert one(docs, "ConfigMap", f"{RELEASE}-odpo-dashboard")["metadata"]["namespace"] == "monitoring"
+
+
+def test_defaults_request_gpus_and_keep_one_trainer():
+    docs = render()
+    for component in ("generator", "trainer"):
+        dep = one(docs, "Deployment", f"{RELEASE}-odpo-{component}")
+        assert dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    trainer = one(docs, "Deployment", f"{RELEASE}-odpo-trainer")["spec"]
+    assert trainer["replicas"] == 1 and trainer["strategy"]["type"] == "Recreate"
+    secret = one(docs, "Secret", f"{RELEASE}-odpo-admin")
+    assert len(base64.b64decode(secret["data"]["admin-token"])) == 40
+    pvc = one(docs, "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert not find(docs, "ServiceMonitor") and not find(docs, "PrometheusRule")
+
+
+@pytest.mark.parametrize("name, where", [("values-bad-type.yaml", "/generator"),
+                                         ("values-unknown-key.yaml", "additional properties 'replica'")])
+def test_schema_refuses_wrong_values(name, where):
+    import helm_python as helm
+
+    with pytest.raises(helm.HelmValuesError) as err:
+        render(load_values(name))
+    assert where in str(err.value)
+    with helm.Chart.load(CHART) as chart:  # the same verdict from the schema check alone
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema(load_values(name))
+
+
+def test_both_autoscalers_at_once_are_refused():
+    import helm_python as helm
+
+    with pytest.raises(helm.HelmRenderError, match="enable one of them"):
+        render({"generator": {"autoscaling": {"enabled": True}, "keda": {"enabled": True}}})
+
+
+def _schema_objects(node, path="$"):
+    if isinstance(node, dict):
+        if node.get("type") == "object" and "properties" in node:
+            yield path, node
+        for k, v in node.items():
+            yield from _schema_objects(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _schema_objects(v, f"{path}[{i}]")
+
+
+def test_schema_closes_every_object_it_describes():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    open_objects = [p for p, o in _schema_objects(schema) if o.get("additionalProperties") is not False]
+    assert not open_objects
+
+
+def test_every_value_is_documented():
+    """helm-docs style: each leaf value (or the object that holds it) has a `# --` comment right above it."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented, documented_parents = [], []
+    for i, line in enumerate(lines):
+        m = re.match(r"^( *)([A-Za-z][\w.-]*):(.*)$", line)
+        if not m:
+            continue
+        indent, key, rest = len(m.group(1)), m.group(2), m.group(3).strip()
+        documented_parents = [(d, k) for d, k in documented_parents if d < indent]
+        j = i - 1
+        while j >= 0 and lines[j].strip().startswith("#") and not lines[j].strip().startswith("# --"):
+            j -= 1
+        has_doc = j >= 0 and lines[j].strip().startswith("# --") and len(lines[j]) - len(lines[j].lstrip()) == indent
+        nxt = next((ln for ln in lines[i + 1:] if ln.strip() and not ln.strip().startswith("#")), "")
+        is_parent = not rest and len(nxt) - len(nxt.lstrip()) > indent and not nxt.strip().startswith("- ")
+        if has_doc and is_parent:
+            documented_parents.append((indent, key))
+        elif not has_doc and not is_parent and not documented_parents:
+            undocumented.append(f"line {i + 1}: {key}")
+    assert not undocumented
+
+
+
+@pytest.mark.integration
+def test_the_trial_broker_command_starts_tansu(tmp_path):
+    """The chart's Tansu container command, run here on a loopback port, answers Kafka requests."""
+    from service.broker import free_port, kafka_ready
+
+    docs = render(load_values("values-trial.yaml"))
+    c = one(docs, "Deployment", f"{RELEASE}-odpo-kafka")["spec"]["template"]["spec"]["containers"][0]
+    port = free_port()
+    local = f"tcp://127.0.0.1:{port}"  # the pod listens on 0.0.0.0 and advertises its Service name
+    args = [local if a.startswith("tcp://") else a for a in c["args"]]
+    cmd = [sys.executable if c["command"][0] == "python" else c["command"][0], *c["command"][1:], *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not kafka_ready(f"127.0.0.1:{port}", timeout_s=1.0):
+            assert proc.poll() is None, f"the broker exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "the broker did not answer within 30s"
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

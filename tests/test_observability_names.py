@@ -1,0 +1,121 @@
+"""Every metric the alerts, the dashboard and the autoscaler read is one that something exports.
+
+Exported names are read live: every module of the components that creates a
+prometheus_client metric is imported and the default REGISTRY is asked what it
+holds, so metrics other work adds or renames show up here at once. vLLM's names
+are the ones documented in shared/notes/vllm-cpu.md; consumer lag comes from a
+Kafka exporter (danielqsj/kafka_exporter, also shipped by Strimzi and Bitnami).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import warnings
+
+import pytest
+from prometheus_client import REGISTRY
+
+from tests.chart_tools import ROOT, dashboard, dashboard_exprs, find, load_values, metric_names, render, rule_exprs
+
+VLLM_NOTES = ROOT.parent / "shared" / "notes" / "vllm-cpu.md"
+KAFKA_EXPORTER = {"kafka_consumergroup_lag"}
+# Names the rules and dashboard use before the code exports them: each with who is to add it.
+PENDING = {
+    "odpo_bus_dead_letters_total": "service/bus.py dead_letter(): every DLQ message, labels component, topic",
+}
+COMPONENT_PACKAGES = ("service", "generator", "judge", "trainer")
+_METRIC_CTOR = re.compile(r"\b(Counter|Gauge|Histogram|Summary|Info|Enum)\(\s*[\"']odpo_")
+_SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum", "_created"),
+             "summary": ("", "_count", "_sum", "_created"), "info": ("_info",), "stateset": ("",), "unknown": ("",)}
+EVERYTHING_ON = {"metrics": {"prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}},
+                 "generator": {"keda": {"enabled": True}}}
+
+
+def exported_odpo_names() -> set[str]:
+    """Sample names of every odpo metric the components register (imports their metric modules)."""
+    for package in COMPONENT_PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if _METRIC_CTOR.search(path.read_text()):
+                importlib.import_module(".".join(path.relative_to(ROOT).with_suffix("").parts))
+    names = set()
+    for family in REGISTRY.collect():
+        if family.name.startswith("odpo_"):
+            names |= {family.name + suffix for suffix in _SUFFIXES.get(family.type, ("",))}
+    return names
+
+
+def documented_vllm_names() -> set[str]:
+    assert VLLM_NOTES.exists(), f"{VLLM_NOTES} lists vLLM's metric names; shared/ must lie beside the repo"
+    names = set(re.findall(r"`(vllm:[a-z0-9_]+)`", VLLM_NOTES.read_text()))
+    assert "vllm:num_requests_waiting" in names
+    return names | {n + s for n in names for s in ("_bucket", "_count", "_sum")}
+
+
+def used_names() -> dict[str, set[str]]:
+    """Metric name -> where it is used (alert names, dashboard, autoscaler)."""
+    docs = render(EVERYTHING_ON)
+    used: dict[str, set[str]] = {}
+    for alert, expr in rule_exprs(docs).items():
+        for name in metric_names(expr):
+            used.setdefault(name, set()).add(f"alert {alert}")
+    for expr in dashboard_exprs(dashboard(docs)):
+        for name in metric_names(expr):
+            used.setdefault(name, set()).add("dashboard")
+    for so in find(docs, "ScaledObject"):
+        for name in metric_names(so["spec"]["triggers"][0]["metadata"]["query"]):
+            used.setdefault(name, set()).add("KEDA trigger")
+    return used
+
+
+def test_metric_names_are_read_out_of_promql():
+    expr = ('histogram_quantile(0.9, sum by (le, route) (rate(odpo_a_seconds_bucket{namespace="x", s=~"5.."}'
+            '[$__rate_interval] offset 5m))) / on (route) group_left max(vllm:num_requests_waiting) > 2 * '
+            '(sum(increase(odpo_b_total{x="rate(y)"}[1h])) or vector(0)) and absent(odpo_c)')
+    assert metric_names(expr) == {"odpo_a_seconds_bucket", "vllm:num_requests_waiting", "odpo_b_total", "odpo_c"}
+
+
+def test_the_components_export_what_the_code_defines():
+    exported = exported_odpo_names()
+    for name in ("odpo_trainer_loss", "odpo_trainer_nan_skips_total", "odpo_generator_swap_latency_seconds_bucket",
+                 "odpo_gateway_requests_total", "odpo_judge_pairs_total"):
+        assert name in exported
+
+
+def test_every_used_metric_is_exported():
+    exported = exported_odpo_names() | documented_vllm_names() | KAFKA_EXPORTER
+    used = used_names()
+    unknown = {name: sorted(where) for name, where in used.items() if name not in exported and name not in PENDING}
+    assert not unknown, f"rules/dashboard read metrics nothing exports: {unknown}"
+    missing = sorted(set(PENDING) - exported)
+    if missing:
+        warnings.warn("metrics the chart reads that the code does not export yet: "
+                      + "; ".join(f"{n} ({PENDING[n]})" for n in missing), stacklevel=1)
+
+
+def test_pending_names_are_really_used():
+    assert set(PENDING) <= set(used_names())
+
+
+def test_dashboard_shows_the_loop():
+    dash = dashboard(render(EVERYTHING_ON))
+    titles = " | ".join(p["title"].lower() for p in dash["panels"])
+    for needed in ("policy version", "held-out score", "dpo loss", "margin", "accuracy", "pairs per second",
+                   "staleness", "hot-swap latency", "request latency", "error", "vllm queue"):
+        assert needed in titles, needed
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    for p in panels:
+        assert p["targets"] and p["datasource"]["uid"] == "${datasource}"
+        assert p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
+        for t in p["targets"]:
+            assert 'namespace="$namespace"' in t["expr"] or "kafka_consumergroup_lag" in t["expr"], t["expr"]
+
+
+@pytest.mark.parametrize("name", [None, "values-cpu-external.yaml"])
+def test_generator_scrape_covers_vllm_metrics(name):
+    """vLLM's own /metrics (the queue the alert and the autoscalers read) is scraped beside the generator's."""
+    values = load_values(name) if name else {"metrics": {"serviceMonitor": {"enabled": True}}}
+    docs = render(values)
+    sm = next(d for d in find(docs, "ServiceMonitor") if d["metadata"]["name"].endswith("-generator"))
+    assert {e["port"] for e in sm["spec"]["endpoints"]} == {"metrics", "http"}
