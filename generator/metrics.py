@@ -8,7 +8,7 @@ POLICY_VERSION = Gauge("odpo_generator_policy_version", "Policy version new samp
 LOADED_VERSIONS = Gauge("odpo_generator_loaded_versions", "Policy versions loaded in vLLM, besides base.")
 SWAP_LATENCY = Histogram(
     "odpo_generator_swap_latency_seconds", "From AdapterReady.created_at until vLLM serves the new version.",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
 SWAP_FAILURES = Counter(
     "odpo_generator_swap_failures_total", "Adapter versions refused or not loaded, by reason.", ["reason"])
 PROMPTS = Counter("odpo_generator_prompts_consumed_total", "Valid prompts taken from odpo.prompts.")

@@ -78,8 +78,13 @@ class VllmServer:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_CPU_KVCACHE_SPACE=str(self.settings.kv_cache_gib),
-                   HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        s = self.settings
+        env.update(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_CPU_KVCACHE_SPACE=str(s.kv_cache_gib),
+                   VLLM_CPU_OMP_THREADS_BIND=s.cpu_threads_bind, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        if s.cpu_reserved_cores is not None:
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(s.cpu_reserved_cores)
+        else:  # an inherited value would silently override the setting's "vLLM's default"
+            env.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
         return env
 
     def start(self, timeout_s: float | None = None) -> "VllmServer":

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from judge.verifier import score
+from judge.rules import score_task
 from service.contracts import PromptEvent
 
 
@@ -42,5 +42,5 @@ def evaluate_heldout(base_url: str, model: str, prompts: list[PromptEvent], max_
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             results = list(pool.map(ask, prompts))
     answers = [a for a, _ in results]
-    scores = [score(p.task, a) for p, a in zip(prompts, answers)]
+    scores = [score_task(p.task, a) for p, a in zip(prompts, answers)]
     return HeldoutResult(model, results[0][1], sum(scores) / len(scores), scores, answers)

@@ -1,20 +1,58 @@
-"""From a scored candidate set to one preference pair: the best sample against the worst.
+"""From a judged candidate set to preference pairs that do not teach the wrong lesson.
 
-Best-vs-worst gives the widest margin a set offers, and one pair per set
-keeps the trainer's windows spread over many prompts. Sets whose samples all
-read the same are dropped as `identical`; sets whose best and worst score
-within `min_margin` of each other are dropped as `tie` (the judge has no
-preference to teach).
+Which pairs are considered (`strategy`):
+- `best_vs_worst` (default): the highest against the lowest score, the widest
+  margin a set offers, one pair per set, so the trainer's windows spread over
+  many prompts;
+- `all_pairs`: every two responses whose scores differ;
+- `top_k`: each of the k best against each of the k worst.
+
+Each candidate pair is then dropped, with a counted reason, when:
+- `identical`: both texts are the same (nothing to tell apart);
+- `tie`: the scores are equal, or a pairwise judge's own direct verdict was a
+  tie or went the other way (it only looks better by round-robin);
+- `margin`: the score gap is below `min_margin`;
+- `length`: the length guard says the chosen wins by being longer. `drop`
+  drops every pair whose chosen is more than `length_tolerance` longer (in
+  characters) than its rejected; `penalize` subtracts `length_penalty` per
+  doubling of that length ratio from the margin and drops the pair when less
+  than `min_margin` is left. Judges (LLMs and reward models alike) favour
+  longer answers, and DPO amplifies whatever separates chosen from rejected;
+- `cap`: more than `max_pairs` survive (the widest margins are kept).
+
+Pair ids are deterministic (`service.contracts.pair_id`), so a replayed set
+gives the same ids and the judge's seen-ids cache and the trainer's ledger
+drop the repeats.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
+from judge.base import Judgement
 from service.contracts import CandidateSet, PreferencePair, pair_id
+from service.settings import JudgeSettings
 
-DropReason = Literal["tie", "identical"]
-DROP_REASONS: tuple[DropReason, ...] = ("tie", "identical")
+DropReason = Literal["tie", "margin", "length", "identical", "cap"]
+Strategy = Literal["best_vs_worst", "all_pairs", "top_k"]
+
+
+@dataclass(frozen=True)
+class PairPolicy:
+    strategy: Strategy = "best_vs_worst"
+    k: int = 1
+    min_margin: float = 1e-6
+    max_pairs: int = 4
+    length_guard: Literal["off", "drop", "penalize"] = "off"
+    length_tolerance: float = 0.1
+    length_penalty: float = 0.25
+
+    @classmethod
+    def from_settings(cls, s: JudgeSettings) -> "PairPolicy":
+        return cls(s.pairing, s.pair_k, s.min_margin, s.max_pairs_per_prompt, s.length_guard, s.length_tolerance,
+                   s.length_penalty)
 
 
 def best_and_worst(scores: Sequence[float]) -> tuple[int, int]:
@@ -24,34 +62,85 @@ def best_and_worst(scores: Sequence[float]) -> tuple[int, int]:
     return best, worst
 
 
-def make_pair(cset: CandidateSet, scores: Sequence[float], judge: str,
-              min_margin: float) -> tuple[PreferencePair | None, DropReason | None]:
-    """The best-vs-worst pair of `cset` under `scores` (one per completion), or None and why not."""
-    if len(scores) != len(cset.completions):
-        raise ValueError(f"{len(scores)} scores for {len(cset.completions)} completions")
-    if len({c.text for c in cset.completions}) == 1:
-        return None, "identical"
-    b, w = best_and_worst(scores)
-    margin = float(scores[b]) - float(scores[w])
-    if margin < min_margin or margin <= 0:
-        return None, "tie"
-    chosen, rejected = cset.completions[b], cset.completions[w]
-    if chosen.text == rejected.text:  # a judge that scores by more than the text could still do this
-        return None, "identical"
-    pair = PreferencePair(
-        id=pair_id(cset.prompt.id, chosen.text, rejected.text, cset.policy_version),
-        prompt=cset.prompt,
-        chosen=chosen.text,
-        rejected=rejected.text,
-        prompt_token_ids=list(cset.prompt_token_ids),
-        chosen_token_ids=list(chosen.token_ids),
-        rejected_token_ids=list(rejected.token_ids),
-        chosen_logprobs=list(chosen.logprobs),
-        rejected_logprobs=list(rejected.logprobs),
-        policy_version=cset.policy_version,
-        judge=judge,
-        chosen_score=float(scores[b]),
-        rejected_score=float(scores[w]),
-        margin=margin,
-    )
-    return pair, None
+def candidate_pairs(scores: Sequence[float], strategy: Strategy, k: int = 1) -> list[tuple[int, int]]:
+    """(higher, lower) index pairs the strategy considers; among equal scores the earlier index comes first."""
+    n = len(scores)
+    if strategy == "best_vs_worst":
+        return [best_and_worst(scores)]
+    ranked = sorted(range(n), key=lambda i: (-scores[i], i))
+    rank = {i: r for r, i in enumerate(ranked)}
+    if strategy == "all_pairs":
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    elif strategy == "top_k":
+        k = min(k, n // 2)
+        pairs = [(i, j) for i in ranked[:k] for j in ranked[n - k:]]
+    else:
+        raise ValueError(f"unknown pairing strategy {strategy!r}")
+    return [(i, j) if rank[i] < rank[j] else (j, i) for i, j in pairs]
+
+
+def _length_reason(chosen: str, rejected: str, margin: float, policy: PairPolicy) -> bool:
+    """True when the length guard drops this pair."""
+    if policy.length_guard == "off":
+        return False
+    lc, lr = len(chosen.strip()), max(len(rejected.strip()), 1)
+    if lc <= lr * (1 + policy.length_tolerance):
+        return False
+    if policy.length_guard == "drop":
+        return True
+    return margin - policy.length_penalty * math.log2(lc / lr) < policy.min_margin
+
+
+def select(texts: Sequence[str], judgement: Judgement,
+           policy: PairPolicy) -> tuple[list[tuple[int, int, float]], list[DropReason]]:
+    """The (chosen, rejected, margin) index pairs to publish, widest margin first, and the reasons of the rest."""
+    scores = judgement.scores
+    if len(scores) != len(texts):
+        raise ValueError(f"{len(scores)} scores for {len(texts)} responses")
+    kept: list[tuple[int, int, float]] = []
+    dropped: list[DropReason] = []
+    for w, l in candidate_pairs(scores, policy.strategy, policy.k):
+        margin = float(scores[w]) - float(scores[l])
+        verdict = judgement.verdict(w, l)
+        if w == l:  # best_vs_worst on equal scores
+            dropped.append("tie")
+        elif texts[w] == texts[l]:
+            dropped.append("identical")
+        elif margin <= 0 or (verdict is not None and verdict <= 0):
+            dropped.append("tie")
+        elif margin < policy.min_margin:
+            dropped.append("margin")
+        elif _length_reason(texts[w], texts[l], margin, policy):
+            dropped.append("length")
+        else:
+            kept.append((w, l, margin))
+    kept.sort(key=lambda p: -p[2])  # stable: equal margins keep the strategy's order
+    dropped.extend(["cap"] * max(0, len(kept) - policy.max_pairs))
+    return kept[:policy.max_pairs], dropped
+
+
+def build_pairs(cset: CandidateSet, judgement: Judgement, judge: str,
+                policy: PairPolicy) -> tuple[list[PreferencePair], list[DropReason]]:
+    """The preference pairs of a judged candidate set (with the sampler's token ids), and why others were not made."""
+    texts = [c.text for c in cset.completions]
+    chosen_pairs, dropped = select(texts, judgement, policy)
+    pairs = []
+    for w, l, margin in chosen_pairs:
+        chosen, rejected = cset.completions[w], cset.completions[l]
+        pairs.append(PreferencePair(
+            id=pair_id(cset.prompt.id, chosen.text, rejected.text, cset.policy_version),
+            prompt=cset.prompt,
+            chosen=chosen.text,
+            rejected=rejected.text,
+            prompt_token_ids=list(cset.prompt_token_ids),
+            chosen_token_ids=list(chosen.token_ids),
+            rejected_token_ids=list(rejected.token_ids),
+            chosen_logprobs=list(chosen.logprobs),
+            rejected_logprobs=list(rejected.logprobs),
+            policy_version=cset.policy_version,
+            judge=judge,
+            chosen_score=float(judgement.scores[w]),
+            rejected_score=float(judgement.scores[l]),
+            margin=margin,
+        ))
+    return pairs, dropped

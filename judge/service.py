@@ -1,27 +1,41 @@
-"""The judge process: odpo.candidates -> scores -> odpo.preferences (bad input -> odpo.dlq).
+"""The judge process: odpo.candidates (or odpo.feedback) -> preference pairs on odpo.preferences.
 
-Each poll's candidate sets are scored, their pairs produced and flushed, and
-only then are the offsets committed, so a crash replays sets rather than
-losing them (replayed pairs get the same deterministic id and the trainer
-skips ids it has trained). A set the judge cannot score (a task of another
-kind, malformed constraints) is dead-lettered with the reason and the loop
-goes on; so is a message that is not a valid CandidateSet (by the Inbox).
+Each poll's events are judged, their pairs produced and flushed, and only
+then are the offsets committed, so a crash replays events rather than losing
+them. Replays give the same deterministic pair ids, which a bounded seen-ids
+cache drops (and the trainer's ledger would skip). Input the judge cannot use
+(an invalid message, a task no rule knows, feedback without texts) is
+dead-lettered with the reason and the loop goes on; the judge never stops on
+input. When the judge itself cannot work (the LLM endpoint is down), the
+batch is put back (seek to its first unjudged event, nothing dead-lettered)
+and tried again after `retry_wait_s`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from typing import Any, Callable
 
-from kafka import KafkaProducer
-from prometheus_client import Counter, Gauge, Histogram
+from kafka import KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
 
-from judge import verifier
-from judge.pairs import DROP_REASONS, make_pair
+from judge import metrics as M
+from judge.base import Judge, JudgeUnavailable, make_judge
+from judge.feedback import FeedbackPairer
+from judge.pairs import PairPolicy, build_pairs
+from judge.seen import SeenIds
 from service.bus import Envelope, Inbox, make_producer
-from service.contracts import TOPIC_CANDIDATES, TOPIC_PREFERENCES, CandidateSet
+from service.contracts import (
+    TOPIC_CANDIDATES,
+    TOPIC_FEEDBACK,
+    TOPIC_PREFERENCES,
+    CandidateSet,
+    Feedback,
+    PreferencePair,
+)
 from service.runtime import serve_metrics
 from service.settings import CommonSettings, JudgeSettings
 
@@ -29,92 +43,221 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "judge"
 
-# A judge plugin maps (task metadata, response text) to a score in [0, 1] and raises ValueError
-# for tasks it cannot judge.
-JUDGES: dict[str, Callable[[dict[str, Any], str], float]] = {"verifier": verifier.score}
 
-CANDIDATE_SETS = Counter("odpo_judge_candidate_sets_total", "Valid candidate sets received.")
-PAIRS = Counter("odpo_judge_pairs_total", "Preference pairs published to odpo.preferences.")
-DROPPED = Counter("odpo_judge_pairs_dropped_total", "Candidate sets that gave no pair, by reason.", ["reason"])
-DEAD_LETTERS = Counter("odpo_judge_dead_letters_total", "Messages sent to odpo.dlq (invalid or unjudgeable).")
-SCORES = Histogram("odpo_judge_score", "Score of each sampled completion.",
-                   buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)))
-LATENCY = Histogram("odpo_judge_latency_seconds", "Time to score one candidate set and build its pair.",
-                    buckets=(1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0))
-POLICY_VERSION = Gauge("odpo_judge_policy_version", "Policy version of the last candidate set judged.")
-for _reason in DROP_REASONS:
-    DROPPED.labels(_reason)  # export zeros, so rate() works before the first drop
+class _Outbox:
+    """Publishes each pair id once (seen-ids cache), confirms before anything is committed."""
+
+    def __init__(self, producer: KafkaProducer, seen: SeenIds):
+        self.producer, self.seen = producer, seen
+        self._pending: list[tuple[object, PreferencePair]] = []
+
+    def send(self, pairs: list[PreferencePair]) -> None:
+        for pair in pairs:
+            if not self.seen.add(pair.id):
+                M.DROPPED.labels("duplicate").inc()
+                continue
+            future = self.producer.send(TOPIC_PREFERENCES, key=pair.prompt.id.encode(), value=pair.to_bytes())
+            self._pending.append((future, pair))
+
+    def confirm(self) -> None:
+        """Flush and wait for every pair sent; on failure forget their ids (they will be sent again) and raise."""
+        pending, self._pending = self._pending, []
+        self.producer.flush()
+        try:
+            for future, _ in pending:
+                future.get(timeout=30)
+        except Exception:
+            for _, pair in pending:
+                self.seen.forget(pair.id)
+            raise
+        for _, pair in pending:
+            M.observe_pair(pair.judge, pair.chosen, pair.rejected)
 
 
-class JudgeLoop:
-    """One consumer's judge loop; `step()` is one poll -> score -> produce -> flush -> commit cycle."""
+class _Loop:
+    """Poll -> handle -> confirm -> commit, with put-back on failure; subclasses handle one event."""
 
-    def __init__(self, inbox: Inbox[CandidateSet], producer: KafkaProducer, settings: JudgeSettings):
+    def __init__(self, inbox: Inbox, producer: KafkaProducer, settings: JudgeSettings,
+                 stop: threading.Event | None = None):
         self.inbox, self.producer, self.settings = inbox, producer, settings
-        self.judge = JUDGES[settings.judge]
+        self.stop = stop or threading.Event()
+        self.outbox = _Outbox(producer, SeenIds(settings.seen_ids_cache))
 
     def step(self) -> int:
-        """Handle one poll's worth of messages; returns how many valid candidate sets it saw."""
+        """Handle one poll's worth of messages; returns how many valid events were handled."""
         dead_before = self.inbox.dead_lettered
         envs = self.inbox.poll(timeout_ms=int(self.settings.poll_timeout_s * 1000))
-        futures = [f for env in envs if (f := self._judge(env)) is not None]
-        self.producer.flush()
-        for f in futures:
-            f.get(timeout=30)  # raises if a pair was not written: then nothing is committed
-        dead = self.inbox.dead_lettered - dead_before
-        if dead:
-            DEAD_LETTERS.inc(dead)
-        if envs or dead:
-            # Everything polled is handled (produced, flushed or dead-lettered): commit it all,
-            # the dead-lettered records included, so a restart does not dead-letter them again.
-            self.inbox.commit()
-        return len(envs)
+        done = 0
+        try:
+            for env in envs:
+                self.handle(env)
+                done += 1
+        except JudgeUnavailable as exc:
+            M.UNAVAILABLE.inc()
+            log.warning("judge unavailable, retrying %d event(s) in %.1f s: %s", len(envs) - done,
+                        self.settings.retry_wait_s, exc)
+        try:
+            self.outbox.confirm()
+        except Exception:
+            self._put_back(envs)
+            raise
+        M.DEAD_LETTERS.inc(self.inbox.dead_lettered - dead_before)
+        housekept = self.after_poll()
+        if done < len(envs):
+            self.inbox.commit(envs[:done])
+            self._put_back(envs[done:])
+            self.stop.wait(self.settings.retry_wait_s)
+        elif envs or self.inbox.dead_lettered > dead_before or housekept:
+            self.commit()
+        return done
 
-    def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            self.step()
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.step()
+            except KafkaError as exc:  # the broker, not the input: wait and go on from the committed offsets
+                log.warning("broker error, retrying in %.1f s: %s", self.settings.retry_wait_s, exc)
+                self.stop.wait(self.settings.retry_wait_s)
 
-    def _judge(self, env: Envelope[CandidateSet]):
-        """Score one set and send its pair; returns the send future, or None when nothing was sent."""
-        cset = env.value
-        CANDIDATE_SETS.inc()
+    def handle(self, env: Envelope) -> None:
+        raise NotImplementedError
+
+    def after_poll(self) -> bool:
+        """Housekeeping after each poll; True when it changed what may be committed."""
+        return False
+
+    def commit(self) -> None:
+        # Everything polled is handled (confirmed or dead-lettered): commit it all, the dead-lettered
+        # records included, so a restart does not dead-letter them again.
+        self.inbox.commit()
+
+    def _put_back(self, envs: list[Envelope]) -> None:
+        """Seek each partition back to its first unhandled event, so the next poll reads it again."""
+        first: dict[TopicPartition, int] = {}
+        for env in envs:
+            tp = TopicPartition(env.topic, env.partition)
+            first[tp] = min(first.get(tp, env.offset), env.offset)
+        for tp, offset in first.items():
+            self.inbox.consumer.seek(tp, offset)
+
+    def reject(self, env: Envelope, reason: str) -> None:
+        self.inbox.reject(env, reason)
+
+
+class JudgeLoop(_Loop):
+    """Candidate sets -> scores (the configured plugin) -> pairs."""
+
+    def __init__(self, inbox: Inbox[CandidateSet], producer: KafkaProducer, settings: JudgeSettings,
+                 judge: Judge | None = None, stop: threading.Event | None = None):
+        super().__init__(inbox, producer, settings, stop)
+        self.judge = judge or make_judge(settings)
+        self.policy = PairPolicy.from_settings(settings)
+
+    def handle(self, env: Envelope[CandidateSet]) -> None:
+        cset, name = env.value, self.judge.name
         start = time.perf_counter()
         try:
-            scores = [self.judge(cset.prompt.task, c.text) for c in cset.completions]
-            pair, reason = make_pair(cset, scores, self.settings.judge, self.settings.min_margin)
+            judgement = self.judge.judge(cset.prompt, [c.text for c in cset.completions])
+            if len(judgement.scores) != len(cset.completions) or not all(map(math.isfinite, judgement.scores)):
+                raise ValueError(f"scores {judgement.scores} are not one finite number per completion")
+            pairs, dropped = build_pairs(cset, judgement, name, self.policy)
+        except JudgeUnavailable:
+            raise  # put back, counted when judged
         except ValueError as exc:
-            self.inbox.reject(env, f"{self.settings.judge} judge cannot score prompt {cset.prompt.id!r}: {exc}")
-            return None
+            M.CANDIDATE_SETS.inc()
+            self.reject(env, f"{name} judge cannot score prompt {cset.prompt.id!r}: {exc}")
+            return
         except Exception as exc:  # a judge bug on one message must not stall the partition forever
+            M.CANDIDATE_SETS.inc()
             log.exception("judge failed on %s[%d]@%d", env.topic, env.partition, env.offset)
-            self.inbox.reject(env, f"{self.settings.judge} judge failed: {type(exc).__name__}: {exc}")
-            return None
-        for s in scores:
-            SCORES.observe(s)
-        POLICY_VERSION.set(cset.policy_version)
-        LATENCY.observe(time.perf_counter() - start)
-        if pair is None:
-            DROPPED.labels(reason).inc()
-            log.debug("prompt %s v%d: no pair (%s), scores %s", cset.prompt.id, cset.policy_version, reason, scores)
-            return None
-        PAIRS.inc()
-        log.debug("prompt %s v%d: pair %s margin %.3f", cset.prompt.id, cset.policy_version, pair.id, pair.margin)
-        return self.producer.send(TOPIC_PREFERENCES, key=cset.prompt.id.encode(), value=pair.to_bytes())
+            self.reject(env, f"{name} judge failed: {type(exc).__name__}: {exc}")
+            return
+        M.CANDIDATE_SETS.inc()
+        M.LATENCY.labels(name).observe(time.perf_counter() - start)
+        for s in judgement.scores:
+            M.SCORES.labels(name).observe(s)
+        M.POLICY_VERSION.set(cset.policy_version)
+        for reason in dropped:
+            M.DROPPED.labels(reason).inc()
+        log.debug("prompt %s v%d: %d pair(s), dropped %s, scores %s", cset.prompt.id, cset.policy_version,
+                  len(pairs), dropped, judgement.scores)
+        self.outbox.send(pairs)
+
+
+class FeedbackLoop(_Loop):
+    """Client feedback (odpo.feedback) -> pairs; ratings wait in a bounded buffer for an opposite rating."""
+
+    def __init__(self, inbox: Inbox[Feedback], producer: KafkaProducer, settings: JudgeSettings,
+                 stop: threading.Event | None = None):
+        super().__init__(inbox, producer, settings, stop)
+        self.pairer = FeedbackPairer(settings.feedback_max_prompts, settings.feedback_max_per_prompt,
+                                     settings.feedback_max_age_s, settings.min_margin)
+
+    def handle(self, env: Envelope[Feedback]) -> None:
+        fb = env.value
+        M.FEEDBACK.labels("choice" if fb.other_response_id is not None else "rating").inc()
+        start = time.perf_counter()
+        try:
+            pairs, dropped = self.pairer.add(fb, env.partition, env.offset)
+        except ValueError as exc:
+            self.reject(env, f"human judge cannot use feedback on {fb.response_id!r}: {exc}")
+            return
+        except Exception as exc:  # a bug on one message must not stall the partition forever
+            log.exception("feedback failed on %s[%d]@%d", env.topic, env.partition, env.offset)
+            self.reject(env, f"human judge failed: {type(exc).__name__}: {exc}")
+            return
+        M.LATENCY.labels("human").observe(time.perf_counter() - start)
+        for reason in dropped:
+            if reason in ("neutral", "evicted"):
+                M.FEEDBACK_UNPAIRED.labels(reason).inc()
+            else:
+                M.DROPPED.labels(reason).inc()
+        self.outbox.send(pairs)
+        M.FEEDBACK_BUFFERED.set(len(self.pairer))
+
+    def after_poll(self) -> bool:
+        evicted = self.pairer.evict_old()
+        if evicted:
+            M.FEEDBACK_UNPAIRED.labels("evicted").inc(evicted)
+            M.FEEDBACK_BUFFERED.set(len(self.pairer))
+        return evicted > 0
+
+    def commit(self) -> None:
+        """Commit what was read, but never past a rating that still waits in the buffer."""
+        consumer = self.inbox.consumer
+        low = self.pairer.lowest_offsets()
+        offsets = {}
+        for tp in consumer.assignment():
+            pos = consumer.position(tp)
+            offsets[tp] = OffsetAndMetadata(min(pos, low.get(tp.partition, pos)), "", -1)
+        if offsets:
+            consumer.commit(offsets)
 
 
 def run(common: CommonSettings, settings: JudgeSettings, stop: threading.Event) -> None:
-    """Judge candidate sets until `stop` is set."""
-    port = serve_metrics(settings.metrics_port, common.metrics_host)
-    log.info("judge %r: %s -> %s, group %s, metrics on :%d", settings.judge, TOPIC_CANDIDATES, TOPIC_PREFERENCES,
-             settings.group_id, port)
-    producer = make_producer(common.bootstrap_servers)
-    inbox: Inbox[CandidateSet] | None = None
+    """Judge candidate sets (or, with judge=human, feedback) until `stop` is set."""
+    from service.cli import UsageError
+
+    human = settings.judge == "human"
     try:
-        inbox = Inbox(common.bootstrap_servers, TOPIC_CANDIDATES, CandidateSet, COMPONENT, producer,
-                      group_id=settings.group_id)
-        JudgeLoop(inbox, producer, settings).run(stop)
+        judge = None if human else make_judge(settings)
+    except (ValueError, OSError) as exc:  # a plugin that cannot start is a wrong setting
+        raise UsageError(f"judge {settings.judge}: {exc}") from None
+    topic, model = (TOPIC_FEEDBACK, Feedback) if human else (TOPIC_CANDIDATES, CandidateSet)
+    group = settings.feedback_group_id if human else settings.group_id
+    port = serve_metrics(settings.metrics_port, common.metrics_host)
+    log.info("judge %r: %s -> %s, group %s, metrics on :%d", settings.judge, topic, TOPIC_PREFERENCES, group, port)
+    producer = make_producer(common.bootstrap_servers)
+    inbox = None
+    try:
+        inbox = Inbox(common.bootstrap_servers, topic, model, COMPONENT, producer, group_id=group)
+        loop = FeedbackLoop(inbox, producer, settings, stop) if human else \
+            JudgeLoop(inbox, producer, settings, judge, stop)
+        loop.run()
     finally:
         if inbox is not None:
             inbox.close()
         producer.close()
+        if hasattr(judge, "close"):
+            judge.close()
         log.info("judge stopped")

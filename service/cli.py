@@ -39,7 +39,7 @@ def _run_component(name: str) -> int:
     common, settings = _settings(s.CommonSettings), _settings(component_settings)
     setup_logging(common.log_level)
     if name == "gateway":
-        return _run_gateway(settings)
+        return _run_gateway(settings, common)
     if name == "generator":
         from generator.service import run
     elif name == "judge":
@@ -50,12 +50,12 @@ def _run_component(name: str) -> int:
     return 0
 
 
-def _run_gateway(settings) -> int:
+def _run_gateway(settings, common) -> int:
     import uvicorn
 
     from service.gateway import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.run(create_app(settings, common), host=settings.host, port=settings.port, log_level="warning")
     return 0
 
 
@@ -99,6 +99,76 @@ def _up(args) -> int:
     return run_up(opts)
 
 
+def _offline(args) -> int:
+    """`odpo eval-pairs` / `odpo train` on a JSONL file of pairs (trainer/offline.py)."""
+    from service.assets import AssetError, base_model_dir
+    from service.runtime import setup_logging
+    from service.settings import CommonSettings
+    from trainer.offline import BadInput, eval_pairs, train_pairs, trainer_settings
+
+    common = _settings(CommonSettings)
+    setup_logging(common.log_level)
+    try:
+        model_dir = base_model_dir(common.cache_dir, args.base_model or common.base_model)
+        settings = trainer_settings(**{k: getattr(args, k, None) for k in (
+            "beta", "loss_type", "label_smoothing", "max_length", "batch_pairs", "window_pairs", "steps_per_window")})
+        if args.command == "eval-pairs":
+            eval_pairs(model_dir, args.pairs, args.adapter, settings, args.on_error)
+        else:
+            train_pairs(model_dir, args.pairs, (args.store or common.store_dir).expanduser(), settings, args.on_error)
+    except (AssetError, BadInput) as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+def _add_offline(sub) -> None:
+    for name, text in (("eval-pairs", "Per-pair log-probs and DPO loss of a JSONL file of pairs (JSON lines out)."),
+                       ("train", "Offline DPO on a JSONL file of pairs, writing policy-v<N> adapters.")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--pairs", type=Path, required=True,
+                       help="JSONL file: TRL-style prompt/chosen/rejected objects or PreferencePairs.")
+        c.add_argument("--base-model", type=Path, default=None, help="HF model folder (default: the packaged model).")
+        c.add_argument("--beta", type=float, default=None, help="DPO beta (default: ODPO_TRAINER_BETA or 0.1).")
+        c.add_argument("--loss-type", default=None, help="sigmoid, ipo, hinge, robust, ... (trainer/losses/).")
+        c.add_argument("--label-smoothing", type=float, default=None,
+                       help="Label-flip probability (sigmoid, robust, exo_pair, aot).")
+        c.add_argument("--max-length", type=int, default=None, help="Prompt + completion tokens kept.")
+        c.add_argument("--batch-pairs", type=int, default=None, help="Pairs per forward micro-batch.")
+        c.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                       help="A bad line stops the command (exit 2) or is reported with its line number and skipped.")
+        if name == "eval-pairs":
+            c.add_argument("--adapter", type=Path, default=None,
+                           help="LoRA adapter folder of the policy (default: none, policy = reference = base).")
+        else:
+            c.add_argument("--store", type=Path, default=None, help="Adapter store (default: ODPO_STORE_DIR).")
+            c.add_argument("--window-pairs", type=int, default=None, help="Pairs per update (one version each).")
+            c.add_argument("--steps-per-window", type=int, default=None, help="Optimizer steps per update.")
+        c.set_defaults(func=_offline)
+
+
+def _load_dataset(args) -> int:
+    from service.dataset_load import LoadError, load_and_publish
+    from service.settings import CommonSettings
+
+    common = _settings(CommonSettings)
+    try:
+        print(load_and_publish(args.file, args.kind, common.bootstrap_servers, args.on_error,
+                               report=lambda line: print(line, file=sys.stderr)))
+    except LoadError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+def _add_loaders(sub) -> None:
+    for kind, topic in (("pairs", "odpo.preferences"), ("prompts", "odpo.prompts")):
+        group = sub.add_parser(kind, help=f"Dataset {kind} onto {topic}.").add_subparsers(dest="action", required=True)
+        c = group.add_parser("load", help=f"Check a JSONL file of {kind} line by line and publish it to {topic}.")
+        c.add_argument("file", type=Path, help="JSONL file (formats: service/dataset_load.py).")
+        c.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                       help="Any bad line publishes nothing (exit 2), or bad lines are reported and skipped.")
+        c.set_defaults(func=_load_dataset, kind=kind)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="odpo", description="Online DPO: sample, judge, train, hot-swap, repeat.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -125,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("prepare-model", help="Convert the packaged base model once and print its folder.")
     m.set_defaults(func=_prepare_model)
+    _add_offline(sub)
+    _add_loaders(sub)
     return p
 
 

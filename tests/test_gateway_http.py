@@ -1,33 +1,33 @@
-"""The gateway over real HTTP (uvicorn on a free port): errors are JSON, never tracebacks."""
+"""The gateway over real HTTP (uvicorn on a free port) with its engine and broker down.
+
+Errors are OpenAI-shaped JSON, never tracebacks; bad input is a 4xx; the
+admin API refuses missing or wrong tokens and is absent without one.
+"""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import httpx
 import pytest
-import uvicorn
 
 from service.broker import free_port
-from service.gateway import create_app
-from service.settings import GatewaySettings
+from service.settings import CommonSettings, GatewaySettings
+from tests.gateway_server import running_gateway
+
+TOKEN = "s3cret-admin-token"
+ADMIN_ROUTES = [("GET", "/admin/versions", None), ("POST", "/admin/promote", {"version": 0}),
+                ("POST", "/admin/pin", {}), ("POST", "/admin/unpin", None), ("POST", "/admin/rollback", None)]
 
 
-@pytest.fixture()
+def _down_settings(**kw) -> tuple[GatewaySettings, CommonSettings]:
+    """Nothing listens on the engine's or the broker's port."""
+    return (GatewaySettings(vllm_url=f"http://127.0.0.1:{free_port()}", publish_timeout_s=2, **kw),
+            CommonSettings(bootstrap_servers=f"127.0.0.1:{free_port()}"))
+
+
+@pytest.fixture(scope="module")
 def gateway():
-    """A gateway whose serving engine is down (nothing listens on its vLLM port)."""
-    port = free_port()
-    settings = GatewaySettings(port=port, vllm_url=f"http://127.0.0.1:{free_port()}")
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_gateway(*_down_settings(), gate=False) as url:
+        yield url
 
 
 def _is_error(resp: httpx.Response, status: int) -> dict:
@@ -39,18 +39,28 @@ def _is_error(resp: httpx.Response, status: int) -> dict:
 
 def test_health_ready_and_metrics(gateway):
     assert httpx.get(f"{gateway}/healthz").json() == {"status": "ok"}
-    assert "unreachable" in _is_error(httpx.get(f"{gateway}/readyz"), 503)["message"]
+    message = _is_error(httpx.get(f"{gateway}/readyz", timeout=10), 503)["message"]
+    assert "serving engine unreachable" in message and "broker" in message
     metrics = httpx.get(f"{gateway}/metrics").text
-    assert "odpo_gateway_requests_total" in metrics
+    assert 'odpo_gateway_requests_total{alias="-",route="/readyz",status="503"}' in metrics
+    assert "odpo_gateway_policy_version 0.0" in metrics
+
+
+CHAT = '{"model": "policy", "messages": [{"role": "user", "content": "hi"}]}'
 
 
 @pytest.mark.parametrize("body, status, needle", [
     (b"{not json", 400, "not valid JSON"),
-    (b"[1, 2]", 400, "JSON object"),
-    (b'{"messages": []}', 400, "`model` is required"),
-    (b'{"model": "policy"}', 400, "messages"),
+    (b"[1, 2]", 400, "valid dictionary"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', 400, "model: Field required"),
+    (b'{"model": "policy"}', 400, "messages: Field required"),
+    (b'{"model": "policy", "messages": []}', 400, "messages"),
+    (b'{"model": "policy", "messages": [{"role": "robot", "content": "hi"}]}', 400, "role"),
+    (b'{"model": "policy", "messages": [{"role": "user", "content": "hi"}], "n": 0}', 400, "n:"),
+    (b'{"model": "policy", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}', 400, "temperature"),
+    (b'{"model": "policy", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}', 400, "bogus"),
     (b'{"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}', 404, "unknown model"),
-    (b'{"model": "policy", "messages": [{"role": "user", "content": "hi"}]}', 503, "unreachable"),
+    (CHAT.encode(), 503, "unreachable"),
 ])
 def test_bad_requests_get_json_errors(gateway, body, status, needle):
     resp = httpx.post(f"{gateway}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
@@ -60,5 +70,68 @@ def test_bad_requests_get_json_errors(gateway, body, status, needle):
 def test_completion_route_checks_prompt(gateway):
     resp = httpx.post(f"{gateway}/v1/completions", json={"model": "base"})
     assert "prompt" in _is_error(resp, 400)["message"]
+    resp = httpx.post(f"{gateway}/v1/completions", json={"model": "base", "prompt": ""})
+    assert "prompt" in _is_error(resp, 400)["message"]
+    resp = httpx.post(f"{gateway}/v1/completions", json={"model": "base", "prompt": "hi", "echo": True, "logprobs": 0})
+    assert "prompt log-probabilities" in _is_error(resp, 400)["message"]
     counted = httpx.get(f"{gateway}/metrics").text
-    assert 'odpo_gateway_requests_total{alias="base",route="/v1/completions",status="400"}' in counted
+    assert 'odpo_gateway_requests_total{alias="-",route="/v1/completions",status="400"}' in counted
+    assert 'odpo_gateway_request_seconds_count{alias="-",route="/v1/completions",status="400"}' in counted
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ({"response_id": "x"}, 400, "either `rating`"),
+    ({"response_id": "x", "rating": 2}, 400, "rating"),
+    ({"response_id": "x", "rating": 1, "preferred": "this"}, 400, "needs `other_response_id`"),
+    ({"response_id": "x", "other_response_id": "y"}, 400, "`preferred` is required"),
+    ({"response_id": "x", "other_response_id": "x", "preferred": "this"}, 400, "two different"),
+    ({"response_id": "", "rating": 1}, 400, "response_id"),
+    ({"response_id": "chatcmpl-unknown", "rating": 1}, 404, "unknown response id"),
+    ({"response_id": "chatcmpl-unknown", "other_response_id": "b", "preferred": "other"}, 404, "unknown response"),
+])
+def test_feedback_is_validated(gateway, body, status, needle):
+    assert needle in _is_error(httpx.post(f"{gateway}/v1/feedback", json=body), status)["message"]
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ({}, 400, "prompts: Field required"),
+    ({"prompts": []}, 400, "prompts"),
+    ({"prompts": [{"text": "hi", "messages": [{"role": "user", "content": "hi"}]}]}, 400, "exactly one"),
+    ({"prompts": [{"messages": [{"role": "assistant", "content": "hi"}]}]}, 400, "last message"),
+    ({"prompts": [{"text": "   "}]}, 400, "blank"),
+    ({"prompts": [{"text": "x" * 300_000}]}, 400, "at most"),
+    ({"prompts": [{"text": "Describe snow.", "task": {"kind": "constraints", "constraints": []}}]}, 503, "broker"),
+])
+def test_prompts_are_validated(gateway, body, status, needle):
+    resp = httpx.post(f"{gateway}/v1/prompts", json=body, timeout=30)
+    assert needle in _is_error(resp, status)["message"]
+
+
+def test_admin_is_off_without_a_token(gateway):
+    for method, path, body in ADMIN_ROUTES:
+        resp = httpx.request(method, f"{gateway}{path}", json=body, headers={"authorization": f"Bearer {TOKEN}"})
+        _is_error(resp, 404)
+
+
+@pytest.mark.parametrize("source", ["env", "file"])
+def test_admin_refuses_missing_or_wrong_tokens(tmp_path, source, monkeypatch):
+    if source == "env":
+        monkeypatch.setenv("ODPO_GATEWAY_ADMIN_TOKEN", TOKEN)
+        settings, common = _down_settings()
+    else:  # a Kubernetes Secret mount: the file's content (a trailing newline is ignored)
+        (tmp_path / "token").write_text(TOKEN + "\n")
+        settings, common = _down_settings(admin_token_file=tmp_path / "token")
+    with running_gateway(settings, common, gate=False) as url:
+        for method, path, body in ADMIN_ROUTES:
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": f"Basic {TOKEN}"},
+                            {"authorization": f"Bearer {TOKEN}x"}, {"authorization": "Bearer"}):
+                resp = httpx.request(method, f"{url}{path}", json=body, headers=headers)
+                assert _is_error(resp, 401)["type"] == "authentication_error"
+                assert resp.headers["www-authenticate"] == "Bearer"
+        ok = httpx.get(f"{url}/admin/versions", headers={"authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200 and ok.json()["promoted"] == 0
+        assert ok.json()["versions"][0]["name"] == "base"
+        nothing = httpx.post(f"{url}/admin/rollback", headers={"authorization": f"Bearer {TOKEN}"})
+        assert "nothing to roll back" in _is_error(nothing, 409)["message"]
+        unknown = httpx.post(f"{url}/admin/promote", json={"version": 5}, headers={"authorization": f"Bearer {TOKEN}"})
+        assert "unknown version" in _is_error(unknown, 404)["message"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import time
 
 import httpx
 import pytest
@@ -18,7 +16,6 @@ from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
 from service.contracts import PromptEvent, SamplingParams
 from service.settings import GeneratorSettings
 
-log = logging.getLogger(__name__)
 
 CHAT = PromptEvent(id="chat-1", messages=[{"role": "user", "content": "Name three colours of the rainbow."}])
 TEXT = PromptEvent(id="text-1", text="The capital of France is")
@@ -130,18 +127,6 @@ def test_sampler_builds_a_candidate_set_from_base(manager, tokenizer, hf_model):
 
 
 @pytest.mark.vllm
-def test_sampling_throughput_is_measured(manager, tokenizer):
-    """Not a speed limit: records tokens/s (n=4 x 32 tokens, one request) in the log for the report."""
-    sampler = Sampler(manager.client, tokenizer, manager, GeneratorSettings(n=4, max_tokens=32, seed=1))
-    sampler.sample(TEXT)  # warm-up
-    t0 = time.monotonic()
-    cands = sampler.sample(CHAT)
-    elapsed = time.monotonic() - t0
-    tokens = sum(len(c.token_ids) for c in cands.completions)
-    log.warning("sampling: %d tokens in %.2fs = %.1f tokens/s (n=4, base)", tokens, elapsed, tokens / elapsed)
-    assert tokens >= 4
-
-
 def test_greedy_with_several_samples_is_refused(tokenizer):
     with pytest.raises(ValueError, match="identical samples"):
         Sampler(None, tokenizer, None, GeneratorSettings(temperature=0.0, n=2))

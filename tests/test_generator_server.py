@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from generator.adapters import AdapterManager
-from generator.server import ServerError, Supervisor, VllmServer
+from generator.server import ServerError, Supervisor, VllmServer, is_cpu_build
 from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
 from service.settings import GeneratorSettings
 
@@ -41,6 +41,20 @@ def test_command_carries_the_settings(model_dir, tmp_path):
     assert "--enable-lora" in cmd and cmd[-2:] == ["--seed", "3"]
     env = server.environment()
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "auto" and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env
+    pinned = VllmServer(model_dir, GeneratorSettings(vllm_port=0, cpu_threads_bind="2-3", cpu_reserved_cores=2))
+    assert pinned.environment()["VLLM_CPU_OMP_THREADS_BIND"] == "2-3"
+    assert pinned.environment()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "2"
+
+
+@pytest.mark.vllm
+def test_vllm_metrics_stay_reachable(vllm_server):
+    """Dashboards scrape vLLM's own /metrics next to odpo's."""
+    resp = httpx.get(f"{vllm_server.url}/metrics", timeout=10)
+    assert resp.status_code == 200
+    for name in ("vllm:num_requests_running", "vllm:generation_tokens_total", "vllm:lora_requests_info",
+                 "vllm:e2e_request_latency_seconds_bucket"):
+        assert name in resp.text, f"{name} missing from vLLM's /metrics"
 
 
 @pytest.mark.vllm
@@ -66,7 +80,8 @@ def test_attaching_to_an_external_server_never_stops_it(vllm_server, model_dir):
 
 @pytest.mark.vllm
 def test_supervisor_restarts_a_dead_server_and_restores_its_adapters(model_dir, vllm_store, tmp_path):
-    server = VllmServer(model_dir, GeneratorSettings(vllm_port=0, startup_timeout_s=300),
+    # Pinned to core 1 (auto would take core 0): this second server also shows the core setting reaches vLLM.
+    server = VllmServer(model_dir, GeneratorSettings(vllm_port=0, startup_timeout_s=300, cpu_threads_bind="1"),
                         log_file=tmp_path / "vllm.log")
     halt = threading.Event()
     supervisor_thread = None
@@ -80,6 +95,9 @@ def test_supervisor_restarts_a_dead_server_and_restores_its_adapters(model_dir, 
         try:
             assert started.wait(300), f"vLLM did not start:\n{server.log_tail()}"
             adapters.register_base(write_zero_adapter(model_dir, vllm_store / ZERO_ADAPTER_DIR))
+            if is_cpu_build():
+                binding = (tmp_path / "vllm.log").read_text(errors="replace")
+                assert "VLLM_CPU_OMP_THREADS_BIND='1'" in binding and "core ids=[1]" in binding
             first_pid = server.pid
             os.killpg(first_pid, signal.SIGKILL)  # vLLM dies with all its processes
             deadline = time.monotonic() + 300

@@ -9,9 +9,21 @@ import uuid
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import REGISTRY
 
-from judge.service import run
-from service.contracts import (TOPIC_CANDIDATES, TOPIC_DLQ, TOPIC_PREFERENCES, CandidateSet, ChatMessage,
-                               Completion, DeadLetter, PreferencePair, PromptEvent, SamplingParams)
+from judge.metrics import PLUGINS
+from judge.service import JudgeLoop, run
+from service.bus import Inbox, ensure_topics
+from service.contracts import (
+    TOPIC_CANDIDATES,
+    TOPIC_DLQ,
+    TOPIC_PREFERENCES,
+    CandidateSet,
+    ChatMessage,
+    Completion,
+    DeadLetter,
+    PreferencePair,
+    PromptEvent,
+    SamplingParams,
+)
 from service.settings import CommonSettings, JudgeSettings
 
 TIMEOUT_S = 60
@@ -49,6 +61,10 @@ def read_until(bootstrap: str, topic: str, wanted, done, timeout_s: float = TIME
     return found
 
 
+LABELS = {"odpo_judge_pairs_total": {"judge": "verifier"}, "odpo_judge_dead_letters_total": {},
+          "odpo_judge_candidate_sets_total": {}, "odpo_judge_score_count": {"judge": "verifier"}}
+
+
 def metric(name: str, **labels) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -56,8 +72,7 @@ def metric(name: str, **labels) -> float:
 def test_judge_pairs_dead_letters_and_carries_on(broker, producer, group_id):
     run_id = uuid.uuid4().hex[:8]
     ids = {k: f"{run_id}-{k}" for k in ("good", "tie", "junk", "math", "late")}
-    before = {m: metric(m) for m in ("odpo_judge_pairs_total", "odpo_judge_dead_letters_total",
-                                     "odpo_judge_candidate_sets_total", "odpo_judge_score_count")}
+    before = {m: metric(m, **lab) for m, lab in LABELS.items()}
     ties_before = metric("odpo_judge_pairs_dropped_total", reason="tie")
 
     stop = threading.Event()
@@ -77,7 +92,7 @@ def test_judge_pairs_dead_letters_and_carries_on(broker, producer, group_id):
         late = candidate_set(ids["late"], ["- the sea\n- the sky, the sand, the sun", "sea and sky"], version=3)
         last_offset = send(producer, ids["late"], late.to_bytes())
 
-        mine = lambda r: r.key is not None and r.key.decode().startswith(run_id)  # noqa: E731
+        mine = lambda r: r.key is not None and r.key.decode().startswith(run_id)
         pair_records = read_until(broker.bootstrap, TOPIC_PREFERENCES, mine,
                                   lambda found: {r.key.decode() for r in found} >= {ids["good"], ids["late"]})
         dead_records = read_until(broker.bootstrap, TOPIC_DLQ, mine,
@@ -115,8 +130,93 @@ def test_judge_pairs_dead_letters_and_carries_on(broker, producer, group_id):
         check.close()
 
     # Other tests may share the session broker and its topics, hence >=.
-    assert metric("odpo_judge_pairs_total") - before["odpo_judge_pairs_total"] >= 2
-    assert metric("odpo_judge_dead_letters_total") - before["odpo_judge_dead_letters_total"] >= 2
-    assert metric("odpo_judge_candidate_sets_total") - before["odpo_judge_candidate_sets_total"] >= 4
-    assert metric("odpo_judge_score_count") - before["odpo_judge_score_count"] >= 3 + 3 + 2
+    gained = {m: metric(m, **lab) - before[m] for m, lab in LABELS.items()}
+    assert gained["odpo_judge_pairs_total"] >= 2 and gained["odpo_judge_dead_letters_total"] >= 2
+    assert gained["odpo_judge_candidate_sets_total"] >= 4 and gained["odpo_judge_score_count"] >= 3 + 3 + 2
     assert metric("odpo_judge_pairs_dropped_total", reason="tie") - ties_before >= 1
+
+
+def judge_all(loop: JudgeLoop, inbox: Inbox, topic: str, end_offset: int, timeout_s: float = TIMEOUT_S) -> None:
+    """Step `loop` until it has read `topic` through `end_offset` (exclusive)."""
+    deadline = time.monotonic() + timeout_s
+    tp = TopicPartition(topic, 0)
+    while (inbox.consumer.committed(tp) or 0) < end_offset:
+        assert time.monotonic() < deadline, "the judge did not get through the topic"
+        loop.step()
+
+
+def test_replayed_candidate_sets_publish_no_new_pair_ids(broker, producer):
+    """The same events twice on the topic, then judged again by a judge without memory: no new pair ids."""
+    run_id = uuid.uuid4().hex[:8]
+    topic = f"test.candidates.{run_id}"  # only these sets, whatever other tests left on the shared topic
+    ensure_topics(broker.bootstrap, [topic])
+    sets = [candidate_set(f"{run_id}-{i}", [f"calm sea {i}", "The sea, the sea, the sea, wide, deep and cold."])
+            for i in range(3)]
+    for cset in sets + sets:  # an upstream replay: every event produced twice
+        last = producer.send(topic, key=cset.prompt.id.encode(), value=cset.to_bytes()).get(timeout=30).offset
+    mine = lambda r: r.key is not None and r.key.decode().startswith(run_id)
+    settings = JudgeSettings(poll_timeout_s=0.2)
+    duplicates = metric("odpo_judge_pairs_dropped_total", reason="duplicate")
+
+    def judge_once() -> None:
+        inbox = Inbox(broker.bootstrap, topic, CandidateSet, "judge", producer, group_id=f"test-{uuid.uuid4().hex[:8]}")
+        try:
+            judge_all(JudgeLoop(inbox, producer, settings), inbox, topic, last + 1)
+        finally:
+            inbox.close()
+
+    judge_once()
+    first = read_until(broker.bootstrap, TOPIC_PREFERENCES, mine, lambda found: len(found) >= 3)
+    assert len(first) == 3, "each set's pair once, its replay dropped"
+    assert metric("odpo_judge_pairs_dropped_total", reason="duplicate") - duplicates == 3
+    ids = {PreferencePair.from_bytes(r.value).id for r in first}
+    assert len(ids) == 3
+
+    judge_once()  # a restarted judge (empty seen-ids cache) judging every event again
+    again = read_until(broker.bootstrap, TOPIC_PREFERENCES, mine, lambda found: len(found) >= 6)
+    assert {PreferencePair.from_bytes(r.value).id for r in again} == ids  # the trainer's ledger drops these
+
+
+def test_pairing_settings_reach_the_service(broker, producer):
+    """all_pairs with the length guard on: longer winners dropped and counted, the chosen-longer share exported."""
+    run_id = uuid.uuid4().hex[:8]
+    topic = f"test.candidates.{run_id}"
+    ensure_topics(broker.bootstrap, [topic])
+    task = {"kind": "regex", "pattern": "sea"}  # 1 if the answer mentions the sea
+    texts = ["the sea", "the sea is wide and deep and cold", "the sky!", "a long answer about the sky"]
+    cset = candidate_set(f"{run_id}-lg", texts, task=task)
+    last = producer.send(topic, key=cset.prompt.id.encode(), value=cset.to_bytes()).get(timeout=30).offset
+    settings = JudgeSettings(pairing="all_pairs", length_guard="drop", max_pairs_per_prompt=10, poll_timeout_s=0.2)
+    before = {r: metric("odpo_judge_pairs_dropped_total", reason=r) for r in ("tie", "length")}
+    longer_before = metric("odpo_judge_pairs_chosen_longer_total")
+    inbox = Inbox(broker.bootstrap, topic, CandidateSet, "judge", producer, group_id=f"test-{run_id}")
+    try:
+        judge_all(JudgeLoop(inbox, producer, settings), inbox, topic, last + 1)
+    finally:
+        inbox.close()
+    mine = lambda r: r.key == cset.prompt.id.encode()
+    found = read_until(broker.bootstrap, TOPIC_PREFERENCES, mine, lambda found: len(found) >= 2)
+    pairs = {(p.chosen, p.rejected) for p in map(PreferencePair.from_bytes, (r.value for r in found))}
+    # 6 candidate pairs: 2 ties (sea/sea, sky/sky) and 4 where a sea answer wins; the long sea answer
+    # is longer than both sky answers, so its 2 wins are dropped by the guard.
+    assert pairs == {("the sea", "the sky!"), ("the sea", "a long answer about the sky")}
+    assert metric("odpo_judge_pairs_dropped_total", reason="tie") - before["tie"] == 2
+    assert metric("odpo_judge_pairs_dropped_total", reason="length") - before["length"] == 2
+    assert metric("odpo_judge_pairs_chosen_longer_total") == longer_before  # none of the published ones
+    published = sum(metric("odpo_judge_pairs_total", judge=j) for j in PLUGINS)
+    assert metric("odpo_judge_chosen_longer_ratio") == metric("odpo_judge_pairs_chosen_longer_total") / published
+
+
+def test_a_plugin_that_cannot_start_is_a_usage_error(monkeypatch, capsys, tmp_path):
+    from service.cli import main
+
+    monkeypatch.setenv("ODPO_JUDGE_JUDGE", "reward_model")
+    assert main(["judge"]) == 2
+    assert capsys.readouterr().err.strip() == ("odpo: error: judge reward_model: judge=reward_model needs "
+                                               "ODPO_JUDGE_REWARD_MODEL_PATH (a local HF model folder)")
+    monkeypatch.setenv("ODPO_JUDGE_REWARD_MODEL_PATH", str(tmp_path))
+    assert main(["judge"]) == 2
+    assert "is not a local HF model folder" in capsys.readouterr().err
+    monkeypatch.setenv("ODPO_JUDGE_JUDGE", "oracle")
+    assert main(["judge"]) == 2
+    assert "ODPO_JUDGE_JUDGE" in capsys.readouterr().err

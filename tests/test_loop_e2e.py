@@ -75,6 +75,11 @@ def loop(tmp_path, model_dir):
             "ODPO_GENERATOR_MAX_TOKENS": "24",
             "ODPO_GATEWAY_PORT": str(gw_port),
             "ODPO_GATEWAY_VLLM_URL": f"http://127.0.0.1:{vllm_port}",
+            # The promotion gate scores base and v1 on a few held-out prompts; this test checks the loop's
+            # mechanics, not whether one tiny update helps, so any score is good enough to be promoted.
+            "ODPO_GATEWAY_HELDOUT_PROMPTS": "4",
+            "ODPO_GATEWAY_EVAL_MAX_TOKENS": "16",
+            "ODPO_GATEWAY_PROMOTION_TOLERANCE": "1",
             "ODPO_TRAINER_WINDOW_PAIRS": "4",
             "ODPO_TRAINER_STEPS_PER_WINDOW": "6",
             "ODPO_TRAINER_LEARNING_RATE": "2e-3",

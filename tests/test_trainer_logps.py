@@ -1,4 +1,4 @@
-"""Batched completion log-probs against a plain per-sequence HF computation on the real model."""
+"""Completion log-probs (packed pairs and padded rows) against a plain per-sequence HF computation on the real model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from service.settings import TrainerSettings
-from trainer.logps import pair_logps, reference_logps, sequence_logps
+from trainer.logps import pair_logps, reference_logps, score_pairs, sequence_logps
 from trainer.model import load_policy
 from trainer.tokenize import TokenizedPair
 
@@ -57,7 +57,7 @@ def test_batched_logps_match_per_sequence_hf(policy):
 
 def test_reference_is_the_model_without_adapter(policy):
     pairs = _pairs(policy.tokenizer)
-    ref = reference_logps(policy.model, pairs, policy.device, policy.pad_id, batch_pairs=2)
+    ref = reference_logps(policy.model, pairs, policy.device, policy.pad_id, forward_tokens=400)
     with torch.no_grad():
         pol = pair_logps(policy.model, pairs, policy.device, policy.pad_id)
     with policy.model.disable_adapter():
@@ -94,3 +94,41 @@ def test_gradients_reach_only_the_lora_weights(policy):
     assert grads and all("lora_" in n for n in grads)
     assert all(torch.isfinite(g).all() for g in grads.values())
     policy.model.zero_grad(set_to_none=True)
+
+
+def test_packed_pairs_equal_padded_rows_and_plain_hf(policy, monkeypatch):
+    """Prompt computed once for both sides (packed) = prompt computed per side (padded) = one plain forward each."""
+    pairs = _pairs(policy.tokenizer)
+    model, dev, pad = policy.model, policy.device, policy.pad_id
+    with torch.no_grad():
+        one_each = score_pairs(model, pairs, dev, pad, forward_tokens=0)
+        shared = score_pairs(model, pairs, dev, pad, forward_tokens=10_000)  # all pairs in one padded forward
+        monkeypatch.setattr("trainer.logps.packable", lambda config: False)  # as for a sliding-window model
+        padded_scored = score_pairs(model, pairs, dev, pad)
+        rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+        padded = sequence_logps(model, rows, dev, pad).reshape(2, -1).T
+    assert torch.equal(padded_scored.logps, padded)
+    assert (padded_scored.mean_logit_sums - one_each.mean_logit_sums).abs().max().item() < 1e-2
+    plain = torch.tensor([[_plain_logp(model, p.prompt_ids, s) for s in (p.chosen_ids, p.rejected_ids)] for p in pairs])
+    assert (one_each.logps - padded).abs().max().item() < 1e-4
+    assert (shared.logps - one_each.logps).abs().max().item() < 1e-4
+    assert (one_each.logps - plain).abs().max().item() < 2e-3  # log_softmax+gather drifts (notes/trl-dpo.md)
+    assert torch.isfinite(shared.logps).all()
+    for p, (c, r) in zip(pairs, one_each.token_logps):
+        assert (len(c), len(r)) == (len(p.chosen_ids), len(p.rejected_ids))
+    assert one_each.lengths.tolist() == [[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs]
+    assert one_each.mean_logit_sums.shape == (3, 2) and not one_each.mean_logit_sums.requires_grad
+
+
+def test_eager_attention_takes_the_additive_mask(policy):
+    """The eager kernel adds its mask to the scores; the packed path gives it one and gets the same numbers."""
+    pairs = _pairs(policy.tokenizer)
+    config = policy.model.get_base_model().config
+    with torch.no_grad():
+        sdpa = pair_logps(policy.model, pairs, policy.device, policy.pad_id)
+        config._attn_implementation = "eager"
+        try:
+            eager = pair_logps(policy.model, pairs, policy.device, policy.pad_id)
+        finally:
+            config._attn_implementation = "sdpa"
+    assert (sdpa - eager).abs().max().item() < 1e-3

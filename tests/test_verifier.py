@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from judge.pairs import best_and_worst, make_pair
 from judge.verifier import score, score_constraints, words
-from service.contracts import CandidateSet, ChatMessage, Completion, PromptEvent, SamplingParams, pair_id
 
 
 def task(*constraints: dict) -> dict:
@@ -111,50 +109,3 @@ def test_blank_answer_scores_zero_everywhere():
 def test_malformed_tasks_raise_value_error(bad, message):
     with pytest.raises(ValueError, match=message):
         score(bad, "some answer")
-
-
-# --- pair construction -------------------------------------------------------------------------
-
-def cset(texts: list[str], version: int = 2, prompt_id: str = "train-0001") -> CandidateSet:
-    prompt = PromptEvent(id=prompt_id, messages=[ChatMessage(role="user", content="Describe the sea.")],
-                         task=task({"type": "max_words", "n": 5}), source="test")
-    comps = [Completion(text=t, token_ids=[10 + i, 20 + i, 2], logprobs=[-0.5, -1.0 - i, -0.1],
-                        finish_reason="stop") for i, t in enumerate(texts)]
-    return CandidateSet(prompt=prompt, prompt_token_ids=[1, 5, 7], completions=comps, policy_version=version,
-                        sampling=SamplingParams(n=len(texts), temperature=1.0, top_p=1.0, max_tokens=48))
-
-
-def test_best_and_worst_break_ties_by_first():
-    assert best_and_worst([0.5, 1.0, 0.2, 1.0, 0.2]) == (1, 2)
-
-
-def test_pair_is_best_against_worst_with_token_data():
-    cs = cset(["a b c d e f g", "the sea", "a b c d e f g h i j", "calm sea today"])
-    scores = [score(cs.prompt.task, c.text) for c in cs.completions]
-    assert scores == [pytest.approx(0.6), 1.0, 0.0, 1.0]
-    pair, reason = make_pair(cs, scores, judge="verifier", min_margin=1e-6)
-    assert reason is None
-    assert (pair.chosen, pair.rejected) == ("the sea", "a b c d e f g h i j")
-    assert pair.id == pair_id("train-0001", "the sea", "a b c d e f g h i j", 2)
-    assert pair.prompt == cs.prompt and pair.policy_version == 2 and pair.judge == "verifier"
-    assert pair.prompt_token_ids == [1, 5, 7]
-    assert pair.chosen_token_ids == [11, 21, 2] and pair.rejected_token_ids == [12, 22, 2]
-    assert pair.chosen_logprobs == [-0.5, -2.0, -0.1] and pair.rejected_logprobs == [-0.5, -3.0, -0.1]
-    assert (pair.chosen_score, pair.rejected_score, pair.margin) == (1.0, 0.0, 1.0)
-    again, _ = make_pair(cset(["a b c d e f g", "the sea", "a b c d e f g h i j", "calm sea today"]), scores,
-                         judge="verifier", min_margin=1e-6)
-    assert again.id == pair.id  # same judged pair, same id (the trainer dedupes replays by it)
-    other_version, _ = make_pair(cset(["the sea", "a b c d e f g h i j"], version=3), [1.0, 0.0], "verifier", 1e-6)
-    assert other_version.id != pair.id
-
-
-def test_tie_and_identical_are_dropped():
-    assert make_pair(cset(["the sea", "calm sea"]), [1.0, 1.0], "verifier", 1e-6) == (None, "tie")
-    assert make_pair(cset(["the sea", "calm sea"]), [0.5, 0.45], "verifier", 0.1) == (None, "tie")
-    assert make_pair(cset(["same", "same", "same"]), [0.0, 0.0, 0.0], "verifier", 1e-6) == (None, "identical")
-    # A judge that scores equal texts differently still gives no pair with nothing to tell apart.
-    assert make_pair(cset(["same", "same"]), [1.0, 0.0], "verifier", 1e-6) == (None, "identical")
-    pair, reason = make_pair(cset(["the sea", "calm sea"]), [0.5, 0.45], "verifier", 0.01)
-    assert reason is None and pair.margin == pytest.approx(0.05)
-    with pytest.raises(ValueError, match="scores"):
-        make_pair(cset(["a", "b"]), [1.0], "verifier", 1e-6)

@@ -6,7 +6,13 @@ Layout of one version folder (written to a temp folder, renamed into place):
 - `trainer_state.json`: `TrainerState` (version, parent, trained pair ids,
   offsets committed with this version, metrics);
 - `optimizer.pt`: AdamW state, so a resumed trainer continues its moments.
-The sha256 in `AdapterReady` is computed on the final folder, after the rename.
+The sha256 in `AdapterReady` is computed on the final folder, after the rename,
+so nothing in a version folder changes once it is in place. Whether its
+`AdapterReady` went out is kept beside the folders instead, in
+`trainer-published` (the newest version announced): a trainer killed between
+the rename and the publish finds a newer folder than that and announces it on
+restart (the generator ignores versions it already serves, so announcing
+twice is harmless).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+PUBLISHED_FILE = "trainer-published"
 
 
 @dataclass
@@ -37,6 +44,8 @@ class TrainerState:
     parent_version: int = 0
     base_model: str = ""
     trained_ids: list[str] = field(default_factory=list)  # every pair id trained so far: replays train nothing twice
+    window_ids: list[str] = field(default_factory=list)  # the pairs the update that made this version trained
+    optimizer_steps: int = 0  # global step count: the learning-rate schedule continues from it
     offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> next offset, committed after publish
     metrics: dict[str, float] = field(default_factory=dict)  # of the update that made this version
     created_at: float = 0.0
@@ -105,15 +114,48 @@ def load_optimizer_state(folder: Path, optimizer: torch.optim.Optimizer) -> bool
     return True
 
 
-def new_state(prev: TrainerState, pair_ids: list[str], offsets: dict[str, int], metrics: dict[str, float]) -> TrainerState:
+def new_state(prev: TrainerState, pair_ids: list[str], offsets: dict[str, int], metrics: dict[str, float],
+              optimizer_steps: int | None = None) -> TrainerState:
     """The state of the version that follows `prev` after training `pair_ids`."""
     merged = dict(prev.offsets)
     merged.update(offsets)
     seen = set(prev.trained_ids)
     fresh = [i for i in dict.fromkeys(pair_ids) if i not in seen]
     return TrainerState(version=prev.version + 1, parent_version=prev.version, base_model=prev.base_model,
-                        trained_ids=prev.trained_ids + fresh,
+                        trained_ids=prev.trained_ids + fresh, window_ids=list(pair_ids),
+                        optimizer_steps=prev.optimizer_steps if optimizer_steps is None else optimizer_steps,
                         offsets=merged, metrics=metrics, created_at=time.time())
+
+
+def published_version(store: Path) -> int:
+    """The newest version whose AdapterReady went out (0 when none did)."""
+    try:
+        return int((Path(store) / PUBLISHED_FILE).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def mark_published(store: Path, version: int) -> None:
+    """Record that `version`'s AdapterReady is flushed (write-to-temp, then atomic replace)."""
+    store = Path(store)
+    tmp = store / f".{PUBLISHED_FILE}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{version}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, store / PUBLISHED_FILE)
+
+
+def remove_staging_leftovers(store: Path) -> int:
+    """Delete half-written version folders of a killed trainer (this trainer is the store's only writer)."""
+    store = Path(store)
+    if not store.is_dir():
+        return 0
+    leftovers = [p for p in store.iterdir() if p.name.startswith(".policy-v") and ".tmp-" in p.name]
+    leftovers += [p for p in store.iterdir() if p.name.startswith(f".{PUBLISHED_FILE}.tmp-")]
+    for p in leftovers:
+        _remove(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return len(leftovers)
 
 
 def _readable(folder: Path) -> None:

@@ -1,22 +1,38 @@
-"""Prometheus metrics of the trainer (default registry, served by `service.runtime.serve_metrics`)."""
+"""Prometheus metrics of the trainer (default registry, served by `service.runtime.serve_metrics`).
+
+The gauges of an update mirror what TRL's DPOTrainer logs (rewards/*, logps/*,
+logits/*, loss, grad_norm, learning_rate), taken at the last optimizer step
+of the newest published window.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-LOSS = Gauge("odpo_trainer_loss", "Mean DPO loss of the window at the last optimizer step.")
+LOSS = Gauge("odpo_trainer_loss", "DPO loss of the last optimizer step of the newest window.")
 REWARD_MARGIN = Gauge("odpo_trainer_reward_margin", "Mean beta*(chosen - rejected) implicit reward margin.")
-REWARD_ACCURACY = Gauge("odpo_trainer_reward_accuracy_ratio", "Share of window pairs whose chosen reward wins.")
+REWARD_ACCURACY = Gauge("odpo_trainer_reward_accuracy_ratio", "Share of step pairs whose chosen reward wins.")
 REWARD_CHOSEN = Gauge("odpo_trainer_reward_chosen", "Mean implicit reward of chosen completions.")
 REWARD_REJECTED = Gauge("odpo_trainer_reward_rejected", "Mean implicit reward of rejected completions.")
+LOGPS = Gauge("odpo_trainer_logps_nats", "Mean summed policy log-prob of a completion, by side.", ["side"])
+LOGITS = Gauge("odpo_trainer_logits_mean", "Mean logit over the vocabulary per completion token, by side.", ["side"])
+GRAD_NORM = Gauge("odpo_trainer_grad_norm", "Gradient norm before clipping, last optimizer step.")
+LEARNING_RATE = Gauge("odpo_trainer_learning_rate", "Scheduled learning rate of the last optimizer step.")
 POLICY_VERSION = Gauge("odpo_trainer_policy_version", "Newest policy version published by the trainer.")
 BUFFERED = Gauge("odpo_trainer_buffered_pairs", "Pairs waiting for the next rolling update.")
+PAIRS_PER_SECOND = Gauge("odpo_trainer_pairs_per_second", "Pairs of the newest window / its update's wall time.")
+LOGPROB_MISMATCH = Gauge(
+    "odpo_trainer_logprob_mismatch",
+    "Mean |trainer - sampler| per-token log-prob (nats) of the newest window's on-policy pairs "
+    "(sampled by the version the trainer held); float32 vLLM and HF agree to ~1e-5.")
 
 PAIRS_CONSUMED = Counter("odpo_trainer_pairs_consumed_total", "Valid preference pairs read from Kafka.")
 PAIRS_TRAINED = Counter("odpo_trainer_pairs_trained_total", "Pairs trained in a published update.")
 PAIRS_DROPPED = Counter("odpo_trainer_pairs_dropped_total", "Pairs not trained, by reason.", ["reason"])
 NAN_SKIPS = Counter("odpo_trainer_nan_skips_total", "Optimizer steps skipped for a non-finite loss or gradient.")
 WINDOWS = Counter("odpo_trainer_windows_total", "Rolling updates, by outcome.", ["outcome"])
+REPUBLISHED = Counter("odpo_trainer_adapters_republished_total",
+                      "AdapterReady sent again at start for a version stored but never announced (a crash).")
 
 STEP_SECONDS = Histogram("odpo_trainer_step_seconds", "Wall time of one optimizer step over a window.",
                          buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600))
@@ -26,9 +42,44 @@ CHECKPOINT_SECONDS = Histogram("odpo_trainer_checkpoint_seconds", "Writing, rena
                                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
 STALENESS = Histogram("odpo_trainer_pair_staleness_versions", "Trainer version minus the pair's policy version.",
                       buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32))
+PAIR_LOGPROB_MISMATCH = Histogram(
+    "odpo_trainer_pair_logprob_mismatch", "Per on-policy pair: mean |trainer - sampler| per-token log-prob (nats).",
+    buckets=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5, 1, 5))
 
 DROP_REASONS = ("duplicate", "stale", "future_version", "untrainable", "nonfinite")
 for _reason in DROP_REASONS:  # export every series from the start so rate() works at once
     PAIRS_DROPPED.labels(_reason)
 for _outcome in ("published", "nonfinite"):
     WINDOWS.labels(_outcome)
+for _side in ("chosen", "rejected"):
+    LOGPS.labels(_side)
+    LOGITS.labels(_side)
+
+
+def record_window(result) -> None:
+    """Export what a finished update (a `WindowResult`) measured, published or not."""
+    for s in result.step_seconds:
+        STEP_SECONDS.observe(s)
+    NAN_SKIPS.inc(result.skipped)
+    WINDOW_SECONDS.observe(result.seconds)
+    if result.seconds > 0:
+        PAIRS_PER_SECOND.set(result.pairs / result.seconds)
+    for m in result.logprob_mismatch:
+        PAIR_LOGPROB_MISMATCH.observe(m)
+    if result.logprob_mismatch:
+        LOGPROB_MISMATCH.set(sum(result.logprob_mismatch) / len(result.logprob_mismatch))
+
+
+def record_published(result) -> None:
+    """The training gauges of the update that became the newest version."""
+    LOSS.set(result.loss)
+    REWARD_MARGIN.set(result.reward_margin)
+    REWARD_ACCURACY.set(result.reward_accuracy)
+    REWARD_CHOSEN.set(result.reward_chosen)
+    REWARD_REJECTED.set(result.reward_rejected)
+    LOGPS.labels("chosen").set(result.logps_chosen)
+    LOGPS.labels("rejected").set(result.logps_rejected)
+    LOGITS.labels("chosen").set(result.logits_chosen)
+    LOGITS.labels("rejected").set(result.logits_rejected)
+    GRAD_NORM.set(result.grad_norm)
+    LEARNING_RATE.set(result.learning_rate)

@@ -47,6 +47,16 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast where it pays and is supported (a GPU), else float32; the weights stay float32.
+
+    `auto` keeps the CPU in float32: the served model runs float32 and the numbers must match it
+    and TRL's; bf16 on these CPUs (AVX2, no AVX-512 BF16) is slower anyway.
+    """
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def lora_config(settings: TrainerSettings) -> LoraConfig:
     return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                       target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")

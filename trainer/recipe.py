@@ -2,13 +2,16 @@
 
 One update (`Trainer.train_window`):
 1. reference log-probs of every pair, once (adapter disabled, no grad);
-2. `steps_per_window` AdamW steps; each step accumulates the gradient of the
-   mean window loss over micro-batches of `batch_pairs` pairs (chosen and
-   rejected of a micro-batch share one forward), clips its norm and steps;
+2. `steps_per_window` AdamW steps; each takes the next `step_pairs` pairs of
+   the window (all of them by default), cycling through it pass after pass,
+   accumulates the gradient of the step's mean loss over micro-batches of
+   `batch_pairs`, clips its norm, sets the scheduled learning rate and steps;
 3. a step whose loss or gradient norm is not finite is skipped and counted;
    if the weights still end non-finite they are restored to the window's start.
-Then `publish_version` writes version N+1 into the store. Kafka lives in
-`trainer.service`; this module also serves offline training and tests.
+Before the first update, the policy IS the version that sampled on-policy
+pairs: their per-token log-probs are compared with the sampler's then.
+`publish_version` writes version N+1 into the store. Kafka lives in
+`trainer.service`, files in `trainer.offline`; this module serves both.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from service.contracts import PreferencePair, TrainMetrics
+from service.contracts import PreferencePair
 from service.settings import TrainerSettings
 from trainer.checkpoint import (
     Checkpoint,
@@ -33,10 +36,12 @@ from trainer.checkpoint import (
     new_state,
     save_checkpoint,
 )
-from trainer.logps import pair_logps, reference_logps
-from trainer.losses import LOSSES, LossOutput, reward_metrics
-from trainer.model import Policy, load_policy
+from trainer.logps import Scored, reference_logps, score_pairs
+from trainer.losses import LossOutput, LossParams, PairLogps, dpo_loss, reward_metrics
+from trainer.model import Policy, autocast, load_policy
+from trainer.schedule import lr_at
 from trainer.tokenize import TokenizedPair, tokenize_pair
+from trainer.window import WindowResult, compare_with_sampler, merge_outputs, record_step
 
 log = logging.getLogger(__name__)
 
@@ -45,49 +50,16 @@ class NonFiniteWeights(RuntimeError):
     """The adapter holds NaN/inf: it must never be published."""
 
 
-@dataclass
-class WindowResult:
-    """What one rolling update did; `loss`/rewards are those of the last step taken (before its update)."""
-
-    pairs: int
-    steps: int = 0
-    skipped: int = 0
-    loss: float = math.nan
-    loss_first: float = math.nan
-    reward_margin: float = math.nan
-    reward_accuracy: float = math.nan
-    reward_chosen: float = math.nan
-    reward_rejected: float = math.nan
-    seconds: float = 0.0
-    step_seconds: list[float] = field(default_factory=list)
-    restored: bool = False  # the weights went non-finite and were put back
-    aborted: bool = False  # stopped early on request; the weights were put back
-
-    @property
-    def publishable(self) -> bool:
-        return self.steps > 0 and not (self.restored or self.aborted)
-
-    def metrics(self) -> dict[str, float]:
-        out = asdict(self)
-        out.pop("step_seconds")
-        out["restored"], out["aborted"] = float(self.restored), float(self.aborted)
-        return out
-
-    def train_metrics(self) -> TrainMetrics:
-        m = self.metrics()
-        core = {k: m.pop(k) for k in ("loss", "reward_margin", "reward_accuracy")}
-        return TrainMetrics(**core, steps=self.steps, **{k: v for k, v in m.items() if k != "steps"})
-
-
 class Trainer:
     """The policy, its optimizer and the trainer state of the newest version; one rolling update at a time."""
 
     def __init__(self, policy: Policy, settings: TrainerSettings, state: TrainerState | None = None):
         self.policy, self.settings = policy, settings
         self.state = state or TrainerState(base_model=policy.base_model)
-        self.loss_fn = LOSSES[settings.loss_type]
+        self.loss_params = LossParams(settings.beta, settings.label_smoothing, settings.discopop_tau)
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=settings.learning_rate,
                                            weight_decay=settings.weight_decay)
+        self.optimizer_steps = self.state.optimizer_steps
         self._trained = set(self.state.trained_ids)
 
     @classmethod
@@ -114,24 +86,48 @@ class Trainer:
     def tokenize(self, pair: PreferencePair) -> TokenizedPair:
         return tokenize_pair(pair, self.policy.tokenizer, self.settings.max_length, self.policy.vocab_size)
 
-    def _batches(self, pairs: Sequence[TokenizedPair]) -> list[list[TokenizedPair]]:
-        # The window gradient does not depend on how pairs are grouped; grouping by length cuts padding.
-        ordered = sorted(pairs, key=lambda p: p.n_tokens)
-        n = self.settings.batch_pairs
-        return [ordered[i : i + n] for i in range(0, len(ordered), n)]
+    # -- forward pieces -------------------------------------------------------------------------
+    @property
+    def forward_tokens(self) -> int:
+        """Tokens per packed forward: one pair each on a CPU (no padding at all), batches on a GPU."""
+        if self.settings.forward_tokens:
+            return self.settings.forward_tokens
+        return 16384 if self.policy.device.type == "cuda" else 0
 
-    def _loss(self, batch: Sequence[TokenizedPair], ref: dict[str, torch.Tensor]) -> LossOutput:
-        pol = pair_logps(self.policy.model, batch, self.policy.device, self.policy.pad_id)
+    def _autocast(self):
+        return autocast(self.policy.device, self.settings.precision)
+
+    def reference(self, pairs: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
+        """pair id -> [2] reference log-probs (chosen, rejected)."""
+        with self._autocast():
+            ref = reference_logps(self.policy.model, pairs, self.policy.device, self.policy.pad_id,
+                                  self.forward_tokens).float()
+        return {p.pair_id: ref[i] for i, p in enumerate(pairs)}
+
+    def forward(self, batch: Sequence[TokenizedPair], ref: dict[str, torch.Tensor]) -> tuple[LossOutput, Scored]:
+        """Policy log-probs of one micro-batch and its losses against the reference."""
+        with self._autocast():
+            scored = score_pairs(self.policy.model, batch, self.policy.device, self.policy.pad_id,
+                                 self.forward_tokens)
+        pol = scored.logps.float()
         rf = torch.stack([ref[p.pair_id] for p in batch])
-        return self.loss_fn(pol[:, 0], pol[:, 1], rf[:, 0], rf[:, 1], beta=self.settings.beta,
-                            label_smoothing=self.settings.label_smoothing)
+        lengths = scored.lengths.to(pol.device).float()
+        logps = PairLogps(pol[:, 0], pol[:, 1], rf[:, 0], rf[:, 1], lengths[:, 0], lengths[:, 1])
+        return dpo_loss(logps, self.loss_params, self.settings.loss_type), scored
 
-    def _reference(self, batches: list[list[TokenizedPair]]) -> dict[str, torch.Tensor]:
-        ref: dict[str, torch.Tensor] = {}
-        for batch in batches:
-            out = reference_logps(self.policy.model, batch, self.policy.device, self.policy.pad_id, len(batch))
-            ref.update({p.pair_id: out[i] for i, p in enumerate(batch)})
-        return ref
+    # -- one rolling update ---------------------------------------------------------------------
+    def step_batches(self, pairs: Sequence[TokenizedPair]) -> list[list[TokenizedPair]]:
+        """The pairs of each of the window's optimizer steps: `step_pairs` at a time, pass after pass."""
+        size = self.settings.step_pairs or len(pairs)
+        steps: list[list[TokenizedPair]] = []
+        epoch = 0
+        while len(steps) < self.settings.steps_per_window:
+            order = list(pairs)
+            if self.settings.shuffle:
+                random.Random(f"{self.settings.seed}/{self.version}/{epoch}").shuffle(order)
+            steps += [order[i : i + size] for i in range(0, len(order), size)]
+            epoch += 1
+        return steps[: self.settings.steps_per_window]
 
     def train_window(self, pairs: Sequence[TokenizedPair],
                      should_stop: Callable[[], bool] | None = None) -> WindowResult:
@@ -146,67 +142,80 @@ class Trainer:
             return result
         params = self.policy.trainable_parameters()
         snapshot = [p.detach().clone() for p in params]
-        opt_snapshot = copy.deepcopy(self.optimizer.state_dict())
-        batches = self._batches(pairs)
-        ref = self._reference(batches)
-        model = self.policy.model
-        model.train()
-        for _ in range(self.settings.steps_per_window):
+        opt_snapshot, steps_before = copy.deepcopy(self.optimizer.state_dict()), self.optimizer_steps
+        ref = self.reference(pairs)
+        compared: set[str] = set()
+        self.policy.model.train()
+        for step in self.step_batches(pairs):
             if should_stop is not None and should_stop():
                 result.aborted = True
                 break
             ts = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
-            outs, finite = [], True
-            for batch in batches:
-                out = self._loss(batch, ref)
-                loss = out.losses.sum() / len(pairs)
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                loss.backward()
-                outs.append(out)
-            if finite:
-                norm = torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
-                finite = bool(torch.isfinite(norm))
-            if not finite:
+            loss, outs = self._accumulate(step, ref)
+            if result.steps == 0:  # no update yet: the weights are those of the version that sampled
+                compare_with_sampler(outs, self.version, result, compared)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm) if outs else None
+            if norm is None or not (math.isfinite(loss) and bool(torch.isfinite(norm))):
                 self.optimizer.zero_grad(set_to_none=True)
                 result.skipped += 1
                 log.warning("non-finite loss or gradient at version %d: step skipped", self.version)
                 continue
+            lr = self._lr()
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             self.optimizer.step()
-            self._record(result, outs)
+            self.optimizer_steps += 1
+            record_step(result, loss, outs, norm.item(), lr)
             result.step_seconds.append(time.perf_counter() - ts)
         self.optimizer.zero_grad(set_to_none=True)
-        model.eval()
+        self.policy.model.eval()
         if result.aborted or not self.weights_finite():
             with torch.no_grad():
                 for p, saved in zip(params, snapshot):
                     p.copy_(saved)
             self.optimizer.load_state_dict(opt_snapshot)
+            self.optimizer_steps = steps_before
             if not result.aborted:
                 result.restored = True
                 log.error("weights went non-finite at version %d: restored the window's start", self.version)
         result.seconds = time.perf_counter() - t0
         return result
 
-    @staticmethod
-    def _record(result: WindowResult, outs: list[LossOutput]) -> None:
-        merged = _merge(outs)
-        result.steps += 1
-        result.loss = merged.losses.mean().item()
-        if result.steps == 1:
-            result.loss_first = result.loss
-        for k, v in reward_metrics(merged).items():
-            setattr(result, k, v)
+    def _accumulate(self, step: list[TokenizedPair], ref) -> tuple[float, list[tuple[LossOutput, Scored, list]]]:
+        """Backward over the step's micro-batches; returns the step loss (inf/NaN stops early) and outputs."""
+        n_pairs, n_chosen = len(step), sum(len(p.chosen_ids) for p in step)
+        size, total, outs = self.settings.batch_pairs, 0.0, []
+        for i in range(0, len(step), size):
+            batch = step[i : i + size]
+            out, scored = self.forward(batch, ref)
+            loss = out.objective(n_pairs, n_chosen, self.settings.rpo_alpha)
+            if not torch.isfinite(loss):
+                return math.nan, []
+            loss.backward()
+            total += loss.item()
+            outs.append((out, scored, batch))
+        return total, outs
 
+    def _lr(self) -> float:
+        s = self.settings
+        return lr_at(self.optimizer_steps, s.learning_rate, s.lr_scheduler, s.warmup_steps, s.decay_steps,
+                     s.min_lr_ratio)
+
+    # -- evaluation and publishing --------------------------------------------------------------
     @torch.no_grad()
+    def score(self, pairs: Sequence[TokenizedPair]) -> tuple[list[LossOutput], list[Scored], dict]:
+        """Losses and log-probs of the current policy on `pairs` in micro-batches, without training."""
+        ref = self.reference(pairs)
+        self.policy.model.eval()
+        size = self.settings.batch_pairs
+        outs = [self.forward(pairs[i : i + size], ref) for i in range(0, len(pairs), size)]
+        return [o for o, _ in outs], [s for _, s in outs], ref
+
     def evaluate(self, pairs: Sequence[TokenizedPair]) -> dict[str, float]:
         """Mean loss and rewards of the current policy on `pairs`, without training."""
-        batches = self._batches(pairs)
-        ref = self._reference(batches)
-        self.policy.model.eval()
-        merged = _merge([self._loss(b, ref) for b in batches])
+        losses, _, _ = self.score(pairs)
+        merged = merge_outputs(losses)
         return {"loss": merged.losses.mean().item(), **reward_metrics(merged)}
 
     def weights_finite(self) -> bool:
@@ -217,16 +226,11 @@ class Trainer:
         """Write version N+1 (adapter, state with `pair_ids` in the ledger, optimizer) into the store."""
         if not self.weights_finite():
             raise NonFiniteWeights(f"refusing to publish version {self.version + 1}: non-finite LoRA weights")
-        state = new_state(self.state, list(pair_ids), offsets or {}, result.metrics())
+        state = new_state(self.state, list(pair_ids), offsets or {}, result.metrics(), self.optimizer_steps)
         ckpt = save_checkpoint(store, self.policy.model, self.optimizer, state)
         self.state = state
         self._trained.update(pair_ids)
         return ckpt
-
-
-def _merge(outs: list[LossOutput]) -> LossOutput:
-    return LossOutput(torch.cat([o.losses for o in outs]), torch.cat([o.chosen_rewards for o in outs]),
-                      torch.cat([o.rejected_rewards for o in outs]))
 
 
 def train_window(trainer: Trainer, pairs: Sequence[TokenizedPair],

@@ -4,10 +4,14 @@ Per window: buffer valid pairs (dropping, and counting, pairs already in the
 ledger, stale ones and ones from a version the trainer never made; pairs that
 cannot be tokenized go to odpo.dlq), train once `window_pairs` are buffered
 or `window_seconds` passed, write version N+1, publish `AdapterReady`
-(flushed), then commit offsets. Kafka offsets are per-partition high-water
-marks, so what is committed is the lowest offset still buffered (or the read
-position when nothing is), i.e. the window's pairs and everything dropped
-before them, never a pair that is still waiting.
+(flushed), note that in the store, then commit offsets. Kafka offsets are
+per-partition high-water marks, so what is committed is the lowest offset
+still buffered (or the read position when nothing is), i.e. the window's
+pairs and everything dropped before them, never a pair that is still waiting.
+
+Crashes: a killed trainer resumes from the newest complete version; replayed
+pairs already in its ledger are dropped as duplicates, so none trains twice;
+a version renamed into place but never announced is announced at start.
 
 Training runs in a worker thread while this thread keeps polling the paused
 consumer: a window takes longer than the group's max poll interval (10 s, the
@@ -18,6 +22,7 @@ thrown out of its group and can no longer commit.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -26,12 +31,21 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
+from service.adapter_store import adapter_digest, version_path
 from service.assets import base_model_dir
 from service.bus import Envelope, Inbox, ensure_topics, make_producer, publish
-from service.contracts import TOPIC_ADAPTERS, TOPIC_PREFERENCES, AdapterReady, PreferencePair, version_name
+from service.contracts import (
+    TOPIC_ADAPTERS,
+    TOPIC_PREFERENCES,
+    AdapterReady,
+    PreferencePair,
+    TrainMetrics,
+    version_name,
+)
 from service.runtime import serve_metrics
 from service.settings import CommonSettings, TrainerSettings
 from trainer import metrics as M
+from trainer.checkpoint import mark_published, published_version, remove_staging_leftovers
 from trainer.recipe import Trainer, WindowResult
 from trainer.tokenize import TokenizedPair, UntrainablePair
 
@@ -113,10 +127,7 @@ class TrainerLoop:
         if result is None or result.aborted:
             self.buffer = window + self.buffer  # stopping: leave them uncommitted for the next run
             return result
-        for s in result.step_seconds:
-            M.STEP_SECONDS.observe(s)
-        M.NAN_SKIPS.inc(result.skipped)
-        M.WINDOW_SECONDS.observe(result.seconds)
+        M.record_window(result)
         if result.publishable:
             self._publish(window, result)
         else:
@@ -143,18 +154,31 @@ class TrainerLoop:
                              base_model=self.trainer.policy.base_model, parent_version=state.parent_version,
                              pairs_trained=state.pairs_trained, metrics=result.train_metrics())
         publish(self.producer, TOPIC_ADAPTERS, version_name(state.version), ready)
+        mark_published(self.common.store_dir, state.version)
         self.commit(offsets)
         M.WINDOWS.labels("published").inc()
         M.PAIRS_TRAINED.inc(len(window))
         M.POLICY_VERSION.set(state.version)
-        M.LOSS.set(result.loss)
-        M.REWARD_MARGIN.set(result.reward_margin)
-        M.REWARD_ACCURACY.set(result.reward_accuracy)
-        M.REWARD_CHOSEN.set(result.reward_chosen)
-        M.REWARD_REJECTED.set(result.reward_rejected)
+        M.record_published(result)
         log.info("published %s: %d pairs, %d steps (%d skipped) in %.1fs, loss %.4f -> %.4f, margin %.4f",
                  ckpt.path.name, len(window), result.steps, result.skipped, result.seconds, result.loss_first,
                  result.loss, result.reward_margin)
+
+    def announce_unpublished(self) -> bool:
+        """Publish the AdapterReady of a stored version a crash kept from going out (after its rename)."""
+        store, version = self.common.store_dir, self.trainer.version
+        if version == 0 or published_version(store) >= version:
+            return False
+        state = self.trainer.state
+        folder = version_path(store, version)
+        ready = AdapterReady(version=version, path=folder.name, sha256=adapter_digest(folder),
+                             base_model=self.trainer.policy.base_model, parent_version=state.parent_version,
+                             pairs_trained=state.pairs_trained, metrics=_stored_metrics(state.metrics))
+        publish(self.producer, TOPIC_ADAPTERS, version_name(version), ready)
+        mark_published(store, version)
+        M.REPUBLISHED.inc()
+        log.warning("announced %s: it was stored but its AdapterReady never went out", folder.name)
+        return True
 
     def _train_while_polling(self, pairs: list[TokenizedPair]) -> tuple[WindowResult | None, list[Envelope]]:
         """Train in a worker thread; poll the paused consumer meanwhile so the group keeps us."""
@@ -213,9 +237,17 @@ class TrainerLoop:
             log.warning("offset commit failed (%s); replayed pairs will be deduplicated", exc)
 
 
+def _stored_metrics(metrics: dict[str, float]) -> TrainMetrics:
+    core = {k: metrics.get(k, math.nan) for k in ("loss", "reward_margin", "reward_accuracy")}
+    return TrainMetrics(**core, steps=int(metrics.get("steps", 0)),
+                        **{k: v for k, v in metrics.items() if k not in core and k != "steps"})
+
+
 def run(common: CommonSettings, settings: TrainerSettings, stop: threading.Event) -> None:
     """Consume odpo.preferences and publish rolling LoRA updates until `stop` is set."""
     model_dir = base_model_dir(common.cache_dir, common.base_model)
+    if remove_staging_leftovers(common.store_dir):
+        log.warning("removed half-written versions a killed trainer left in %s", common.store_dir)
     trainer = Trainer.open(model_dir, settings, common.store_dir)
     port = serve_metrics(settings.metrics_port, common.metrics_host)
     log.info("trainer at version %d, /metrics on %s:%d", trainer.version, common.metrics_host, port)
@@ -224,6 +256,7 @@ def run(common: CommonSettings, settings: TrainerSettings, stop: threading.Event
     inbox = Inbox(common.bootstrap_servers, TOPIC_PREFERENCES, PreferencePair, COMPONENT, producer,
                   group_id=settings.group_id)
     loop = TrainerLoop(trainer, inbox, producer, common, settings, stop)
+    loop.announce_unpublished()
     try:
         while not stop.is_set():
             loop.tick()

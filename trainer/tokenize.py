@@ -38,6 +38,9 @@ class TokenizedPair:
     prompt_ids: tuple[int, ...]
     chosen_ids: tuple[int, ...]
     rejected_ids: tuple[int, ...]
+    # the sampler's per-token log-probs of chosen/rejected (generator pairs), aligned with the ids kept
+    chosen_logprobs: tuple[float, ...] | None = None
+    rejected_logprobs: tuple[float, ...] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -55,6 +58,8 @@ def tokenize_pair(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase, max_
         prompt, chosen, rejected = _text_ids(pair, tokenizer)
     if len(prompt) >= max_length:
         raise UntrainablePair(f"prompt has {len(prompt)} tokens, max_length is {max_length}")
+    if not prompt:  # the first completion token would have nothing to be predicted from
+        raise UntrainablePair("the prompt has no tokens of its own (it merges into the completion)")
     if not chosen or not rejected:
         raise UntrainablePair("a completion has no tokens")
     room = max_length - len(prompt)
@@ -62,7 +67,10 @@ def tokenize_pair(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase, max_
     limit = vocab_size if vocab_size is not None else len(tokenizer)
     if max(prompt + chosen + rejected) >= limit:
         raise UntrainablePair(f"a token id is outside the vocabulary of {limit}")
-    return TokenizedPair(pair.id, pair.policy_version, tuple(prompt), tuple(chosen), tuple(rejected))
+    sampled = pair.has_token_ids and pair.chosen_logprobs is not None and pair.rejected_logprobs is not None
+    return TokenizedPair(pair.id, pair.policy_version, tuple(prompt), tuple(chosen), tuple(rejected),
+                         tuple(pair.chosen_logprobs[: len(chosen)]) if sampled else None,
+                         tuple(pair.rejected_logprobs[: len(rejected)]) if sampled else None)
 
 
 def _split(prompt_ids: list[int], chosen_full: list[int], rejected_full: list[int]):

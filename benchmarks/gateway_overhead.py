@@ -1,0 +1,127 @@
+"""Gateway overhead: non-streamed completions through the gateway vs straight to vLLM, side by side.
+
+One vLLM server (the zero adapter registered as `base`), the gateway as its
+own `odpo gateway` process in front of it (as in production; its promotion
+gate scores `base` first and is idle while we measure). Each round sends the
+same greedy completion once directly (model `base`) and once through the
+gateway (model `policy`, which resolves to `base`), alternating which goes
+first; the overhead is the per-round difference. Prints p50/p95 of both
+sides, of the difference, and the ratio.
+
+    flock /tmp/odpo-vllm.lock python -m benchmarks.gateway_overhead [--rounds 300] [--max-tokens 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from benchmarks.common import model_dir, quiet_logs, summary, write_json
+from generator.server import VllmServer
+from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
+from service.broker import EmbeddedBroker, free_port
+from service.bus import ensure_topics
+from service.launcher import Launcher
+from service.settings import GeneratorSettings
+
+PROMPT = "The capital of France is"
+TOKEN = "bench-token"
+
+
+def timed(client: httpx.Client, model: str, max_tokens: int) -> float:
+    t0 = time.perf_counter()
+    resp = client.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
+                                                "temperature": 0.0})
+    elapsed = time.perf_counter() - t0
+    resp.raise_for_status()
+    return elapsed
+
+
+def wait_base_scored(url: str, launcher: Launcher, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        launcher.check()
+        try:
+            resp = httpx.get(f"{url}/admin/versions", headers={"authorization": f"Bearer {TOKEN}"}, timeout=5)
+            if resp.status_code == 200 and resp.json()["versions"][-1]["score"] is not None:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("the gateway's gate never scored base")
+
+
+def measure(direct: httpx.Client, gateway: httpx.Client, rounds: int, max_tokens: int,
+            concurrency: int) -> dict[str, list[float]]:
+    """`rounds` pairs; with concurrency > 1, that many pairs run at once (each pair still back to back)."""
+    def pair(i: int) -> tuple[float, float]:
+        if i % 2:
+            d = timed(direct, "base", max_tokens)
+            g = timed(gateway, "policy", max_tokens)
+        else:
+            g = timed(gateway, "policy", max_tokens)
+            d = timed(direct, "base", max_tokens)
+        return d, g
+
+    for i in range(10):  # warm-up: connections, the engine's first requests
+        pair(i)
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(pair, range(rounds)))
+    return {"direct": [d for d, _ in results], "gateway": [g for _, g in results],
+            "overhead": [g - d for d, g in results]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--max-tokens", type=int, default=1)
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None, help="Also write the numbers as JSON here.")
+    args = ap.parse_args()
+    quiet_logs()
+    base_dir = model_dir()
+    with tempfile.TemporaryDirectory(prefix="odpo-bench-gw-") as tmp, EmbeddedBroker() as broker:
+        ensure_topics(broker.bootstrap)
+        store = Path(tmp) / "store"
+        server = VllmServer(base_dir, GeneratorSettings(vllm_port=0), log_file=Path(tmp) / "vllm.log").start()
+        launcher = None
+        try:
+            zero = write_zero_adapter(base_dir, store / ZERO_ADAPTER_DIR)
+            httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "base", "lora_path": str(zero)},
+                       timeout=60).raise_for_status()
+            port = free_port()
+            launcher = Launcher(Path(tmp) / "logs", {
+                "ODPO_BOOTSTRAP_SERVERS": broker.bootstrap, "ODPO_STORE_DIR": str(store),
+                "ODPO_GATEWAY_PORT": str(port), "ODPO_GATEWAY_VLLM_URL": server.url,
+                "ODPO_GATEWAY_ADMIN_TOKEN": TOKEN, "ODPO_GATEWAY_HELDOUT_PROMPTS": "4",
+                "ODPO_GATEWAY_EVAL_MAX_TOKENS": "8", "ODPO_LOG_LEVEL": "WARNING"})
+            launcher.start("gateway")
+            url = f"http://127.0.0.1:{port}"
+            wait_base_scored(url, launcher)
+            limits = httpx.Limits(max_keepalive_connections=args.concurrency + 2)
+            with httpx.Client(base_url=server.url, timeout=120, limits=limits) as direct, \
+                    httpx.Client(base_url=url, timeout=120, limits=limits) as gateway:
+                samples = measure(direct, gateway, args.rounds, args.max_tokens, args.concurrency)
+        finally:
+            if launcher:
+                launcher.stop()
+            server.stop()
+    result = {k: summary(v) for k, v in samples.items()}
+    result["config"] = vars(args) | {"out": str(args.out) if args.out else None}
+    ms = lambda x: f"{x * 1000:7.2f} ms"  # noqa: E731
+    print(f"non-streamed completions, max_tokens={args.max_tokens}, {args.rounds} rounds, "
+          f"concurrency {args.concurrency}")
+    for k in ("direct", "gateway", "overhead"):
+        print(f"  {k:9s} p50 {ms(result[k]['p50'])}  p95 {ms(result[k]['p95'])}  mean {ms(result[k]['mean'])}")
+    print(f"  ratio gateway/direct: p50 {result['gateway']['p50'] / result['direct']['p50']:.3f}  "
+          f"p95 {result['gateway']['p95'] / result['direct']['p95']:.3f}")
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The judge plugin protocol and the plugins' registry.
+
+A judge scores the responses of one prompt (`judge`), and a pairwise judge can
+also compare two responses (`compare`). Scoring judges (verifier, reward
+model) give each response a number; a pairwise judge (the LLM judge) scores a
+set by round-robin win rate and also returns its direct verdicts, so pair
+construction never emits a pair whose own comparison was a tie.
+
+Errors say what the judge service should do:
+- `ValueError`: this input cannot be judged (a task of another kind, a prompt
+  the endpoint refuses): the candidate set goes to odpo.dlq;
+- `JudgeUnavailable`: the judge itself cannot work right now (endpoint down,
+  wrong key): nothing is committed and the batch is judged again later.
+
+The `human` plugin is no `Judge`: it turns odpo.feedback into pairs (judge/feedback.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+from service.contracts import PromptEvent
+from service.settings import JudgeSettings
+
+SCORING_JUDGES = ("verifier", "reward_model", "llm_judge")
+
+
+class JudgeUnavailable(RuntimeError):
+    """The judge cannot score anything at the moment; retry later, do not dead-letter."""
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """Scores of one prompt's responses, higher is better.
+
+    `verdicts[(i, j)]` (i < j), set by pairwise judges only: +1 when response i
+    beat j, -1 when j beat i, 0 for a tie (including position-inconsistent verdicts).
+    """
+
+    scores: list[float]
+    verdicts: dict[tuple[int, int], int] | None = None
+
+    def verdict(self, winner: int, loser: int) -> int | None:
+        """+1 if the judge directly preferred `winner` over `loser`, 0 tie, -1 the reverse; None if unknown."""
+        if self.verdicts is None:
+            return None
+        if winner < loser:
+            return self.verdicts.get((winner, loser))
+        v = self.verdicts.get((loser, winner))
+        return None if v is None else -v
+
+
+@runtime_checkable
+class Judge(Protocol):
+    name: str
+
+    def judge(self, prompt: PromptEvent, responses: Sequence[str]) -> Judgement:
+        """Score every response to `prompt`."""
+        ...
+
+
+@runtime_checkable
+class PairwiseJudge(Judge, Protocol):
+    def compare(self, prompt: PromptEvent, a: str, b: str) -> int:
+        """+1 if `a` is better than `b`, -1 if `b` is, 0 for a tie or no clear verdict."""
+        ...
+
+
+def make_judge(settings: JudgeSettings) -> Judge:
+    """The scoring plugin `settings.judge` names (imports only what that plugin needs)."""
+    if settings.judge == "verifier":
+        from judge.rule_judge import RuleJudge
+        return RuleJudge(settings.verifier_callables)
+    if settings.judge == "reward_model":
+        from judge.reward_model import RewardModelJudge
+        if settings.reward_model_path is None:
+            raise ValueError("judge=reward_model needs ODPO_JUDGE_REWARD_MODEL_PATH (a local HF model folder)")
+        return RewardModelJudge(settings.reward_model_path, device=settings.reward_model_device,
+                                batch_size=settings.reward_model_batch_size,
+                                max_length=settings.reward_model_max_length, threads=settings.reward_model_threads,
+                                dtype=settings.reward_model_dtype)
+    if settings.judge == "llm_judge":
+        from judge.llm_judge import LlmJudge
+        return LlmJudge.from_settings(settings)
+    raise ValueError(f"judge {settings.judge!r} does not score candidate sets (known: {', '.join(SCORING_JUDGES)})")

@@ -1,0 +1,131 @@
+"""The admin API: list versions with their scores and metrics, promote, pin, unpin, roll back.
+
+Every route needs `Authorization: Bearer <token>`; the token comes from
+`ODPO_GATEWAY_ADMIN_TOKEN` or the file `ODPO_GATEWAY_ADMIN_TOKEN_FILE` (a
+Kubernetes Secret mount, read on each request so a rotated secret applies
+without a restart) and is compared in constant time. With no token
+configured the admin routes answer 404, as if they did not exist.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+import anyio
+import httpx
+from fastapi import APIRouter, Depends, HTTPException, Request
+
+from service.contracts import version_name
+from service.gateway.book import BookError
+from service.gateway.engine import PolicyUnavailable
+from service.gateway.metrics import PROMOTIONS, sync_promoted
+from service.gateway.protocol import PinRequest, VersionRequest
+from service.gateway.state import GatewayState, state_of
+from service.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+ADMIN_ERRORS = {401: {"description": "Missing or wrong bearer token"}, 404: {"description": "Admin off, or unknown"},
+                409: {"description": "Not possible now"}}
+
+
+def configured_token(settings: GatewaySettings) -> str | None:
+    if settings.admin_token is not None and settings.admin_token.get_secret_value():
+        return settings.admin_token.get_secret_value()
+    if settings.admin_token_file is not None:
+        try:
+            token = settings.admin_token_file.read_text().strip()
+        except OSError:
+            log.error("admin token file %s is unreadable: admin routes are off", settings.admin_token_file)
+            return None
+        return token or None
+    return None
+
+
+def require_admin(request: Request) -> GatewayState:
+    state = state_of(request)
+    token = configured_token(state.settings)
+    if token is None:
+        raise HTTPException(404, "Not Found")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    if not ok:
+        raise HTTPException(401, "a valid admin bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+    return state
+
+
+router = APIRouter(prefix="/admin", tags=["admin"], responses=ADMIN_ERRORS)
+
+
+@router.get("/versions")
+async def versions(state: GatewayState = Depends(require_admin)):
+    view = state.book.snapshot()
+    try:
+        listed = await state.router.listed()
+    except httpx.HTTPError:
+        listed = set()
+    for v in view["versions"]:
+        v["loaded"] = v["version"] in listed
+    return view
+
+
+@router.post("/promote")
+async def promote(body: VersionRequest, state: GatewayState = Depends(require_admin)):
+    await _servable(state, body.version)
+    previous = _book(state.book.promote, body.version)
+    return await _changed(state, "operator", f"promoted {version_name(body.version)} (was {version_name(previous)})")
+
+
+@router.post("/pin")
+async def pin(body: PinRequest | None = None, state: GatewayState = Depends(require_admin)):
+    version = body.version if body and body.version is not None else state.book.promoted
+    await _servable(state, version)
+    before = state.book.promoted
+    _book(state.book.pin, version)
+    trigger = "operator" if version != before else None
+    return await _changed(state, trigger, f"pinned traffic to {version_name(version)}")
+
+
+@router.post("/unpin")
+async def unpin(state: GatewayState = Depends(require_admin)):
+    state.book.unpin()
+    return await _changed(state, None, "unpinned: the gate promotes again")
+
+
+@router.post("/rollback")
+async def rollback(state: GatewayState = Depends(require_admin)):
+    history = state.book.snapshot()["history"]
+    if len(history) >= 2:
+        await _servable(state, history[-2])
+    current, now = _book(state.book.rollback)
+    return await _changed(state, "rollback", f"rolled back from {version_name(current)} to {version_name(now)}")
+
+
+async def _servable(state: GatewayState, version: int) -> None:
+    if state.book.record(version) is None:
+        raise HTTPException(404, f"unknown version {version}")
+    try:
+        await state.router.make_servable(version)
+    except PolicyUnavailable as exc:
+        raise HTTPException(409, str(exc)) from None
+    except httpx.HTTPError:
+        raise HTTPException(503, "serving engine unreachable") from None
+
+
+def _book(method, *args):
+    try:
+        return method(*args)
+    except BookError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+
+
+async def _changed(state: GatewayState, trigger: str | None, what: str) -> dict:
+    if trigger:
+        PROMOTIONS.labels(trigger).inc()
+    sync_promoted(state.book)
+    log.warning("admin: %s", what)
+    evaluating = state.book.evaluating
+    keep = {state.book.promoted} | ({evaluating} if evaluating is not None else set())
+    await anyio.to_thread.run_sync(state.adapters.release, keep)
+    return {"done": what, **state.book.snapshot()}

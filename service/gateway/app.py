@@ -1,0 +1,93 @@
+"""The gateway app: settings -> lifespan (engine client, policy registry, promotion gate, Kafka outbox) -> routes.
+
+No torch here (the gateway stays light). Errors are OpenAI-shaped JSON
+bodies (`{"error": {"message", "type", "code"}}`), never tracebacks.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import anyio
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.gateway import admin, feedback, forwarding, health
+from service.gateway.book import VersionBook
+from service.gateway.engine import EngineAdapters, ModelRouter
+from service.gateway.gate import PromotionGate
+from service.gateway.metrics import RequestMetrics, ScoreGauge, sync_promoted
+from service.gateway.outbox import Outbox
+from service.gateway.protocol import error
+from service.gateway.served import ServedStore
+from service.gateway.state import BrokerCheck, GatewayState
+from service.settings import CommonSettings, GatewaySettings
+
+log = logging.getLogger(__name__)
+
+ERROR_KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error",
+               503: "unavailable"}
+
+
+def create_app(settings: GatewaySettings, common: CommonSettings | None = None, gate: bool = True) -> FastAPI:
+    """The gateway; `gate=False` leaves out the promotion gate (`base` stays promoted unless an operator acts)."""
+    common = common or CommonSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+        async with httpx.AsyncClient(base_url=settings.vllm_url, timeout=settings.request_timeout_s,
+                                     limits=limits) as client:
+            book = VersionBook(settings.promotion_tolerance)
+            adapters = EngineAdapters(settings.vllm_url, common.store_dir)
+            scores = ScoreGauge(settings.score_versions_kept)
+            outbox = Outbox(common.bootstrap_servers, settings.mirror_queue_size, settings.publish_timeout_s).start()
+            app.state.gateway = GatewayState(
+                settings=settings, common=common, client=client, book=book, adapters=adapters,
+                router=ModelRouter(client, book, adapters, settings.models_refresh_s),
+                served=ServedStore(settings.served_capacity), outbox=outbox, scores=scores,
+                broker=BrokerCheck(common.bootstrap_servers, settings.broker_check_s))
+            sync_promoted(book)
+            promotion = PromotionGate(book, adapters, settings, common.bootstrap_servers, scores).start() \
+                if gate else None
+            try:
+                yield
+            finally:
+                if promotion:
+                    await anyio.to_thread.run_sync(promotion.stop)
+                await anyio.to_thread.run_sync(outbox.close)
+                await anyio.to_thread.run_sync(adapters.release, set())
+                adapters.close()
+
+    app = FastAPI(title="odpo gateway", version="1", lifespan=lifespan,
+                  description="OpenAI-compatible front door of odpo, feedback, and the policy promotion gate.")
+    app.add_middleware(RequestMetrics)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail), ERROR_KINDS.get(exc.status_code, "invalid_request_error"),
+                     headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error(400, "the request body is not valid JSON")
+        return error(400, "; ".join(_describe(e) for e in errors[:5]))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error(500, f"internal error: {exc.__class__.__name__}", "internal_error")
+
+    for module in (health, forwarding, feedback, admin):
+        app.include_router(module.router)
+    return app
+
+
+def _describe(err: dict) -> str:
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    return f"{'.'.join(loc) or 'body'}: {err.get('msg')}"

@@ -1,0 +1,231 @@
+"""The policy registry: every version the gateway knows, its held-out score, and which one is promoted.
+
+Pure bookkeeping (no I/O), shared by the promotion gate's thread and the HTTP
+handlers, so every method takes the lock and returns quickly.
+
+Rules:
+- Version 0 (`base`) is promoted at start; the gate scores it first.
+- A new version waits as `pending`; the gate scores the newest pending one
+  and marks older pending ones `superseded` (a backlog never delays the
+  newest version behind stale ones).
+- A scored version is promoted unless its score is below the promoted
+  version's by more than `tolerance` (then `refused`); while pinned, a version
+  that passes stays `passed` and traffic stays where the operator pinned it.
+- Operators may promote any known version, pin, unpin and roll back to the
+  version promoted before the current one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from service.contracts import AdapterReady, version_name
+
+PENDING, EVALUATING, PASSED, REFUSED, SUPERSEDED, FAILED, ROLLED_BACK = (
+    "pending", "evaluating", "passed", "refused", "superseded", "failed", "rolled_back")
+
+
+class BookError(Exception):
+    """An operator request that cannot be done; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 409):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class VersionRecord:
+    version: int
+    status: str = PENDING
+    score: float | None = None
+    reason: str = ""
+    path: str | None = None
+    sha256: str | None = None
+    parent_version: int | None = None
+    pairs_trained: int | None = None
+    train_metrics: dict[str, Any] = field(default_factory=dict)
+    published_at: float | None = None
+    evaluated_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the gate decided for one scored version."""
+
+    version: int
+    score: float
+    promoted: bool
+    status: str
+    reason: str
+    previous: int  # the version promoted before the decision
+
+
+class VersionBook:
+    def __init__(self, tolerance: float, max_records: int = 200, max_history: int = 100):
+        self.tolerance = tolerance
+        self._max_records, self._max_history = max_records, max_history
+        self._lock = threading.Lock()
+        self._records: dict[int, VersionRecord] = {0: VersionRecord(0)}
+        self._promoted = 0
+        self._history: list[int] = [0]  # promoted versions, oldest first; rollback pops
+        self._pinned = False
+        self._evaluating: int | None = None
+
+    # -- reading -------------------------------------------------------------------------------------
+    @property
+    def promoted(self) -> int:
+        return self._promoted
+
+    @property
+    def pinned(self) -> bool:
+        return self._pinned
+
+    @property
+    def evaluating(self) -> int | None:
+        return self._evaluating
+
+    def record(self, version: int) -> VersionRecord | None:
+        with self._lock:
+            rec = self._records.get(version)
+            return VersionRecord(**asdict(rec)) if rec else None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The admin view: promoted version, pin, tolerance and every record (newest first)."""
+        with self._lock:
+            versions = [{**asdict(r), "name": version_name(r.version), "promoted": r.version == self._promoted}
+                        for r in sorted(self._records.values(), key=lambda r: -r.version)]
+            return {"promoted": self._promoted, "promoted_name": version_name(self._promoted),
+                    "pinned": self._pinned, "tolerance": self.tolerance, "history": list(self._history),
+                    "versions": versions}
+
+    # -- the gate ------------------------------------------------------------------------------------
+    def add(self, ready: AdapterReady) -> bool:
+        """Record a published version (pending); False for one already known."""
+        with self._lock:
+            if ready.version in self._records:
+                return False
+            self._records[ready.version] = VersionRecord(
+                ready.version, path=ready.path, sha256=ready.sha256, parent_version=ready.parent_version,
+                pairs_trained=ready.pairs_trained, train_metrics=ready.metrics.model_dump(),
+                published_at=ready.created_at)
+            self._trim()
+            return True
+
+    def next_evaluation(self) -> tuple[int | None, list[int]]:
+        """The version to score next (marked `evaluating`) and the pending ones it supersedes.
+
+        The promoted version goes first while it has no score: every
+        comparison needs it.
+        """
+        with self._lock:
+            incumbent = self._records[self._promoted]
+            if incumbent.score is None:
+                chosen = self._promoted
+                superseded: list[int] = []
+            else:
+                pending = sorted(v for v, r in self._records.items() if r.status == PENDING)
+                if not pending:
+                    return None, []
+                chosen, superseded = pending[-1], pending[:-1]
+                for v in superseded:
+                    self._records[v].status = SUPERSEDED
+                    self._records[v].reason = f"v{chosen} was published before it was scored"
+            self._records[chosen].status = EVALUATING
+            self._evaluating = chosen
+            return chosen, superseded
+
+    def decide(self, version: int, score: float) -> Decision:
+        """Record `version`'s score and promote it if it is good enough (and traffic is not pinned)."""
+        with self._lock:
+            self._evaluating = None
+            rec = self._records[version]
+            rec.score, rec.evaluated_at = score, time.time()
+            previous = self._promoted
+            ref = self._records[previous].score
+            if version == previous or ref is None:
+                rec.status, rec.reason = PASSED, "" if version == previous else "nothing scored to compare with"
+            elif score < ref - self.tolerance:
+                rec.status = REFUSED
+                rec.reason = (f"held-out score {score:.4f} is below {version_name(previous)}'s {ref:.4f} "
+                              f"by more than the tolerance {self.tolerance:g}")
+            else:
+                rec.status, rec.reason = PASSED, ""
+            promote = rec.status == PASSED and version > previous
+            if promote and self._pinned:
+                promote, rec.reason = False, f"traffic is pinned to {version_name(previous)}"
+            elif rec.status == PASSED and version < previous:
+                rec.reason = f"the newer {version_name(previous)} is promoted"
+            if promote:
+                self._set_promoted(version)
+            return Decision(version, score, promote, rec.status, rec.reason, previous)
+
+    def fail(self, version: int, reason: str) -> None:
+        """The gate could not score `version` (not loadable, engine errors): it is not promoted."""
+        with self._lock:
+            self._evaluating = None
+            rec = self._records[version]
+            rec.status, rec.reason, rec.evaluated_at = FAILED, reason, time.time()
+
+    def requeue(self, version: int) -> None:
+        """Put a version back to pending (the engine was not ready to score it yet)."""
+        with self._lock:
+            self._evaluating = None
+            self._records[version].status = PENDING
+
+    # -- operators -----------------------------------------------------------------------------------
+    def promote(self, version: int) -> int:
+        """Promote a known version whatever the gate said; returns the version promoted before."""
+        with self._lock:
+            if version not in self._records:
+                raise BookError(f"unknown version {version}", 404)
+            previous = self._promoted
+            if version != previous:
+                self._set_promoted(version)
+            return previous
+
+    def rollback(self) -> tuple[int, int]:
+        """Return traffic to the version promoted before the current one; returns (from, to)."""
+        with self._lock:
+            if len(self._history) < 2:  # _trim keeps every version in the history
+                raise BookError(f"nothing to roll back to: {version_name(self._promoted)} is the first promoted")
+            current = self._history.pop()
+            self._promoted = self._history[-1]
+            rec = self._records[current]
+            if current != self._promoted:
+                rec.status, rec.reason = ROLLED_BACK, f"rolled back to {version_name(self._promoted)}"
+            return current, self._promoted
+
+    def pin(self, version: int | None = None) -> None:
+        """Keep traffic on `version` (default: the promoted one) until unpinned."""
+        with self._lock:
+            if version is not None:
+                if version not in self._records:
+                    raise BookError(f"unknown version {version}", 404)
+                if version != self._promoted:
+                    self._set_promoted(version)
+            self._pinned = True
+
+    def unpin(self) -> None:
+        """Let the gate promote again (from the next version it scores)."""
+        with self._lock:
+            self._pinned = False
+
+    # -- internals (lock held) -----------------------------------------------------------------------
+    def _set_promoted(self, version: int) -> None:
+        self._promoted = version
+        self._history.append(version)
+        del self._history[:-self._max_history]
+
+    def _trim(self) -> None:
+        """Forget the oldest records beyond `max_records`, never a promoted or remembered one."""
+        keep = set(self._history) | {self._promoted, 0}
+        if self._evaluating is not None:
+            keep.add(self._evaluating)
+        for v in sorted(self._records):
+            if len(self._records) <= self._max_records:
+                break
+            if v not in keep:
+                del self._records[v]

@@ -1,0 +1,70 @@
+"""/v1/feedback (a rating of a served response, or a choice between two) and /v1/prompts (enqueue prompts).
+
+Feedback names responses by id only; the gateway fills in the prompt and the
+texts it served (`Feedback.prompt/response/other_response`), so the judge's
+`human` plugin can build pairs without trusting client-sent text. Both routes
+answer 202 once Kafka has the message.
+"""
+
+from __future__ import annotations
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.contracts import TOPIC_FEEDBACK, TOPIC_PROMPTS, Feedback
+from service.gateway.metrics import ENQUEUED, FEEDBACK
+from service.gateway.outbox import BrokerUnavailable
+from service.gateway.protocol import ERROR_RESPONSES, FeedbackRequest, PromptsRequest, error
+from service.gateway.served import new_prompt_id
+from service.gateway.state import state_of
+
+router = APIRouter()
+
+
+@router.post("/v1/feedback", status_code=202, responses=ERROR_RESPONSES)
+async def feedback(body: FeedbackRequest, request: Request):
+    state = state_of(request)
+    this = state.served.get(body.response_id)
+    if this is None:
+        return error(404, f"unknown response id `{body.response_id}` (or no longer kept)", code="response_not_found")
+    other = None
+    if body.other_response_id is not None:
+        other = state.served.get(body.other_response_id)
+        if other is None:
+            return error(404, f"unknown response id `{body.other_response_id}` (or no longer kept)",
+                         code="response_not_found")
+    if this.prompt is None:
+        return error(400, "that response's request cannot become a prompt (it must end with a non-empty user turn)")
+    if other is not None:
+        if other.prompt is None or _content(other.prompt) != _content(this.prompt):
+            return error(400, "the two responses answer different prompts")
+        if other.text == this.text:
+            return error(400, "the two responses are identical")
+    message = Feedback(
+        response_id=body.response_id, rating=body.rating, other_response_id=body.other_response_id,
+        preferred=body.preferred, prompt=this.prompt, response=this.response(body.response_id),
+        other_response=other.response(body.other_response_id) if other else None)
+    try:
+        await anyio.to_thread.run_sync(state.outbox.publish, TOPIC_FEEDBACK, [(this.prompt.id, message)])
+    except BrokerUnavailable as exc:
+        return error(503, str(exc), "unavailable")
+    FEEDBACK.labels("choice" if other else "rating").inc()
+    return JSONResponse({"status": "accepted", "response_id": body.response_id, "prompt_id": this.prompt.id},
+                        status_code=202)
+
+
+@router.post("/v1/prompts", status_code=202, responses=ERROR_RESPONSES)
+async def enqueue_prompts(body: PromptsRequest, request: Request):
+    state = state_of(request)
+    events = [p.to_event(new_prompt_id()) for p in body.prompts]
+    try:
+        await anyio.to_thread.run_sync(state.outbox.publish, TOPIC_PROMPTS, [(e.id, e) for e in events])
+    except BrokerUnavailable as exc:
+        return error(503, str(exc), "unavailable")
+    ENQUEUED.inc(len(events))
+    return JSONResponse({"status": "accepted", "ids": [e.id for e in events]}, status_code=202)
+
+
+def _content(prompt) -> tuple:
+    return (tuple((m.role, m.content) for m in prompt.messages) if prompt.messages else None, prompt.text)

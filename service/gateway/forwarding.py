@@ -1,0 +1,148 @@
+"""OpenAI-compatible routes: chat and text completions (streamed or not) and the model list.
+
+A request names `policy`, `base` or `policy-v<N>`; the gateway forwards it to
+the serving engine under the served name, relays the answer as it comes
+(streams chunk by chunk), keeps what it served for /v1/feedback, and mirrors
+a fraction of prompts into odpo.prompts without making the client wait.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Annotated
+
+import httpx
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import Response, StreamingResponse
+
+from service.contracts import POLICY_ALIAS, version_name
+from service.gateway.engine import PolicyUnavailable, UnknownModel
+from service.gateway.metrics import alias_label
+from service.gateway.protocol import (ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, _Sampling, error)
+from service.gateway.served import (StreamTap, chat_prompt, choices_of, completion_prompts, new_prompt_id,
+                                    served_choices)
+from service.gateway.state import GatewayState, state_of
+
+router = APIRouter()
+
+NoLearn = Annotated[str | None, Header(alias="x-odpo-no-learn", description="`1` keeps this prompt out of learning.")]
+
+
+@router.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+async def chat_completions(body: ChatCompletionRequest, request: Request, no_learn: NoLearn = None):
+    prompt_id = new_prompt_id()
+    return await _forward(request, "/v1/chat/completions", body, [chat_prompt(body, prompt_id)], no_learn)
+
+
+@router.post("/v1/completions", responses=ERROR_RESPONSES)
+async def completions(body: CompletionRequest, request: Request, no_learn: NoLearn = None):
+    if body.echo and body.logprobs is not None and not state_of(request).settings.allow_prompt_logprobs:
+        request.state.odpo_alias = alias_label(body.model)
+        return error(400, "prompt log-probabilities (`echo` with `logprobs`) are not served here: they crash "
+                          "the CPU build of the serving engine (ODPO_GATEWAY_ALLOW_PROMPT_LOGPROBS)")
+    prompt_id = new_prompt_id()
+    return await _forward(request, "/v1/completions", body, completion_prompts(body, prompt_id), no_learn)
+
+
+@router.get("/v1/models", responses=ERROR_RESPONSES)
+async def models(request: Request):
+    state = state_of(request)
+    try:
+        listed = await state.router.listed()
+    except httpx.HTTPError:
+        return error(503, "serving engine unreachable", "unavailable")
+    promoted = state.book.promoted
+    names = ([POLICY_ALIAS] if promoted in listed else []) + [version_name(v) for v in sorted(listed)]
+    data = [{"id": n, "object": "model", "created": 0, "owned_by": "odpo",
+             **({"root": version_name(promoted)} if n == POLICY_ALIAS else {})} for n in names]
+    return {"object": "list", "data": data}
+
+
+def _opted_out(value: str | None) -> bool:
+    return value is not None and value.strip().lower() not in ("", "0", "false", "no")
+
+
+async def _forward(request: Request, route: str, body: _Sampling, prompts: list, no_learn: str | None) -> Response:
+    state = state_of(request)
+    request.state.odpo_alias = alias_label(body.model)
+    try:
+        served_name, version = await state.router.resolve(body.model)
+    except UnknownModel as exc:
+        return error(404, str(exc), code="model_not_found")
+    except PolicyUnavailable as exc:
+        return error(503, str(exc), "unavailable")
+    except httpx.HTTPError:
+        return error(503, "serving engine unreachable", "unavailable")
+    _mirror(state, prompts, no_learn)
+    payload = body.model_dump(exclude_unset=True)
+    payload["model"] = served_name
+    chat = route == "/v1/chat/completions"
+    headers = {"x-odpo-policy-version": str(version)}
+    try:
+        upstream = await _send(state, route, payload, body.model == POLICY_ALIAS, version)
+        if body.stream and upstream.status_code == 200:
+            return _relay(state, upstream, prompts, body.choices_per_prompt(), version, chat, headers)
+        try:
+            content = await upstream.aread()
+        finally:
+            await upstream.aclose()
+    except httpx.TimeoutException as exc:
+        return error(504, f"the serving engine did not answer in time: {exc.__class__.__name__}", "upstream_timeout")
+    except (httpx.HTTPError, PolicyUnavailable) as exc:
+        return error(502, f"serving engine failed: {exc.__class__.__name__}", "upstream_error")
+    if upstream.status_code == 200:
+        _keep(state, content, prompts, body.choices_per_prompt(), version, chat)
+    return Response(content, status_code=upstream.status_code, headers=headers,
+                    media_type=upstream.headers.get("content-type", "application/json"))
+
+
+async def _send(state: GatewayState, route: str, payload: dict, is_alias: bool, version: int) -> httpx.Response:
+    """POST to the engine (the body unread); for `policy`, once more if the engine lost the version meanwhile."""
+    client = state.client
+    upstream = await client.send(client.build_request("POST", route, json=payload), stream=True)
+    if upstream.status_code == 404 and is_alias:  # unloaded since the last listing (the generator retired it)
+        await upstream.aclose()
+        await state.router.make_servable(version, force=True)
+        upstream = await client.send(client.build_request("POST", route, json=payload), stream=True)
+    return upstream
+
+
+def _mirror(state: GatewayState, prompts: list, no_learn: str | None) -> None:
+    fraction = state.settings.mirror_fraction
+    if fraction <= 0 or _opted_out(no_learn) or random.random() >= fraction:
+        return
+    for p in prompts:
+        if p is not None:
+            state.outbox.mirror(p)
+
+
+def _keep(state: GatewayState, content: bytes, prompts: list, per_prompt: int, version: int, chat: bool) -> None:
+    try:
+        payload = json.loads(content)
+    except ValueError:
+        return
+    if isinstance(payload, dict) and isinstance(payload.get("id"), str):
+        state.served.put(payload["id"], served_choices(choices_of(payload, chat), prompts, per_prompt, version))
+
+
+def _relay(state: GatewayState, upstream: httpx.Response, prompts: list, per_prompt: int, version: int,
+           chat: bool, headers: dict[str, str]) -> Response:
+    """Relay the engine's event stream chunk by chunk, reading the text as it passes (kept for feedback)."""
+    tap = StreamTap(chat)
+
+    async def relay():
+        complete = False
+        try:
+            async for chunk in upstream.aiter_raw():
+                tap.feed(chunk)
+                yield chunk
+            complete = True
+        except httpx.HTTPError:  # the engine went away mid-stream: end the stream; the client sees no [DONE]
+            pass
+        finally:
+            await upstream.aclose()
+            if complete and tap.response_id:
+                state.served.put(tap.response_id, served_choices(tap.texts(), prompts, per_prompt, version))
+
+    return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)

@@ -1,0 +1,46 @@
+"""/healthz (the process answers), /readyz (broker, serving engine and a servable policy), /metrics."""
+
+from __future__ import annotations
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.contracts import version_name
+from service.gateway.engine import PolicyUnavailable
+from service.gateway.protocol import error
+from service.gateway.state import state_of
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "Not ready: what is missing (JSON error body)"}})
+async def readyz(request: Request):
+    state = state_of(request)
+    problems = []
+    promoted = state.book.promoted
+    try:
+        await state.router.listed()
+    except httpx.HTTPError as exc:
+        problems.append(f"serving engine unreachable: {exc.__class__.__name__}")
+    else:
+        try:
+            await state.router.make_servable(promoted)
+        except (PolicyUnavailable, httpx.HTTPError) as exc:
+            problems.append(f"{version_name(promoted)} is not servable: {exc}")
+    if not await state.broker.ok():
+        problems.append(f"broker {state.broker.bootstrap} unreachable")
+    if problems:
+        return error(503, "; ".join(problems), "unavailable")
+    return {"status": "ready", "policy_version": promoted, "pinned": state.book.pinned}
+
+
+@router.get("/metrics")
+async def metrics():
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,116 @@
+"""The gateway's Prometheus metrics (`odpo_gateway_*`) and the middleware that counts every request.
+
+Label values stay bounded: `route` is a route template (or `other`), `alias`
+one of policy/base/version/other/-, `status` an HTTP status, and the
+per-version score gauge keeps only the newest `score_versions_kept` versions.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from service.contracts import BASE_MODEL_NAME, POLICY_ALIAS, parse_version_name
+
+REQUESTS = Counter("odpo_gateway_requests_total", "Requests by route, model alias and status.",
+                   ["route", "alias", "status"])
+LATENCY = Histogram("odpo_gateway_request_seconds",
+                    "Request latency by route, model alias and status (to the last byte for streams).",
+                    ["route", "alias", "status"],
+                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+POLICY_VERSION = Gauge("odpo_gateway_policy_version", "Version the alias `policy` resolves to (the promoted one).")
+PINNED = Gauge("odpo_gateway_policy_pinned", "1 while an operator has pinned the promoted version.")
+HELDOUT_SCORE = Gauge("odpo_gateway_heldout_score", "Held-out score of a version (newest versions only).",
+                      ["policy_version"])
+PROMOTED_SCORE = Gauge("odpo_gateway_promoted_heldout_score", "Held-out score of the promoted version.")
+PROMOTIONS = Counter("odpo_gateway_promotions_total", "Changes of the promoted version, by what caused them.",
+                     ["trigger"])
+REFUSALS = Counter("odpo_gateway_promotion_refusals_total", "Versions the gate did not promote, by reason.",
+                   ["reason"])
+EVAL_SECONDS = Histogram("odpo_gateway_eval_seconds", "Time to score one version on the held-out prompts.",
+                         buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+MIRRORED = Counter("odpo_gateway_mirrored_prompts_total", "Client prompts published to odpo.prompts.")
+MIRROR_DROPPED = Counter("odpo_gateway_mirror_dropped_total", "Client prompts not mirrored, by reason.", ["reason"])
+FEEDBACK = Counter("odpo_gateway_feedback_total", "Feedback published to odpo.feedback, by kind.", ["kind"])
+ENQUEUED = Counter("odpo_gateway_enqueued_prompts_total", "Prompts published through /v1/prompts.")
+SERVED_KEPT = Gauge("odpo_gateway_served_responses", "Served responses kept for feedback.")
+
+KNOWN_ALIASES = (POLICY_ALIAS, BASE_MODEL_NAME)
+
+
+def alias_label(model: object) -> str:
+    """A bounded label value for a requested model name."""
+    if model in KNOWN_ALIASES:
+        return str(model)
+    return "version" if isinstance(model, str) and parse_version_name(model) is not None else "other"
+
+
+class ScoreGauge:
+    """`odpo_gateway_heldout_score{policy_version}` for the newest `keep` versions only."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self._scores: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def set(self, version: int, score: float) -> None:
+        with self._lock:
+            self._scores[version] = score
+            HELDOUT_SCORE.labels(str(version)).set(score)
+            for old in sorted(self._scores)[:-self.keep]:
+                del self._scores[old]
+                try:
+                    HELDOUT_SCORE.remove(str(old))
+                except KeyError:
+                    pass
+
+
+class RequestMetrics:
+    """Pure ASGI middleware: counts and times every HTTP request by route template, alias and status.
+
+    A handler sets `request.state.odpo_alias`; streams are timed to their last byte.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = [500, False]  # status code, observed yet
+        state = scope.setdefault("state", {})
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False) and not status[1]:
+                status[1] = True
+                _observe(scope, state, status[0], started)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if not status[1]:  # a crash, or a client that went away mid-stream
+                _observe(scope, state, status[0], started)
+
+
+def _observe(scope, state, status: int, started: float) -> None:
+    route = scope.get("route")
+    path = getattr(route, "path", None) or "other"
+    alias = state.get("odpo_alias", "-")
+    code = str(status)
+    REQUESTS.labels(path, alias, code).inc()
+    LATENCY.labels(path, alias, code).observe(time.perf_counter() - started)
+
+
+def sync_promoted(book) -> None:
+    """Set the promoted-version gauges from the book (after any change of promotion or pin)."""
+    POLICY_VERSION.set(book.promoted)
+    PINNED.set(1 if book.pinned else 0)
+    rec = book.record(book.promoted)
+    if rec is not None and rec.score is not None:
+        PROMOTED_SCORE.set(rec.score)

@@ -1,0 +1,109 @@
+"""The gateway's way onto Kafka: mirrored prompts in the background, feedback and enqueued prompts durably.
+
+A client of /v1/chat/completions never waits on Kafka: a mirrored prompt goes
+into a bounded queue that a thread publishes; a full queue or a broker error
+drops the prompt and counts it. /v1/feedback and /v1/prompts do wait (in a
+worker thread, bounded by `publish_timeout_s`), because their answer says
+the message is stored. The producer is created lazily and again after an
+error, so the gateway starts and serves while the broker is away.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from service.contracts import TOPIC_PROMPTS, PromptEvent, _Message
+from service.gateway.metrics import MIRROR_DROPPED, MIRRORED
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(Exception):
+    """Kafka did not take the message in time."""
+
+
+class Outbox:
+    def __init__(self, bootstrap: str, queue_size: int, publish_timeout_s: float):
+        self.bootstrap = bootstrap
+        self.publish_timeout_s = publish_timeout_s
+        self._queue: queue.Queue[PromptEvent] = queue.Queue(maxsize=queue_size)
+        self._producer: KafkaProducer | None = None
+        self._producer_lock = threading.Lock()
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="odpo-gateway-mirror", daemon=True)
+
+    def start(self) -> "Outbox":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._halt.set()
+        self._thread.join(timeout=10)
+        with self._producer_lock:
+            if self._producer is not None:
+                self._producer.close(timeout=5)
+                self._producer = None
+
+    # -- for request handlers ------------------------------------------------------------------------
+    def mirror(self, event: PromptEvent) -> bool:
+        """Queue a client prompt for odpo.prompts without waiting; False (counted) when the queue is full."""
+        try:
+            self._queue.put_nowait(event)
+            return True
+        except queue.Full:
+            MIRROR_DROPPED.labels("queue_full").inc()
+            return False
+
+    def publish(self, topic: str, items: list[tuple[str, _Message]]) -> None:
+        """Publish (key, message) items and wait until Kafka has them all (blocking: call from a worker thread)."""
+        try:
+            producer = self._connect()
+            futures = [producer.send(topic, key=key.encode(), value=msg.to_bytes()) for key, msg in items]
+            for future in futures:
+                future.get(timeout=self.publish_timeout_s)
+        except (KafkaError, OSError) as exc:
+            self._drop_producer()
+            raise BrokerUnavailable(f"the broker did not take the message: {exc.__class__.__name__}") from exc
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _connect(self) -> KafkaProducer:
+        with self._producer_lock:
+            if self._producer is None:
+                # service.bus.make_producer's settings, plus a bound on how long send() may block for metadata.
+                wait_ms = int(self.publish_timeout_s * 1000)
+                self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5, retries=5,
+                                               max_block_ms=wait_ms, bootstrap_timeout_ms=wait_ms)
+            return self._producer
+
+    def _drop_producer(self) -> None:
+        with self._producer_lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.close(timeout=1)
+            except Exception:  # noqa: BLE001 - a broken producer is replaced either way
+                pass
+
+    def _run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                event = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                producer = self._connect()
+                future = producer.send(TOPIC_PROMPTS, key=event.id.encode(), value=event.to_bytes())
+                future.add_callback(lambda _meta: MIRRORED.inc())
+                future.add_errback(lambda _exc: MIRROR_DROPPED.labels("broker_error").inc())
+                if self._queue.empty():
+                    producer.flush(timeout=self.publish_timeout_s)
+            except (KafkaError, OSError) as exc:
+                MIRROR_DROPPED.labels("broker_error").inc()
+                log.warning("mirroring prompt %s failed: %s", event.id, exc)
+                self._drop_producer()
+                self._halt.wait(1.0)

@@ -1,0 +1,154 @@
+"""Request bodies of the gateway's HTTP API, as strict pydantic models (so the OpenAPI spec describes them).
+
+Unknown fields are refused (like OpenAI's own API answers "Unrecognized
+request argument"), bounds are declared, and every error is an OpenAI-shaped
+JSON body: `{"error": {"message", "type", "code"}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.bus import validation_message
+from service.contracts import ChatMessage, PromptEvent
+
+MODEL_HELP = "`policy` (the promoted version), `base` or `policy-v<N>`."
+NO_LEARN_HEADER = "x-odpo-no-learn"
+MAX_PROMPT_BYTES = 256 * 1024  # one odpo.prompts message; Kafka's default limit is 1 MiB
+
+Text = Annotated[str, Field(max_length=100_000)]
+ResponseId = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+          headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": code or str(status)}},
+                        status_code=status, headers=headers)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Invalid request (JSON error body)"},
+    404: {"description": "Unknown model or id (JSON error body)"},
+    503: {"description": "Serving engine or broker unavailable (JSON error body)"},
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: Text
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Text | list[TextPart] = Field(description="A string, or a list of text parts.")
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class _Sampling(_Strict):
+    model: str = Field(min_length=1, max_length=200, description=MODEL_HELP)
+    max_tokens: int | None = Field(default=None, ge=1, le=1 << 20, description="Most new tokens per choice.")
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=8, description="Choices per prompt.")
+    stream: bool | None = Field(default=None, description="Server-sent events, OpenAI-style.")
+    stream_options: StreamOptions | None = None
+    stop: Annotated[str, Field(max_length=200)] | Annotated[list[Annotated[str, Field(max_length=200)]],
+                                                            Field(max_length=4)] | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 63) - 1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    user: str | None = Field(default=None, max_length=256)
+
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Annotated[str, Field(min_length=1, max_length=100_000)] | Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=100_000)]], Field(min_length=1, max_length=16)]
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool | None = None
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class FeedbackRequest(_Strict):
+    """A rating of one served response, or a choice between two served responses to the same prompt.
+
+    Response ids are the `id` of a completion; `<id>:<index>` names choice
+    `index` of a response that had several (`<id>` alone is choice 0).
+    """
+
+    response_id: ResponseId
+    rating: float | None = Field(default=None, ge=-1, le=1, description="-1 (bad) .. 1 (good).")
+    other_response_id: ResponseId | None = Field(default=None, description="For a choice between two responses.")
+    preferred: Literal["this", "other"] | None = Field(default=None, description="Which of the two is better.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "FeedbackRequest":
+        is_choice = self.other_response_id is not None
+        if is_choice == (self.rating is not None):
+            raise ValueError("give either `rating` or `other_response_id` + `preferred`")
+        if is_choice and self.preferred is None:
+            raise ValueError("`preferred` is required with `other_response_id`")
+        if not is_choice and self.preferred is not None:
+            raise ValueError("`preferred` needs `other_response_id`")
+        if is_choice and self.other_response_id == self.response_id:
+            raise ValueError("a choice needs two different responses")
+        return self
+
+
+class PromptIn(_Strict):
+    """One prompt for online sampling: chat `messages` (ending with a user turn) or `text`."""
+
+    id: str | None = Field(default=None, min_length=1, max_length=200, description="Default: a new id.")
+    messages: list[ChatMessage] | None = Field(default=None, max_length=256)
+    text: Text | None = None
+    task: dict[str, Any] = Field(default_factory=dict, description="Metadata a verifier judge needs.")
+
+    @model_validator(mode="after")
+    def _valid_event(self) -> "PromptIn":
+        try:  # PromptEvent's own rules: one form, non-empty, the last turn a user turn
+            event = self.to_event("check")
+        except ValidationError as exc:
+            raise ValueError(validation_message(exc)) from None
+        if len(event.to_bytes()) > MAX_PROMPT_BYTES:
+            raise ValueError(f"a prompt may take at most {MAX_PROMPT_BYTES} bytes as JSON")
+        return self
+
+    def to_event(self, default_id: str, source: str = "api") -> PromptEvent:
+        return PromptEvent(id=self.id or default_id, messages=self.messages, text=self.text, task=self.task,
+                           source=source)
+
+
+class PromptsRequest(_Strict):
+    prompts: list[PromptIn] = Field(min_length=1, max_length=64)
+
+
+class VersionRequest(_Strict):
+    version: int = Field(ge=0, le=1 << 31, description="0 is `base`.")
+
+
+class PinRequest(_Strict):
+    version: int | None = Field(default=None, ge=0, le=1 << 31, description="Default: the promoted version.")

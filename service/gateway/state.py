@@ -1,0 +1,55 @@
+"""Everything a request handler of the gateway needs, built once per app in its lifespan."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import anyio
+import httpx
+from fastapi import Request
+
+from service.gateway.book import VersionBook
+from service.gateway.engine import EngineAdapters, ModelRouter
+from service.gateway.metrics import ScoreGauge
+from service.gateway.outbox import Outbox
+from service.gateway.served import ServedStore
+from service.settings import CommonSettings, GatewaySettings
+
+
+@dataclass
+class BrokerCheck:
+    """Whether the broker answers, remembered for `ttl_s` so /readyz stays cheap."""
+
+    bootstrap: str
+    ttl_s: float
+    _ok: bool = False
+    _at: float = float("-inf")
+    _lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    async def ok(self) -> bool:
+        from service.broker import kafka_ready
+
+        async with self._lock:
+            if time.monotonic() - self._at > self.ttl_s:
+                self._ok = await anyio.to_thread.run_sync(kafka_ready, self.bootstrap, 2.0)
+                self._at = time.monotonic()
+            return self._ok
+
+
+@dataclass
+class GatewayState:
+    settings: GatewaySettings
+    common: CommonSettings
+    client: httpx.AsyncClient
+    book: VersionBook
+    adapters: EngineAdapters
+    router: ModelRouter
+    served: ServedStore
+    outbox: Outbox
+    scores: ScoreGauge
+    broker: BrokerCheck
+
+
+def state_of(request: Request) -> GatewayState:
+    return request.app.state.gateway

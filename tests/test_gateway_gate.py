@@ -1,0 +1,143 @@
+"""The promotion gate on the real vLLM: a sound version is promoted, a wrecked one is not, rollback works.
+
+The gateway reads `odpo.adapters` on its own Tansu broker, scores `base` and
+every published version on held-out prompts (greedy answers from vLLM, the
+verifier judge), and loads versions into vLLM itself (no generator runs here;
+`load_wait_s=0`). A deliberately wrecked adapter (large LoRA weights that
+make it answer nothing; see `silent_adapter` for why not random ones) is
+refused and `policy` stays on the promoted version; an operator's forced
+promotion of it is undone by a rollback, which returns traffic (and the
+exact greedy answers) to the previous version.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from service.broker import EmbeddedBroker
+from service.bus import ensure_topics, make_producer, publish
+from service.contracts import TOPIC_ADAPTERS
+from service.settings import CommonSettings, GatewaySettings
+from tests.gateway_server import noisy_adapter, register_base, running_gateway, silent_adapter
+
+pytestmark = [pytest.mark.integration, pytest.mark.vllm]
+
+TOKEN = "gate-test-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+GOOD, BAD = 701, 702  # names no other test of the session uses
+PROBE = [{"role": "user", "content": "Describe the ocean in one sentence."}]
+
+
+@pytest.fixture()
+def gated(vllm_server, model_dir, vllm_store):
+    register_base(vllm_server.url, model_dir, vllm_store)
+    with EmbeddedBroker() as broker:
+        ensure_topics(broker.bootstrap)
+        settings = GatewaySettings(vllm_url=vllm_server.url, admin_token=TOKEN, heldout_prompts=6,
+                                   eval_max_tokens=24, promotion_tolerance=0.02, load_wait_s=0)
+        common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=vllm_store)
+        with running_gateway(settings, common) as url:
+            yield broker, url
+
+
+def _versions(url: str) -> dict:
+    resp = httpx.get(f"{url}/admin/versions", headers=AUTH, timeout=30)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def _record(url: str, version: int) -> dict | None:
+    return next((v for v in _versions(url)["versions"] if v["version"] == version), None)
+
+
+def _wait_decided(url: str, version: int, timeout_s: float = 240) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rec = _record(url, version)
+        if rec and rec["status"] not in ("pending", "evaluating"):
+            return rec
+        time.sleep(0.5)
+    raise AssertionError(f"the gate did not decide version {version} within {timeout_s:.0f}s: {_versions(url)}")
+
+
+def _greedy(url: str, model: str) -> tuple[str, str]:
+    resp = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": model, "messages": PROBE, "max_tokens": 16, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    return resp.json()["choices"][0]["message"]["content"], resp.headers["x-odpo-policy-version"]
+
+
+def _admin(url: str, action: str, body: dict | None = None) -> dict:
+    resp = httpx.post(f"{url}/admin/{action}", json=body, headers=AUTH, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def _metric(url: str, series: str) -> float:
+    """A sample's value from /metrics (0 when absent); counters are process-wide, so tests compare deltas."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+REFUSED = 'odpo_gateway_promotion_refusals_total{reason="refused"}'
+BY_GATE = 'odpo_gateway_promotions_total{trigger="gate"}'
+BY_ROLLBACK = 'odpo_gateway_promotions_total{trigger="rollback"}'
+
+
+def _listed(vllm_url: str) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{vllm_url}/v1/models").json()["data"]}
+
+
+def test_bad_adapter_is_not_promoted_and_rollback_restores_traffic(gated, vllm_server, model_dir, vllm_store):
+    broker, url = gated
+    base = _wait_decided(url, 0)
+    assert base["status"] == "passed" and base["score"] is not None and base["promoted"]
+    producer = make_producer(broker.bootstrap)
+    before = {m: _metric(url, m) for m in (REFUSED, BY_GATE, BY_ROLLBACK)}
+
+    # A sound version (tiny LoRA weights): scored like base, so promoted.
+    good = noisy_adapter(vllm_store, model_dir, GOOD, scale=1e-3, seed=2, parent=0)
+    publish(producer, TOPIC_ADAPTERS, f"policy-v{GOOD}", good)
+    rec = _wait_decided(url, GOOD)
+    assert rec["status"] == "passed" and rec["promoted"], rec
+    assert rec["score"] >= base["score"] - 0.02
+    good_answer, served = _greedy(url, "policy")
+    assert served == str(GOOD)
+
+    # A wrecked version (large LoRA weights; it answers nothing): refused, `policy` stays on GOOD, and the
+    # gate unloads it again.
+    bad = silent_adapter(vllm_store, model_dir, BAD, parent=GOOD)
+    publish(producer, TOPIC_ADAPTERS, f"policy-v{BAD}", bad)
+    rec = _wait_decided(url, BAD)
+    producer.close()
+    print(f"held-out scores: base {base['score']:.3f}, v{GOOD} {_record(url, GOOD)['score']:.3f}, "
+          f"v{BAD} {rec['score']:.3f}")
+    assert rec["status"] == "refused" and not rec["promoted"], rec
+    assert f"below policy-v{GOOD}'s" in rec["reason"] and rec["score"] < base["score"] - 0.02
+    assert _versions(url)["promoted"] == GOOD and _greedy(url, "policy") == (good_answer, str(GOOD))
+    assert f"policy-v{BAD}" not in _listed(vllm_server.url)
+    assert _metric(url, REFUSED) == before[REFUSED] + 1 and _metric(url, BY_GATE) == before[BY_GATE] + 1
+    assert _metric(url, f'odpo_gateway_heldout_score{{policy_version="{BAD}"}}') == pytest.approx(rec["score"])
+    assert _metric(url, "odpo_gateway_policy_version") == GOOD
+
+    # An operator forces the bad version in (the gate loads it again) ...
+    assert _admin(url, "promote", {"version": BAD})["promoted"] == BAD
+    bad_answer, served = _greedy(url, "policy")
+    assert served == str(BAD) and bad_answer == "" != good_answer
+    # ... and rolls it back: traffic returns to GOOD, with exactly GOOD's answers.
+    view = _admin(url, "rollback")
+    assert view["promoted"] == GOOD and _greedy(url, "policy") == (good_answer, str(GOOD))
+    assert _greedy(url, f"policy-v{GOOD}")[0] == good_answer
+    assert _record(url, BAD)["status"] == "rolled_back"
+    assert f"policy-v{BAD}" not in _listed(vllm_server.url), "a version nobody needs is unloaded again"
+    # Pinning holds traffic; another rollback returns to base.
+    assert _admin(url, "pin")["pinned"] is True
+    assert _admin(url, "rollback")["promoted"] == 0
+    assert _greedy(url, "policy")[1] == "0"
+    assert _admin(url, "unpin")["pinned"] is False
+    assert _metric(url, BY_ROLLBACK) == before[BY_ROLLBACK] + 2

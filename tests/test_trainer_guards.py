@@ -1,0 +1,101 @@
+"""The trainer loop on the real broker with a tiny local Llama: a poisoned batch is skipped and counted, the
+adapter it publishes is finite; a version stored but never announced (a crash) is announced at start."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import replace
+
+import torch
+from kafka import TopicPartition
+from safetensors.torch import load_file
+
+from service.adapter_store import adapter_digest, published_versions
+from service.bus import Inbox, publish
+from service.contracts import TOPIC_ADAPTERS, TOPIC_PREFERENCES, AdapterReady, PreferencePair
+from service.settings import CommonSettings, TrainerSettings
+from tests.test_trainer_crash import random_pairs
+from tests.test_trainer_service import end_offset, metric, read_from, start_group_at_end
+from trainer.checkpoint import mark_published, published_version
+from trainer.recipe import Trainer
+from trainer.service import TrainerLoop
+
+
+def _loop(broker, producer, group_id, tiny_model_dir, store, **settings):
+    common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=store, base_model=tiny_model_dir)
+    ts = TrainerSettings(group_id=group_id, max_staleness=100, **settings)
+    trainer = Trainer.open(tiny_model_dir, ts, store)
+    inbox = Inbox(broker.bootstrap, TOPIC_PREFERENCES, PreferencePair, "trainer", producer, group_id=group_id)
+    return TrainerLoop(trainer, inbox, producer, common, ts, threading.Event())
+
+
+def _adapters(bootstrap, start, version):
+    recs = read_from(bootstrap, TOPIC_ADAPTERS, start,
+                     lambda rs: any(AdapterReady.from_bytes(r.value).version == version for r in rs))
+    return [a for a in (AdapterReady.from_bytes(r.value) for r in recs) if a.version == version]
+
+
+def test_poisoned_logits_skip_the_step_count_it_and_publish_a_finite_adapter(
+        broker, producer, group_id, tiny_model_dir, tmp_path):
+    store = tmp_path / "store"
+    start_group_at_end(broker.bootstrap, group_id)
+    loop = _loop(broker, producer, group_id, tiny_model_dir, store, window_pairs=4, steps_per_window=3)
+    head = loop.trainer.policy.model.get_base_model().get_output_embeddings()
+    calls = {"n": 0}
+
+    def poison_first_step(module, args, output):  # inf logits in the first training forward (not the reference)
+        if not module.training:
+            return output
+        calls["n"] += 1
+        return output * float("inf") if calls["n"] == 1 else output
+
+    hook = head.register_forward_hook(poison_first_step)
+    adapters_start = end_offset(broker.bootstrap, TopicPartition(TOPIC_ADAPTERS, 0))
+    skips_before, published_before = metric("odpo_trainer_nan_skips_total"), \
+        metric("odpo_trainer_windows_total", outcome="published")
+    try:
+        for p in random_pairs(4, uuid.uuid4().hex[:6]):
+            publish(producer, TOPIC_PREFERENCES, p.prompt.id, p)
+        deadline = time.monotonic() + 120
+        while loop.trainer.version == 0 and time.monotonic() < deadline:
+            loop.tick(timeout_ms=300)
+    finally:
+        hook.remove()
+        loop.inbox.close()
+    assert loop.trainer.version == 1 and calls["n"] > 1
+    assert metric("odpo_trainer_nan_skips_total") - skips_before == 1
+    assert metric("odpo_trainer_windows_total", outcome="published") - published_before == 1
+    ready = _adapters(broker.bootstrap, adapters_start, 1)
+    assert len(ready) == 1 and ready[0].metrics.steps == 2 and ready[0].metrics.model_dump()["skipped"] == 1
+    weights = load_file(store / "policy-v1" / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert any(w.abs().sum() > 0 for n, w in weights.items() if "lora_B" in n)  # the other two steps trained
+
+
+def test_a_stored_but_unannounced_version_is_announced_at_start_once(
+        broker, producer, group_id, tiny_model_dir, tmp_path):
+    store = tmp_path / "store"
+    trainer = Trainer.open(tiny_model_dir, TrainerSettings(steps_per_window=1))
+    pairs = [trainer.tokenize(p) for p in random_pairs(2, uuid.uuid4().hex[:6])]
+    for _ in range(2):  # v1 announced; v2 renamed into place, then the trainer "died" before announcing it
+        result = trainer.train_window(pairs)
+        trainer.publish_version(store, [p.pair_id for p in pairs], result)
+        pairs = [replace(p, pair_id=p.pair_id + "x") for p in pairs]
+        if trainer.version == 1:
+            mark_published(store, 1)
+    assert published_versions(store) == [1, 2] and published_version(store) == 1
+    start = end_offset(broker.bootstrap, TopicPartition(TOPIC_ADAPTERS, 0))
+    before = metric("odpo_trainer_adapters_republished_total")
+    loop = _loop(broker, producer, group_id, tiny_model_dir, store)
+    try:
+        assert loop.trainer.version == 2
+        assert loop.announce_unpublished() is True
+        assert loop.announce_unpublished() is False  # noted in the store: not again
+    finally:
+        loop.inbox.close()
+    ready = _adapters(broker.bootstrap, start, 2)
+    assert len(ready) == 1 and ready[0].parent_version == 1 and ready[0].pairs_trained == 4
+    assert ready[0].sha256 == adapter_digest(store / "policy-v2") and ready[0].path == "policy-v2"
+    assert published_version(store) == 2 and metric("odpo_trainer_adapters_republished_total") - before == 1
