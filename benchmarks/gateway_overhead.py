@@ -113,7 +113,7 @@ def main() -> None:
             server.stop()
     result = {k: summary(v) for k, v in samples.items()}
     result["config"] = vars(args) | {"out": str(args.out) if args.out else None}
-    ms = lambda x: f"{x * 1000:7.2f} ms"  # noqa: E731
+    ms = lambda x: f"{x * 1000:7.2f} ms"
     print(f"non-streamed completions, max_tokens={args.max_tokens}, {args.rounds} rounds, "
           f"concurrency {args.concurrency}")
     for k in ("direct", "gateway", "overhead"):

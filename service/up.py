@@ -33,8 +33,7 @@ from service.launcher import ComponentDied, Launcher
 from service.loop_watch import LoopCounts, LoopWatcher
 from service.prompt_feed import PromptFeeder
 from service.settings import CommonSettings, GeneratorSettings
-from service.up_view import (EventLog, GatewayAdmin, PairRate, decided_through, progress_table, summary,
-                             summary_table)
+from service.up_view import EventLog, GatewayAdmin, PairRate, decided_through, progress_table, summary, summary_table
 
 COMPONENTS = ("judge", "trainer", "generator", "gateway")
 STATUS_EVERY_S = 60  # a plain status line this often when stdout is not a terminal

@@ -92,7 +92,9 @@ def progress_table(c: LoopCounts, view: dict | None, sent: int, rate: float, ela
 
 def versions_table(rows: list[dict], title: str, caption: str) -> Table:
     t = Table(title=title, caption=caption)
-    for col in ("version", "status", "held-out score", "pairs", "loss", "reward margin", "reward acc"):
+    # Short headers so the table fits 80 columns (a log file): score = held-out score, margin/acc = the
+    # trainer's DPO reward margin and accuracy on the version's window.
+    for col in ("version", "status", "score", "pairs", "loss", "margin", "acc"):
         t.add_column(col, justify="right", no_wrap=True)
     for v in rows:
         t.add_row(v["name"] + (" *" if v["promoted"] else ""), v["status"], _num(v["score"], 3),

@@ -15,8 +15,9 @@ SHA = "0" * 64
 
 
 def ready(version: int) -> AdapterReady:
+    metrics = TrainMetrics(loss=0.6, reward_margin=0.3, reward_accuracy=0.7, steps=2)
     return AdapterReady(version=version, path=f"policy-v{version}", sha256=SHA, base_model="m", parent_version=0,
-                        pairs_trained=8, metrics=TrainMetrics(loss=0.6, reward_margin=0.3, reward_accuracy=0.7, steps=2))
+                        pairs_trained=8, metrics=metrics)
 
 
 def scored_base(score: float = 0.5, tolerance: float = 0.05) -> VersionBook:

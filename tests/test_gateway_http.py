@@ -135,3 +135,14 @@ def test_admin_refuses_missing_or_wrong_tokens(tmp_path, source, monkeypatch):
         assert "nothing to roll back" in _is_error(nothing, 409)["message"]
         unknown = httpx.post(f"{url}/admin/promote", json={"version": 5}, headers={"authorization": f"Bearer {TOKEN}"})
         assert "unknown version" in _is_error(unknown, 404)["message"]
+
+
+def test_the_gateway_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from service.gateway import create_app; from service.settings import GatewaySettings; "
+            "create_app(GatewaySettings()); import judge.heldout; "  # the gate's scoring, imported when it runs
+            "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

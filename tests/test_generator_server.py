@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from generator.adapters import AdapterManager
-from generator.server import ServerError, Supervisor, VllmServer, is_cpu_build
+from generator.server import ServerError, Supervisor, VllmServer
 from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
 from service.settings import GeneratorSettings
 
@@ -95,9 +95,6 @@ def test_supervisor_restarts_a_dead_server_and_restores_its_adapters(model_dir, 
         try:
             assert started.wait(300), f"vLLM did not start:\n{server.log_tail()}"
             adapters.register_base(write_zero_adapter(model_dir, vllm_store / ZERO_ADAPTER_DIR))
-            if is_cpu_build():
-                binding = (tmp_path / "vllm.log").read_text(errors="replace")
-                assert "VLLM_CPU_OMP_THREADS_BIND='1'" in binding and "core ids=[1]" in binding
             first_pid = server.pid
             os.killpg(first_pid, signal.SIGKILL)  # vLLM dies with all its processes
             deadline = time.monotonic() + 300

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from typing import Annotated
 
 import anyio
 import httpx
@@ -55,11 +56,12 @@ def require_admin(request: Request) -> GatewayState:
     return state
 
 
+Admin = Annotated[GatewayState, Depends(require_admin)]
 router = APIRouter(prefix="/admin", tags=["admin"], responses=ADMIN_ERRORS)
 
 
 @router.get("/versions")
-async def versions(state: GatewayState = Depends(require_admin)):
+async def versions(state: Admin):
     view = state.book.snapshot()
     try:
         listed = await state.router.listed()
@@ -71,14 +73,14 @@ async def versions(state: GatewayState = Depends(require_admin)):
 
 
 @router.post("/promote")
-async def promote(body: VersionRequest, state: GatewayState = Depends(require_admin)):
+async def promote(body: VersionRequest, state: Admin):
     await _servable(state, body.version)
     previous = _book(state.book.promote, body.version)
     return await _changed(state, "operator", f"promoted {version_name(body.version)} (was {version_name(previous)})")
 
 
 @router.post("/pin")
-async def pin(body: PinRequest | None = None, state: GatewayState = Depends(require_admin)):
+async def pin(state: Admin, body: PinRequest | None = None):
     version = body.version if body and body.version is not None else state.book.promoted
     await _servable(state, version)
     before = state.book.promoted
@@ -88,13 +90,13 @@ async def pin(body: PinRequest | None = None, state: GatewayState = Depends(requ
 
 
 @router.post("/unpin")
-async def unpin(state: GatewayState = Depends(require_admin)):
+async def unpin(state: Admin):
     state.book.unpin()
     return await _changed(state, None, "unpinned: the gate promotes again")
 
 
 @router.post("/rollback")
-async def rollback(state: GatewayState = Depends(require_admin)):
+async def rollback(state: Admin):
     history = state.book.snapshot()["history"]
     if len(history) >= 2:
         await _servable(state, history[-2])

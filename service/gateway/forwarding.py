@@ -19,9 +19,8 @@ from fastapi.responses import Response, StreamingResponse
 from service.contracts import POLICY_ALIAS, version_name
 from service.gateway.engine import PolicyUnavailable, UnknownModel
 from service.gateway.metrics import alias_label
-from service.gateway.protocol import (ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, _Sampling, error)
-from service.gateway.served import (StreamTap, chat_prompt, choices_of, completion_prompts, new_prompt_id,
-                                    served_choices)
+from service.gateway.protocol import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, _Sampling, error
+from service.gateway.served import StreamTap, chat_prompt, choices_of, completion_prompts, new_prompt_id, served_choices
 from service.gateway.state import GatewayState, state_of
 
 router = APIRouter()

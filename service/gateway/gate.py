@@ -11,6 +11,7 @@ version was not promoted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -43,7 +44,7 @@ class PromotionGate:
         self._next_connect = 0.0
         self._engine_down = False  # logged once per outage, not every retry
 
-    def start(self) -> "PromotionGate":
+    def start(self) -> PromotionGate:
         self._thread.start()
         return self
 
@@ -52,10 +53,8 @@ class PromotionGate:
         self._thread.join(timeout=15)
         for close in (self._inbox and self._inbox.close, self._producer and self._producer.close):
             if close:
-                try:
+                with contextlib.suppress(Exception):  # shutting down: a broken connection is gone either way
                     close()
-                except Exception:  # noqa: BLE001 - shutting down
-                    pass
 
     # -- the loop ------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -71,7 +70,7 @@ class PromotionGate:
                         self._halt.wait(0.5)
                     continue
                 self._evaluate(version)
-            except Exception:  # noqa: BLE001 - the gate must keep running; the log has the bug
+            except Exception:
                 log.exception("promotion gate error")
                 self._halt.wait(2)
 

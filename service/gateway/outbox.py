@@ -10,6 +10,7 @@ error, so the gateway starts and serves while the broker is away.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -37,7 +38,7 @@ class Outbox:
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="odpo-gateway-mirror", daemon=True)
 
-    def start(self) -> "Outbox":
+    def start(self) -> Outbox:
         self._thread.start()
         return self
 
@@ -84,10 +85,8 @@ class Outbox:
         with self._producer_lock:
             producer, self._producer = self._producer, None
         if producer is not None:
-            try:
+            with contextlib.suppress(Exception):  # a broken producer is replaced either way
                 producer.close(timeout=1)
-            except Exception:  # noqa: BLE001 - a broken producer is replaced either way
-                pass
 
     def _run(self) -> None:
         while not self._halt.is_set():

@@ -106,7 +106,7 @@ class FeedbackRequest(_Strict):
     preferred: Literal["this", "other"] | None = Field(default=None, description="Which of the two is better.")
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "FeedbackRequest":
+    def _one_kind(self) -> FeedbackRequest:
         is_choice = self.other_response_id is not None
         if is_choice == (self.rating is not None):
             raise ValueError("give either `rating` or `other_response_id` + `preferred`")
@@ -128,7 +128,7 @@ class PromptIn(_Strict):
     task: dict[str, Any] = Field(default_factory=dict, description="Metadata a verifier judge needs.")
 
     @model_validator(mode="after")
-    def _valid_event(self) -> "PromptIn":
+    def _valid_event(self) -> PromptIn:
         try:  # PromptEvent's own rules: one form, non-empty, the last turn a user turn
             event = self.to_event("check")
         except ValidationError as exc:
