@@ -16,7 +16,6 @@ import importlib.metadata
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from typing import Callable
 import httpx
 
 from generator.metrics import SERVER_RESTARTS
-from service.broker import free_port
+from service.broker import free_port, port_open
 from service.runtime import die_with_parent
 from service.settings import GeneratorSettings
 
@@ -94,7 +93,7 @@ class VllmServer:
         if not self.external:
             if self.running:
                 return self
-            if _port_open(self.settings.vllm_host, self.port):
+            if port_open(self.settings.vllm_host, self.port):
                 raise ServerError(f"{self.url}: the port is taken by another process; set vllm_port=0 or vllm_url")
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_file, "ab")
@@ -173,12 +172,6 @@ class VllmServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
 
 
 def _signal_group(pgid: int, sig: int) -> None:

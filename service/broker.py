@@ -77,7 +77,7 @@ class EmbeddedBroker:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"tansu exited with code {self._proc.returncode} on {url}")
-            if _port_open(self.host, self.port) and kafka_ready(self.bootstrap, timeout_s=2.0):
+            if port_open(self.host, self.port) and kafka_ready(self.bootstrap, timeout_s=2.0):
                 log.info("tansu broker ready on %s (pid %d)", self.bootstrap, self._proc.pid)
                 return self
             time.sleep(0.1)
@@ -110,7 +110,8 @@ class EmbeddedBroker:
         self.stop()
 
 
-def _port_open(host: str, port: int) -> bool:
+def port_open(host: str, port: int) -> bool:
+    """True when something accepts TCP connections on host:port."""
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
