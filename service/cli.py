@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000, help="Port of the gateway on 127.0.0.1.")
     up.add_argument("--run-dir", type=Path, default=None, help="Logs and adapter store (default: a new runs/ folder).")
     up.add_argument("--train-prompts", type=int, default=256, help="Bundled train prompts to cycle through.")
-    up.add_argument("--heldout-prompts", type=int, default=24, help="Bundled held-out prompts scored before/after.")
+    up.add_argument("--heldout-prompts", type=int, default=24, help="Held-out prompts the promotion gate scores every version on.")
     up.add_argument("--window-pairs", type=int, default=None, help="Pairs per DPO update (trainer setting).")
     up.set_defaults(func=_up)
 

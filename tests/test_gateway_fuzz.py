@@ -65,8 +65,9 @@ def _steer(case, served: list[str]) -> None:
         if pick % 3 and isinstance(body.get("model"), str):
             body["model"] = ("policy", "base")[pick % 2]
         for key in ("max_tokens", "max_completion_tokens"):
-            if isinstance(body.get(key), int) and not isinstance(body.get(key), bool):
-                body[key] = max(1, min(body[key], 2)) if body[key] >= 1 else body[key]
+            value = body.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1:
+                body[key] = min(value, 2)  # 2.0 stays a float: the gateway must take integral floats too
         if body.get("max_tokens") is None:  # absent or null: the engine's default, up to the context length
             body["max_tokens"] = 2
     elif case.path == "/v1/prompts" and isinstance(body.get("prompts"), list) and pick % 2:

@@ -19,7 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 from service.contracts import POLICY_ALIAS, version_name
 from service.gateway.engine import PolicyUnavailable, UnknownModel
 from service.gateway.metrics import alias_label
-from service.gateway.protocol import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, _Sampling, error
+from service.gateway.protocol import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, SamplingRequest, error
 from service.gateway.served import StreamTap, chat_prompt, choices_of, completion_prompts, new_prompt_id, served_choices
 from service.gateway.state import GatewayState, state_of
 
@@ -62,7 +62,8 @@ def _opted_out(value: str | None) -> bool:
     return value is not None and value.strip().lower() not in ("", "0", "false", "no")
 
 
-async def _forward(request: Request, route: str, body: _Sampling, prompts: list, no_learn: str | None) -> Response:
+async def _forward(request: Request, route: str, body: SamplingRequest, prompts: list,
+                   no_learn: str | None) -> Response:
     state = state_of(request)
     request.state.odpo_alias = alias_label(body.model)
     try:

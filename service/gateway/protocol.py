@@ -57,7 +57,7 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
-class _Sampling(_Strict):
+class SamplingRequest(_Strict):
     model: str = Field(min_length=1, max_length=200, description=MODEL_HELP)
     max_tokens: int | None = Field(default=None, ge=1, le=1 << 20, description="Most new tokens per choice.")
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -76,14 +76,14 @@ class _Sampling(_Strict):
         return self.n or 1
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: Annotated[str, Field(min_length=1, max_length=100_000)] | Annotated[
         list[Annotated[str, Field(min_length=1, max_length=100_000)]], Field(min_length=1, max_length=16)]
     logprobs: int | None = Field(default=None, ge=0, le=5)
