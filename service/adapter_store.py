@@ -63,6 +63,17 @@ def publish_dir(staged: Path, store: Path, version: int) -> Path:
     return final
 
 
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` all at once: write `.<name>.tmp-<pid>` beside it, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def published_versions(store: Path) -> list[int]:
     """Versions present in the store, ascending."""
     store = Path(store)

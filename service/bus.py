@@ -163,6 +163,28 @@ class Inbox(Generic[M]):
         self.consumer.close()
 
 
+class TopicTail:
+    """Reads topics from their start with an assigned consumer and no group.
+
+    It commits nothing and joins no group, so it never takes a message from
+    the components that consume the same topics (progress views, tests).
+    """
+
+    def __init__(self, bootstrap: str, topics: Iterable[str], client_id: str = "odpo-tail"):
+        self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                       auto_offset_reset="earliest", client_id=client_id)
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(self._consumer.partitions_for_topic(t) or {0})]
+        self._consumer.assign(tps)
+        self._consumer.seek_to_beginning(*tps)
+
+    def poll(self, timeout_ms: int = 500) -> list:
+        """The records that arrived since the last poll (kafka-python ConsumerRecords), in order per partition."""
+        return [r for recs in self._consumer.poll(timeout_ms=timeout_ms).values() for r in recs]
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
 @dataclass(frozen=True)
 class _Record:
     topic: str

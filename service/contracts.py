@@ -130,6 +130,10 @@ def pair_id(prompt_id: str, chosen: str, rejected: str, policy_version: int) -> 
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+DATASET_JUDGE = "jsonl"  # `PreferencePair.judge` of pairs loaded from a dataset (`odpo pairs load`): off-policy,
+                        # sampled by no version of this policy, so version staleness does not describe them
+
+
 class PreferencePair(_Message):
     """One preference: `chosen` is better than `rejected` for `prompt`."""
 

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from service.bus import validation_message
 from service.contracts import (
+    DATASET_JUDGE,
     ChatMessage,
     PreferencePair,
     PromptEvent,
@@ -85,7 +86,7 @@ def pair_from_line(record: dict[str, Any]) -> PreferencePair:
     if given is not None and (not isinstance(given, str) or not given):
         raise ValueError("`id` must be a non-empty string")
     return PreferencePair(id=given or pair_id(prompt.id, chosen, rejected, 0), prompt=prompt, chosen=chosen,
-                          rejected=rejected, policy_version=0, judge=SOURCE)
+                          rejected=rejected, policy_version=0, judge=DATASET_JUDGE)
 
 
 def prompt_from_line(record: dict[str, Any]) -> PromptEvent:

@@ -47,14 +47,16 @@ class Launcher:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         atexit.register(self.stop)
 
-    def start(self, component: str, extra_env: dict[str, str] | None = None) -> Child:
+    def start(self, component: str, extra_env: dict[str, str] | None = None, name: str | None = None) -> Child:
+        """Run `odpo <component>`; `name` (default: the component) names its log file and its errors."""
+        name = name or component
         env = {**os.environ, **self.env, **(extra_env or {})}
-        log_path = self.log_dir / f"{component}.log"
+        log_path = self.log_dir / f"{name}.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "service.cli", component], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                     preexec_fn=die_with_parent)
-        child = Child(component, proc, log_path)
+        child = Child(name, proc, log_path)
         self.children.append(child)
         return child
 
@@ -63,7 +65,7 @@ class Launcher:
         for c in self.children:
             code = c.proc.poll()
             if code is not None:
-                raise ComponentDied(f"`odpo {c.name}` exited with code {code}; last log lines:\n{c.tail()}")
+                raise ComponentDied(f"{c.name} exited with code {code}; last log lines:\n{c.tail()}")
 
     def stop(self, grace_s: float = 20.0) -> None:
         alive = [c for c in self.children if c.proc.poll() is None]

@@ -9,8 +9,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from kafka import KafkaConsumer, TopicPartition
 from pydantic import ValidationError
+
+from service.bus import TopicTail
 
 from service.contracts import (TOPIC_ADAPTERS, TOPIC_CANDIDATES, TOPIC_DLQ, TOPIC_PREFERENCES, TOPIC_PROMPTS,
                                AdapterReady, DeadLetter)
@@ -37,11 +38,7 @@ class LoopWatcher(threading.Thread):
         self.counts = LoopCounts()
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
-        self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                       auto_offset_reset="earliest", client_id="odpo-up-watch")
-        tps = [TopicPartition(t, p) for t in WATCHED for p in sorted(self._consumer.partitions_for_topic(t) or {0})]
-        self._consumer.assign(tps)
-        self._consumer.seek_to_beginning(*tps)
+        self._tail = TopicTail(bootstrap, WATCHED, client_id="odpo-up-watch")
 
     def snapshot(self) -> LoopCounts:
         with self._lock:
@@ -51,12 +48,12 @@ class LoopWatcher(threading.Thread):
     def run(self) -> None:
         try:
             while not self._stop_event.is_set():
-                for tp, records in self._consumer.poll(timeout_ms=500).items():
-                    with self._lock:
-                        for rec in records:
-                            self._count(tp.topic, rec.value)
+                records = self._tail.poll()
+                with self._lock:
+                    for rec in records:
+                        self._count(rec.topic, rec.value)
         finally:
-            self._consumer.close()
+            self._tail.close()
 
     def _count(self, topic: str, raw: bytes) -> None:
         c = self.counts

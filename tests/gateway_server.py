@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,9 +23,16 @@ from service.settings import CommonSettings, GatewaySettings
 
 @contextmanager
 def running_gateway(settings: GatewaySettings, common: CommonSettings, gate: bool = True) -> Iterator[str]:
-    """The gateway app served by uvicorn on 127.0.0.1:<free port> in a thread; yields its base URL."""
+    """The gateway app served by uvicorn on 127.0.0.1:<free port> in a thread; yields its base URL.
+
+    Unless `settings` name a registry file, the policy registry goes to a fresh temporary one, so no
+    test inherits another's promotions from the shared store.
+    """
     port = free_port()
-    app = create_app(settings.model_copy(update={"port": port}), common, gate=gate)
+    update = {"port": port}
+    if settings.persist_registry and settings.registry_file is None:
+        update["registry_file"] = Path(tempfile.mkdtemp(prefix="odpo-registry-")) / "gateway-registry.json"
+    app = create_app(settings.model_copy(update=update), common, gate=gate)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -125,34 +133,3 @@ def _adapter(store: Path, model_dir: Path, version: int, parent: int, change) ->
     return AdapterReady(version=version, path=final.name, sha256=adapter_digest(final),
                         base_model=base_model_name(model_dir), parent_version=parent, pairs_trained=4,
                         metrics=TrainMetrics(loss=0.6, reward_margin=0.2, reward_accuracy=0.75, steps=2))
-
-
-class TopicTail:
-    """Reads one topic from its start without a group, decoding each message with `model`."""
-
-    def __init__(self, bootstrap: str, topic: str, model):
-        from kafka import KafkaConsumer, TopicPartition
-
-        self.model = model
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                      auto_offset_reset="earliest")
-        tp = TopicPartition(topic, 0)
-        self.consumer.assign([tp])
-        self.consumer.seek_to_beginning(tp)
-        self.seen: list = []
-
-    def poll(self, timeout_ms: int = 300) -> list:
-        for recs in self.consumer.poll(timeout_ms=timeout_ms).values():
-            self.seen += [self.model.from_bytes(r.value) for r in recs]
-        return self.seen
-
-    def wait_for(self, pred, timeout_s: float = 30, what: str = "a message"):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = [m for m in self.poll() if pred(m)]
-            if found:
-                return found
-        raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-    def close(self) -> None:
-        self.consumer.close()

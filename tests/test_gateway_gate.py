@@ -141,3 +141,53 @@ def test_bad_adapter_is_not_promoted_and_rollback_restores_traffic(gated, vllm_s
     assert _greedy(url, "policy")[1] == "0"
     assert _admin(url, "unpin")["pinned"] is False
     assert _metric(url, BY_ROLLBACK) == before[BY_ROLLBACK] + 2
+
+
+RESTARTED = 703  # names no other test of the session uses
+
+
+def _registry(url: str) -> dict:
+    """The admin view without what vLLM has loaded right now."""
+    view = _versions(url)
+    return {**view, "versions": [{k: v for k, v in r.items() if k != "loaded"} for r in view["versions"]]}
+
+
+def test_a_restarted_gateway_keeps_scores_promotions_and_the_pin(vllm_server, model_dir, vllm_store, tmp_path):
+    """Two gateway processes' lifetimes over one registry file and one broker: the second forgets nothing
+    and scores nothing again; a third with another held-out evaluation scores the promoted version again."""
+    register_base(vllm_server.url, model_dir, vllm_store)
+    with EmbeddedBroker() as broker:
+        ensure_topics(broker.bootstrap)
+        settings = GatewaySettings(vllm_url=vllm_server.url, admin_token=TOKEN, heldout_prompts=4,
+                                   eval_max_tokens=16, promotion_tolerance=0.02, load_wait_s=0,
+                                   registry_file=tmp_path / "registry.json")
+        common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=vllm_store)
+        with running_gateway(settings, common) as url:
+            _wait_decided(url, 0)
+            producer = make_producer(broker.bootstrap)
+            publish(producer, TOPIC_ADAPTERS, f"policy-v{RESTARTED}",
+                    noisy_adapter(vllm_store, model_dir, RESTARTED, scale=1e-3, seed=3, parent=0))
+            producer.close()
+            assert _wait_decided(url, RESTARTED)["promoted"]
+            _admin(url, "rollback")
+            _admin(url, "pin")
+            before = _registry(url)
+        assert (before["promoted"], before["pinned"]) == (0, True)
+
+        with running_gateway(settings, common) as url:  # AdapterReady is read again from the topic's start
+            time.sleep(3)  # time for the gate to act, if it (wrongly) thought anything needed scoring
+            assert _registry(url) == before, "the restarted gateway has the same registry"
+            assert _greedy(url, "policy")[1] == "0"
+            assert _metric(url, "odpo_gateway_policy_version") == 0
+            assert _metric(url, f'odpo_gateway_heldout_score{{policy_version="{RESTARTED}"}}') == pytest.approx(
+                _record(url, RESTARTED)["score"])
+
+        with running_gateway(settings.model_copy(update={"heldout_prompts": 3}), common) as url:
+            deadline = time.monotonic() + 240
+            while (base := _record(url, 0))["score"] is None:
+                assert time.monotonic() < deadline, "base was not scored again under the new evaluation"
+                time.sleep(0.5)
+            assert base["evaluated_at"] > before["versions"][-1]["evaluated_at"]
+            rec = _record(url, RESTARTED)
+            assert (rec["status"], rec["score"]) == ("rolled_back", None)
+            assert _versions(url)["pinned"] is True

@@ -21,7 +21,8 @@ from service.bus import ensure_topics
 from service.contracts import TOPIC_FEEDBACK, TOPIC_PREFERENCES, TOPIC_PROMPTS, Feedback, PreferencePair, PromptEvent
 from service.launcher import Launcher
 from service.settings import CommonSettings, GatewaySettings
-from tests.gateway_server import TopicTail, noisy_adapter, register_base, running_gateway
+from tests.gateway_server import noisy_adapter, register_base, running_gateway
+from tests.topics import MessageTail
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
@@ -120,7 +121,7 @@ def test_feedback_round_trip_ends_on_the_feedback_topic(client, gateway, own_bro
     rating = httpx.post(f"{gateway}/v1/feedback", json={"response_id": stream_id, "rating": -0.5})
     assert rating.status_code == 202, rating.text
 
-    tail = TopicTail(own_broker.bootstrap, TOPIC_FEEDBACK, Feedback)
+    tail = MessageTail(own_broker.bootstrap, TOPIC_FEEDBACK, Feedback)
     try:
         got = tail.wait_for(lambda f: f.response_id == greedy.id, 30, "the choice on odpo.feedback")[0]
         assert got.preferred == "other" and got.other_response_id == other_id
@@ -143,7 +144,7 @@ def test_prompts_are_mirrored_unless_opted_out(client, gateway, own_broker):
         {"id": "api-1", "text": "Describe snow.", "task": {"kind": "constraints", "constraints": []}}]})
     assert enqueued.status_code == 202 and enqueued.json()["ids"] == ["api-1"]
 
-    tail = TopicTail(own_broker.bootstrap, TOPIC_PROMPTS, PromptEvent)
+    tail = MessageTail(own_broker.bootstrap, TOPIC_PROMPTS, PromptEvent)
     try:
         seen = tail.wait_for(lambda p: p.id == "api-1", 30, "the enqueued prompt")
         assert seen[-1].source == "api" and seen[-1].task["kind"] == "constraints"
@@ -161,7 +162,7 @@ def test_feedback_becomes_a_pair_through_the_human_judge(client, gateway, own_br
     launcher = Launcher(tmp_path / "logs", {"ODPO_BOOTSTRAP_SERVERS": own_broker.bootstrap,
                                             "ODPO_JUDGE_JUDGE": "human"})
     launcher.start("judge")
-    tail = TopicTail(own_broker.bootstrap, TOPIC_PREFERENCES, PreferencePair)
+    tail = MessageTail(own_broker.bootstrap, TOPIC_PREFERENCES, PreferencePair)
     try:
         question = [{"role": "user", "content": "Name a fruit."}]
         greedy = client.chat.completions.create(model="policy", messages=question, max_tokens=8, temperature=0)
@@ -179,3 +180,30 @@ def test_feedback_becomes_a_pair_through_the_human_judge(client, gateway, own_br
     finally:
         tail.close()
         launcher.stop()
+
+
+def test_new_tokens_are_capped(vllm_server, own_broker, vllm_store):
+    """Above the cap: 400 with a JSON body (the openai client's BadRequestError). None asked: the cap applies,
+    and where a long prompt leaves less room than the cap the engine lowers it instead of failing."""
+    settings = GatewaySettings(vllm_url=vllm_server.url, max_tokens_cap=5)
+    common = CommonSettings(bootstrap_servers=own_broker.bootstrap, store_dir=vllm_store)
+    with running_gateway(settings, common, gate=False) as url:
+        capped = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        with pytest.raises(openai.BadRequestError, match="at most 5 new tokens") as refused:
+            capped.chat.completions.create(model="base", messages=QUESTION, max_tokens=6)
+        assert refused.value.body["code"] == "max_tokens_too_large"
+        with pytest.raises(openai.BadRequestError, match="max_completion_tokens 9"):
+            capped.chat.completions.create(model="base", messages=QUESTION, max_completion_tokens=9)
+        chat = capped.chat.completions.create(model="base", messages=QUESTION, temperature=0)
+        assert chat.usage.completion_tokens == 5 and chat.choices[0].finish_reason == "length"
+        text = capped.completions.create(model="base", prompt=TEXT_PROMPT, max_tokens=5, temperature=0)
+        assert text.usage.completion_tokens <= 5
+
+    # The default cap (1024) with a prompt that leaves only a few hundred tokens of the 2048 context.
+    with running_gateway(GatewaySettings(vllm_url=vllm_server.url), common, gate=False) as url:
+        long_prompt = "one two three four five six seven eight nine ten " * 160  # about 1,760 tokens
+        resp = httpx.post(f"{url}/v1/completions", timeout=300, json={
+            "model": "base", "prompt": long_prompt, "temperature": 0})
+        assert resp.status_code == 200, resp.text
+        usage = resp.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] <= 2048

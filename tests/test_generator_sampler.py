@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from generator.adapters import AdapterManager
 from generator.sampler import PromptRejected, Sampler
 from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
 from service.contracts import PromptEvent, SamplingParams
@@ -83,15 +81,6 @@ def test_too_long_prompt_is_rejected_before_any_request(tokenizer):
     sampler = Sampler(None, tokenizer, None, GeneratorSettings(max_model_len=64, max_tokens=48))
     with pytest.raises(PromptRejected, match="max_model_len=64"):
         sampler.sample(CHAT)
-
-
-@pytest.fixture(scope="module")
-def manager(vllm_server, vllm_store, model_dir):
-    client = httpx.Client(base_url=vllm_server.url, timeout=120)
-    adapters = AdapterManager(client, vllm_store, model_dir, keep_versions=2)
-    adapters.register_base(write_zero_adapter(model_dir, vllm_store / ZERO_ADAPTER_DIR))
-    yield adapters
-    client.close()
 
 
 @pytest.mark.vllm

@@ -25,40 +25,9 @@ from service.contracts import (TOPIC_ADAPTERS, TOPIC_CANDIDATES, TOPIC_DLQ, TOPI
                                DeadLetter, PromptEvent)
 from service.settings import CommonSettings, GeneratorSettings
 from tests.test_generator_swap import make_peft_model, publish_adapter, randomize_lora_b
+from tests.topics import MessageTail
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
-
-
-class Reader:
-    """Reads one topic from its start without a group (takes nothing from the component under test)."""
-
-    def __init__(self, bootstrap: str, topic: str, model):
-        self.model = model
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                      auto_offset_reset="earliest")
-        tp = TopicPartition(topic, 0)
-        self.consumer.assign([tp])
-        self.consumer.seek_to_beginning(tp)
-        self.records: list = []
-
-    def wait_for(self, predicate, count: int, timeout_s: float, what: str) -> list:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for recs in self.consumer.poll(timeout_ms=500).values():
-                self.records += recs
-            found = [m for m in (self._decode(r) for r in self.records) if m is not None and predicate(m)]
-            if len(found) >= count:
-                return found
-        raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-    def _decode(self, rec):
-        try:
-            return self.model.from_bytes(rec.value)
-        except ValueError:
-            return None
-
-    def close(self) -> None:
-        self.consumer.close()
 
 
 def prompt(tag: str, text: str) -> PromptEvent:
@@ -90,8 +59,8 @@ def test_service_samples_hot_swaps_and_dead_letters(broker, producer, vllm_serve
     settings = GeneratorSettings(vllm_url=vllm_server.url, n=2, max_tokens=8, max_in_flight=2, group_id=group_id)
     stop = threading.Event()
     service = threading.Thread(target=run, args=(common, settings, stop), name="generator-under-test")
-    candidates = Reader(broker.bootstrap, TOPIC_CANDIDATES, CandidateSet)
-    dlq = Reader(broker.bootstrap, TOPIC_DLQ, DeadLetter)
+    candidates = MessageTail(broker.bootstrap, TOPIC_CANDIDATES, CandidateSet)
+    dlq = MessageTail(broker.bootstrap, TOPIC_DLQ, DeadLetter)
     try:
         first = [prompt("svc", "Say hello."), prompt("svc", "Count to three.")]
         bad_key = f"bad-{uuid.uuid4().hex[:8]}"
@@ -101,10 +70,10 @@ def test_service_samples_hot_swaps_and_dead_letters(broker, producer, vllm_serve
         service.start()
 
         ids = {p.id for p in first}
-        got = candidates.wait_for(lambda c: c.prompt.id in ids, 2, 240, "candidates of the first prompts")
+        got = candidates.wait_for(lambda c: c.prompt.id in ids, 240, "candidates of the first prompts", count=2)
         assert {c.policy_version for c in got} == {101}, "catch-up serves the newest version before sampling"
         assert all(len(c.completions) == 2 and c.sampling.max_tokens == 8 for c in got)
-        letter = dlq.wait_for(lambda d: d.key == bad_key, 1, 30, "the malformed prompt on the DLQ")[0]
+        letter = dlq.wait_for(lambda d: d.key == bad_key, 30, "the malformed prompt on the DLQ")[0]
         assert (letter.source_topic, letter.component) == (TOPIC_PROMPTS, "generator")
         assert "invalid PromptEvent" in letter.error
 
@@ -115,13 +84,13 @@ def test_service_samples_hot_swaps_and_dead_letters(broker, producer, vllm_serve
         randomize_lora_b(peft, seed=103)
         ready103 = publish_adapter(peft, vllm_store, 103, model_dir).model_copy(update={"sha256": "0" * 64})
         publish(producer, TOPIC_ADAPTERS, "policy-v103", ready103)
-        refused = dlq.wait_for(lambda d: d.key == "policy-v103", 1, 60, "the corrupted adapter on the DLQ")[0]
+        refused = dlq.wait_for(lambda d: d.key == "policy-v103", 60, "the corrupted adapter on the DLQ")[0]
         assert refused.source_topic == TOPIC_ADAPTERS and "sha256 mismatch" in refused.error
         assert REGISTRY.get_sample_value("odpo_generator_policy_version") == 102
 
         later = prompt("svc", "Name a fruit.")
         last_offset = send(producer, TOPIC_PROMPTS, later.id, later.to_bytes())
-        got = candidates.wait_for(lambda c: c.prompt.id == later.id, 1, 120, "candidates after the swap")
+        got = candidates.wait_for(lambda c: c.prompt.id == later.id, 120, "candidates after the swap")
         assert got[0].policy_version == 102
         assert service.is_alive()
     finally:
@@ -162,10 +131,10 @@ def test_loop_pauses_at_the_in_flight_bound_and_commits_in_order(broker, produce
         client.close()
     assert paused_when_full > 0, "partitions are paused while the in-flight budget is full"
     assert committed(broker.bootstrap, group_id, TOPIC_PROMPTS) == end
-    reader = Reader(broker.bootstrap, TOPIC_CANDIDATES, CandidateSet)
+    reader = MessageTail(broker.bootstrap, TOPIC_CANDIDATES, CandidateSet)
     try:
         ids = {p.id for p in mine}
-        got = reader.wait_for(lambda c: c.prompt.id in ids, 5, 30, "candidates of every prompt")
+        got = reader.wait_for(lambda c: c.prompt.id in ids, 30, "candidates of every prompt", count=5)
     finally:
         reader.close()
     assert {c.prompt.id for c in got} == ids

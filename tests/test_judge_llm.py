@@ -152,11 +152,7 @@ def test_llm_judge_service_publishes_a_verdict_that_survives_the_swap(gateway_v1
     cset = candidate_set(f"{run_id}-echo", ["B", "A"], task={})
     last = producer.send(topic, key=cset.prompt.id.encode(), value=cset.to_bytes()).get(timeout=30).offset
     consistent = metric("odpo_judge_llm_comparisons_total", outcome="consistent")
-    inbox = Inbox(broker.bootstrap, topic, CandidateSet, "judge", producer, group_id=f"test-{run_id}")
-    try:
-        judge_all(JudgeLoop(inbox, producer, settings), inbox, topic, last + 1)
-    finally:
-        inbox.close()
+    judge_all(broker, producer, topic, last + 1, settings, group_id=f"test-{run_id}")
     mine = lambda r: r.key == cset.prompt.id.encode()
     (record,) = read_until(broker.bootstrap, TOPIC_PREFERENCES, mine, lambda found: len(found) >= 1)
     pair = PreferencePair.from_bytes(record.value)

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from judge.metrics import PLUGINS
 from judge.service import JudgeLoop, run
-from service.bus import Inbox, ensure_topics
+from service.bus import Inbox, TopicTail, ensure_topics
 from service.contracts import (
     TOPIC_CANDIDATES,
     TOPIC_DLQ,
@@ -46,18 +46,14 @@ def send(producer, key: str, value: bytes) -> int:
 
 def read_until(bootstrap: str, topic: str, wanted, done, timeout_s: float = TIMEOUT_S) -> list:
     """Records of `topic` (from the start) for which `wanted(record)` holds, once `done(list)` is true."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    tp = TopicPartition(topic, 0)
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
+    tail = TopicTail(bootstrap, [topic], client_id="odpo-test-tail")
     found: list = []
     deadline = time.monotonic() + timeout_s
     try:
         while not done(found) and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=300).values():
-                found.extend(r for r in records if wanted(r))
+            found.extend(r for r in tail.poll(300) if wanted(r))
     finally:
-        consumer.close()
+        tail.close()
     return found
 
 
@@ -136,13 +132,21 @@ def test_judge_pairs_dead_letters_and_carries_on(broker, producer, group_id):
     assert metric("odpo_judge_pairs_dropped_total", reason="tie") - ties_before >= 1
 
 
-def judge_all(loop: JudgeLoop, inbox: Inbox, topic: str, end_offset: int, timeout_s: float = TIMEOUT_S) -> None:
-    """Step `loop` until it has read `topic` through `end_offset` (exclusive)."""
-    deadline = time.monotonic() + timeout_s
-    tp = TopicPartition(topic, 0)
-    while (inbox.consumer.committed(tp) or 0) < end_offset:
-        assert time.monotonic() < deadline, "the judge did not get through the topic"
-        loop.step()
+def judge_all(broker, producer, topic: str, end_offset: int, settings: JudgeSettings, group_id: str | None = None,
+              timeout_s: float = TIMEOUT_S) -> None:
+    """A fresh JudgeLoop (own group: no memory of earlier runs) steps until it has read `topic` through
+    `end_offset` (exclusive)."""
+    inbox = Inbox(broker.bootstrap, topic, CandidateSet, "judge", producer,
+                  group_id=group_id or f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        loop = JudgeLoop(inbox, producer, settings)
+        deadline = time.monotonic() + timeout_s
+        tp = TopicPartition(topic, 0)
+        while (inbox.consumer.committed(tp) or 0) < end_offset:
+            assert time.monotonic() < deadline, "the judge did not get through the topic"
+            loop.step()
+    finally:
+        inbox.close()
 
 
 def test_replayed_candidate_sets_publish_no_new_pair_ids(broker, producer):
@@ -159,11 +163,7 @@ def test_replayed_candidate_sets_publish_no_new_pair_ids(broker, producer):
     duplicates = metric("odpo_judge_pairs_dropped_total", reason="duplicate")
 
     def judge_once() -> None:
-        inbox = Inbox(broker.bootstrap, topic, CandidateSet, "judge", producer, group_id=f"test-{uuid.uuid4().hex[:8]}")
-        try:
-            judge_all(JudgeLoop(inbox, producer, settings), inbox, topic, last + 1)
-        finally:
-            inbox.close()
+        judge_all(broker, producer, topic, last + 1, settings)
 
     judge_once()
     first = read_until(broker.bootstrap, TOPIC_PREFERENCES, mine, lambda found: len(found) >= 3)
@@ -189,11 +189,7 @@ def test_pairing_settings_reach_the_service(broker, producer):
     settings = JudgeSettings(pairing="all_pairs", length_guard="drop", max_pairs_per_prompt=10, poll_timeout_s=0.2)
     before = {r: metric("odpo_judge_pairs_dropped_total", reason=r) for r in ("tie", "length")}
     longer_before = metric("odpo_judge_pairs_chosen_longer_total")
-    inbox = Inbox(broker.bootstrap, topic, CandidateSet, "judge", producer, group_id=f"test-{run_id}")
-    try:
-        judge_all(JudgeLoop(inbox, producer, settings), inbox, topic, last + 1)
-    finally:
-        inbox.close()
+    judge_all(broker, producer, topic, last + 1, settings, group_id=f"test-{run_id}")
     mine = lambda r: r.key == cset.prompt.id.encode()
     found = read_until(broker.bootstrap, TOPIC_PREFERENCES, mine, lambda found: len(found) >= 2)
     pairs = {(p.chosen, p.rejected) for p in map(PreferencePair.from_bytes, (r.value for r in found))}

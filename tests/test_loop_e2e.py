@@ -14,10 +14,9 @@ import time
 
 import httpx
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from service.broker import EmbeddedBroker, free_port
-from service.bus import ensure_topics, make_producer, publish
+from service.bus import TopicTail, ensure_topics, make_producer, publish
 from service.contracts import (TOPIC_ADAPTERS, TOPIC_CANDIDATES, TOPIC_DLQ, TOPIC_PREFERENCES, TOPIC_PROMPTS,
                                AdapterReady, CandidateSet, DeadLetter, PreferencePair)
 from service.launcher import Launcher
@@ -29,19 +28,17 @@ CONSUMED = (TOPIC_PROMPTS, TOPIC_CANDIDATES, TOPIC_PREFERENCES, TOPIC_ADAPTERS)
 
 
 class TopicReader:
-    """Reads topics from the start with an assigned consumer (no group: takes nothing from the components)."""
+    """Raw messages per topic, read from the start (service.bus.TopicTail: no group, takes nothing)."""
 
     def __init__(self, bootstrap: str, topics):
-        self.c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-        tps = [TopicPartition(t, 0) for t in topics]
-        self.c.assign(tps)
-        self.c.seek_to_beginning(*tps)
+        self.tail = TopicTail(bootstrap, topics, client_id="odpo-test-tail")
         self.seen: dict[str, list[bytes]] = {t: [] for t in topics}
 
     def poll(self) -> None:
-        for tp, recs in self.c.poll(timeout_ms=500).items():
+        for rec in self.tail.poll():
             # the malformed messages this test sends itself are read back only from odpo.dlq
-            self.seen[tp.topic] += [r.value for r in recs if tp.topic == TOPIC_DLQ or r.key != b"malformed"]
+            if rec.topic == TOPIC_DLQ or rec.key != b"malformed":
+                self.seen[rec.topic].append(rec.value)
 
 
 def _wait(cond, timeout_s: float, launcher: Launcher, what: str):

@@ -16,7 +16,8 @@ from transformers import AutoTokenizer
 
 from service.adapter_store import adapter_digest, published_versions
 from service.bus import GROUP_SETTINGS, publish
-from service.contracts import TOPIC_ADAPTERS, TOPIC_DLQ, TOPIC_PREFERENCES, AdapterReady, DeadLetter
+from service.contracts import (DATASET_JUDGE, TOPIC_ADAPTERS, TOPIC_DLQ, TOPIC_PREFERENCES, AdapterReady,
+                               DeadLetter)
 from service.settings import CommonSettings, TrainerSettings
 from tests.test_trainer_train import make_pairs
 from trainer.checkpoint import STATE_FILE
@@ -147,8 +148,10 @@ def test_trainer_publishes_commits_dead_letters_and_resumes(broker, producer, gr
     assert [r.offset for r in seen] == [replay.offset]
 
     # Restart on the same store: resumes at v1; replayed pairs are duplicates, new ones make v2;
-    # with max_staleness 0 a new pair from v0 is stale, and one from v5 comes from a lineage it never made.
-    more = make_pairs(tok, 6, tag=tag + "b", policy_version=1)[2:]
+    # with max_staleness 0 a new pair from v0 is stale, and one from v5 comes from a lineage it never made;
+    # a pair loaded from a dataset carries v0 too but was sampled by no version, so it is never stale.
+    more = make_pairs(tok, 5, tag=tag + "b", policy_version=1)[2:]
+    more.append(make_pairs(tok, 1, tag=tag + "d", policy_version=0)[0].model_copy(update={"judge": DATASET_JUDGE}))
     stale = make_pairs(tok, 1, tag=tag + "s", policy_version=0)[0]
     future = make_pairs(tok, 1, tag=tag + "f", policy_version=5)[0]
     drops_before = {r: metric("odpo_trainer_pairs_dropped_total", reason=r) for r in ("stale", "future_version")}

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from service.adapter_store import adapter_digest, publish_dir, published_versions, staging_dir, version_path
+from service.adapter_store import (adapter_digest, publish_dir, published_versions, staging_dir, version_path,
+                                   write_file_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +138,7 @@ def published_version(store: Path) -> int:
 
 def mark_published(store: Path, version: int) -> None:
     """Record that `version`'s AdapterReady is flushed (write-to-temp, then atomic replace)."""
-    store = Path(store)
-    tmp = store / f".{PUBLISHED_FILE}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{version}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, store / PUBLISHED_FILE)
+    write_file_atomic(Path(store) / PUBLISHED_FILE, f"{version}\n".encode())
 
 
 def remove_staging_leftovers(store: Path) -> int:

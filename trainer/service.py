@@ -35,6 +35,7 @@ from service.adapter_store import adapter_digest, version_path
 from service.assets import base_model_dir
 from service.bus import Envelope, Inbox, ensure_topics, make_producer, publish
 from service.contracts import (
+    DATASET_JUDGE,
     TOPIC_ADAPTERS,
     TOPIC_PREFERENCES,
     AdapterReady,
@@ -88,7 +89,9 @@ class TrainerLoop:
             M.PAIRS_DROPPED.labels(reason).inc()
             log.debug("dropped pair %s: %s", pair.id, reason)
             return
-        M.STALENESS.observe(self.trainer.version - pair.policy_version)
+        staleness = self._staleness(pair)
+        if staleness is not None:
+            M.STALENESS.observe(staleness)
         if not self.buffer:
             self.opened_at = time.monotonic()
         self.buffer.append(_Buffered(env, tokenized))
@@ -97,12 +100,18 @@ class TrainerLoop:
     def _drop_reason(self, pair: PreferencePair) -> str | None:
         if self.trainer.already_trained(pair.id) or any(b.pair.pair_id == pair.id for b in self.buffer):
             return "duplicate"
-        staleness = self.trainer.version - pair.policy_version
-        if staleness < 0:
+        staleness = self._staleness(pair)
+        if staleness is not None and staleness < 0:
             return "future_version"  # sampled by a lineage this store never produced
-        if staleness > self.settings.max_staleness:
+        if staleness is not None and staleness > self.settings.max_staleness:
             return "stale"
         return None
+
+    def _staleness(self, pair: PreferencePair) -> int | None:
+        """Versions between the pair's sampler and this trainer; None where that does not apply."""
+        if pair.judge == DATASET_JUDGE and not self.settings.stale_dataset_pairs:
+            return None
+        return self.trainer.version - pair.policy_version
 
     def window_ready(self) -> bool:
         if len(self.buffer) >= self.settings.window_pairs:
@@ -209,7 +218,8 @@ class TrainerLoop:
     def _drop_newly_stale(self) -> None:
         keep = []
         for b in self.buffer:
-            if self.trainer.version - b.pair.policy_version > self.settings.max_staleness:
+            staleness = self._staleness(b.env.value)
+            if staleness is not None and staleness > self.settings.max_staleness:
                 M.PAIRS_DROPPED.labels("stale").inc()
                 self._uncommitted = True
             else:

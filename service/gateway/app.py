@@ -22,12 +22,14 @@ from service.gateway.gate import PromotionGate
 from service.gateway.metrics import RequestMetrics, ScoreGauge, sync_promoted
 from service.gateway.outbox import Outbox
 from service.gateway.protocol import error
+from service.gateway.registry_file import RegistryFile
 from service.gateway.served import ServedStore
 from service.gateway.state import BrokerCheck, GatewayState
 from service.settings import CommonSettings, GatewaySettings
 
 log = logging.getLogger(__name__)
 
+REGISTRY_FILE = "gateway-registry.json"
 ERROR_KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error",
                503: "unavailable"}
 
@@ -42,8 +44,10 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None, 
         async with httpx.AsyncClient(base_url=settings.vllm_url, timeout=settings.request_timeout_s,
                                      limits=limits) as client:
             book = VersionBook(settings.promotion_tolerance)
-            adapters = EngineAdapters(settings.vllm_url, common.store_dir)
             scores = ScoreGauge(settings.score_versions_kept)
+            if settings.persist_registry:
+                _keep_in_file(book, settings, common, scores)
+            adapters = EngineAdapters(settings.vllm_url, common.store_dir)
             outbox = Outbox(common.bootstrap_servers, settings.mirror_queue_size, settings.publish_timeout_s).start()
             app.state.gateway = GatewayState(
                 settings=settings, common=common, client=client, book=book, adapters=adapters,
@@ -86,6 +90,15 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None, 
     for module in (health, forwarding, feedback, admin):
         app.include_router(module.router)
     return app
+
+
+def _keep_in_file(book: VersionBook, settings: GatewaySettings, common: CommonSettings, scores: ScoreGauge) -> None:
+    path = settings.registry_file or common.store_dir / REGISTRY_FILE
+    evaluation = {"heldout_prompts": settings.heldout_prompts, "eval_max_tokens": settings.eval_max_tokens}
+    if RegistryFile(path, evaluation).attach(book):
+        for rec in book.snapshot()["versions"]:
+            if rec["score"] is not None:
+                scores.set(rec["version"], rec["score"])
 
 
 def _describe(err: dict) -> str:

@@ -13,13 +13,19 @@ Rules:
   that passes stays `passed` and traffic stays where the operator pinned it.
 - Operators may promote any known version, pin, unpin and roll back to the
   version promoted before the current one.
+
+The book can be exported and restored (`export_state` / `restore_state`) and
+calls `on_change` after every change, so the gateway keeps it in a file
+(`service.gateway.registry_file`) and a restart forgets no decision.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from service.contracts import AdapterReady, version_name
@@ -63,6 +69,19 @@ class Decision:
     previous: int  # the version promoted before the decision
 
 
+def _changes(method):
+    """Call the book's `on_change` after `method` returns (the lock is released by then)."""
+
+    @functools.wraps(method)
+    def wrapper(self: "VersionBook", *args, **kwargs):
+        result = method(self, *args, **kwargs)
+        if self.on_change is not None:
+            self.on_change()
+        return result
+
+    return wrapper
+
+
 class VersionBook:
     def __init__(self, tolerance: float, max_records: int = 200, max_history: int = 100):
         self.tolerance = tolerance
@@ -73,6 +92,7 @@ class VersionBook:
         self._history: list[int] = [0]  # promoted versions, oldest first; rollback pops
         self._pinned = False
         self._evaluating: int | None = None
+        self.on_change: Callable[[], None] | None = None
 
     # -- reading -------------------------------------------------------------------------------------
     @property
@@ -102,6 +122,7 @@ class VersionBook:
                     "versions": versions}
 
     # -- the gate ------------------------------------------------------------------------------------
+    @_changes
     def add(self, ready: AdapterReady) -> bool:
         """Record a published version (pending); False for one already known."""
         with self._lock:
@@ -114,6 +135,7 @@ class VersionBook:
             self._trim()
             return True
 
+    @_changes
     def next_evaluation(self) -> tuple[int | None, list[int]]:
         """The version to score next (marked `evaluating`) and the pending ones it supersedes.
 
@@ -137,6 +159,7 @@ class VersionBook:
             self._evaluating = chosen
             return chosen, superseded
 
+    @_changes
     def decide(self, version: int, score: float) -> Decision:
         """Record `version`'s score and promote it if it is good enough (and traffic is not pinned)."""
         with self._lock:
@@ -162,6 +185,7 @@ class VersionBook:
                 self._set_promoted(version)
             return Decision(version, score, promote, rec.status, rec.reason, previous)
 
+    @_changes
     def fail(self, version: int, reason: str) -> None:
         """The gate could not score `version` (not loadable, engine errors): it is not promoted."""
         with self._lock:
@@ -169,6 +193,7 @@ class VersionBook:
             rec = self._records[version]
             rec.status, rec.reason, rec.evaluated_at = FAILED, reason, time.time()
 
+    @_changes
     def requeue(self, version: int) -> None:
         """Put a version back to pending (the engine was not ready to score it yet)."""
         with self._lock:
@@ -176,6 +201,7 @@ class VersionBook:
             self._records[version].status = PENDING
 
     # -- operators -----------------------------------------------------------------------------------
+    @_changes
     def promote(self, version: int) -> int:
         """Promote a known version whatever the gate said; returns the version promoted before."""
         with self._lock:
@@ -186,6 +212,7 @@ class VersionBook:
                 self._set_promoted(version)
             return previous
 
+    @_changes
     def rollback(self) -> tuple[int, int]:
         """Return traffic to the version promoted before the current one; returns (from, to)."""
         with self._lock:
@@ -198,6 +225,7 @@ class VersionBook:
                 rec.status, rec.reason = ROLLED_BACK, f"rolled back to {version_name(self._promoted)}"
             return current, self._promoted
 
+    @_changes
     def pin(self, version: int | None = None) -> None:
         """Keep traffic on `version` (default: the promoted one) until unpinned."""
         with self._lock:
@@ -208,10 +236,42 @@ class VersionBook:
                     self._set_promoted(version)
             self._pinned = True
 
+    @_changes
     def unpin(self) -> None:
         """Let the gate promote again (from the next version it scores)."""
         with self._lock:
             self._pinned = False
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def export_state(self) -> dict[str, Any]:
+        """Everything a restart needs: every record, the promoted version, its history and the pin."""
+        with self._lock:
+            return {"promoted": self._promoted, "history": list(self._history), "pinned": self._pinned,
+                    "records": [asdict(r) for r in sorted(self._records.values(), key=lambda r: r.version)]}
+
+    def restore_state(self, state: dict[str, Any], keep_scores: bool = True) -> None:
+        """Take over an exported state. A version being scored when it was saved is pending again;
+        `keep_scores=False` (the held-out evaluation changed since) forgets every score, so the
+        promoted version is scored again before a new version is compared with it."""
+        known = {f.name for f in fields(VersionRecord)}
+        records = {}
+        for raw in state["records"]:
+            rec = VersionRecord(**{k: v for k, v in raw.items() if k in known})
+            if rec.status == EVALUATING:
+                rec.status = PENDING
+            if not keep_scores:  # verdicts stay as they were given; only the numbers are not comparable
+                rec.score = None
+            records[rec.version] = rec
+        records.setdefault(0, VersionRecord(0))
+        promoted = int(state["promoted"])
+        if promoted not in records:
+            raise ValueError(f"the promoted version {promoted} has no record")
+        with self._lock:
+            self._records = records
+            self._promoted = promoted
+            self._history = [v for v in state.get("history", [promoted]) if v in records] or [promoted]
+            self._pinned = bool(state.get("pinned", False))
+            self._evaluating = None
 
     # -- internals (lock held) -----------------------------------------------------------------------
     def _set_promoted(self, version: int) -> None:

@@ -74,9 +74,17 @@ async def _forward(request: Request, route: str, body: SamplingRequest, prompts:
         return error(503, str(exc), "unavailable")
     except httpx.HTTPError:
         return error(503, "serving engine unreachable", "unavailable")
+    cap = state.settings.max_tokens_cap
+    asked = {k: getattr(body, k, None) for k in ("max_tokens", "max_completion_tokens")}
+    over = [f"{k} {v}" for k, v in asked.items() if v is not None and v > cap]
+    if over:
+        return error(400, f"{' and '.join(over)}: this gateway serves at most {cap} new tokens per choice",
+                     code="max_tokens_too_large")
     _mirror(state, prompts, no_learn)
     payload = body.model_dump(exclude_unset=True)
     payload["model"] = served_name
+    if not any(asked.values()):
+        payload["max_tokens"] = cap  # the engine lowers it to what the context leaves
     chat = route == "/v1/chat/completions"
     headers = {"x-odpo-policy-version": str(version)}
     try:
