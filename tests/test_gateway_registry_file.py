@@ -70,3 +70,17 @@ def test_an_unreadable_file_is_set_aside_and_the_gateway_starts_fresh(tmp_path):
         assert book.promoted == 0 and book.record(0) is not None
         assert (tmp_path / "gateway-registry.json.unreadable").read_text() == content
         assert json.loads(path.read_text())["promoted"] == 0, "a fresh registry is written in its place"
+
+
+def test_only_real_changes_are_saved():
+    """The gate polls `next_evaluation` and re-reads every AdapterReady after a restart: those write nothing."""
+    book, calls = VersionBook(0.05), []
+    book.on_change = lambda: calls.append(1)
+    assert book.next_evaluation() == (0, []) and len(calls) == 1
+    book.decide(0, 0.5)
+    book.add(ready(1))
+    assert len(calls) == 3
+    assert book.add(ready(1)) is False
+    book.next_evaluation()  # v1 is being scored
+    assert book.next_evaluation() == (None, [])
+    assert len(calls) == 4, "a known version and an idle poll are no change"

@@ -69,17 +69,21 @@ class Decision:
     previous: int  # the version promoted before the decision
 
 
-def _changes(method):
-    """Call the book's `on_change` after `method` returns (the lock is released by then)."""
+def _changes(changed: Callable[[Any], bool] = lambda result: True):
+    """Call the book's `on_change` after the method returns (the lock is released by then), if `changed`
+    says its result means the book changed: the gate polls often, and an idle poll writes nothing."""
 
-    @functools.wraps(method)
-    def wrapper(self: "VersionBook", *args, **kwargs):
-        result = method(self, *args, **kwargs)
-        if self.on_change is not None:
-            self.on_change()
-        return result
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self: "VersionBook", *args, **kwargs):
+            result = method(self, *args, **kwargs)
+            if self.on_change is not None and changed(result):
+                self.on_change()
+            return result
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
 class VersionBook:
@@ -122,7 +126,7 @@ class VersionBook:
                     "versions": versions}
 
     # -- the gate ------------------------------------------------------------------------------------
-    @_changes
+    @_changes(lambda added: added)
     def add(self, ready: AdapterReady) -> bool:
         """Record a published version (pending); False for one already known."""
         with self._lock:
@@ -135,7 +139,7 @@ class VersionBook:
             self._trim()
             return True
 
-    @_changes
+    @_changes(lambda chosen: chosen[0] is not None)
     def next_evaluation(self) -> tuple[int | None, list[int]]:
         """The version to score next (marked `evaluating`) and the pending ones it supersedes.
 
@@ -159,7 +163,7 @@ class VersionBook:
             self._evaluating = chosen
             return chosen, superseded
 
-    @_changes
+    @_changes()
     def decide(self, version: int, score: float) -> Decision:
         """Record `version`'s score and promote it if it is good enough (and traffic is not pinned)."""
         with self._lock:
@@ -185,7 +189,7 @@ class VersionBook:
                 self._set_promoted(version)
             return Decision(version, score, promote, rec.status, rec.reason, previous)
 
-    @_changes
+    @_changes()
     def fail(self, version: int, reason: str) -> None:
         """The gate could not score `version` (not loadable, engine errors): it is not promoted."""
         with self._lock:
@@ -193,7 +197,7 @@ class VersionBook:
             rec = self._records[version]
             rec.status, rec.reason, rec.evaluated_at = FAILED, reason, time.time()
 
-    @_changes
+    @_changes()
     def requeue(self, version: int) -> None:
         """Put a version back to pending (the engine was not ready to score it yet)."""
         with self._lock:
@@ -201,7 +205,7 @@ class VersionBook:
             self._records[version].status = PENDING
 
     # -- operators -----------------------------------------------------------------------------------
-    @_changes
+    @_changes()
     def promote(self, version: int) -> int:
         """Promote a known version whatever the gate said; returns the version promoted before."""
         with self._lock:
@@ -212,7 +216,7 @@ class VersionBook:
                 self._set_promoted(version)
             return previous
 
-    @_changes
+    @_changes()
     def rollback(self) -> tuple[int, int]:
         """Return traffic to the version promoted before the current one; returns (from, to)."""
         with self._lock:
@@ -225,7 +229,7 @@ class VersionBook:
                 rec.status, rec.reason = ROLLED_BACK, f"rolled back to {version_name(self._promoted)}"
             return current, self._promoted
 
-    @_changes
+    @_changes()
     def pin(self, version: int | None = None) -> None:
         """Keep traffic on `version` (default: the promoted one) until unpinned."""
         with self._lock:
@@ -236,7 +240,7 @@ class VersionBook:
                     self._set_promoted(version)
             self._pinned = True
 
-    @_changes
+    @_changes()
     def unpin(self) -> None:
         """Let the gate promote again (from the next version it scores)."""
         with self._lock:
