@@ -16,12 +16,23 @@ from service.bus import ensure_topics, make_producer
 CACHE_DIR = Path(os.environ.get("ODPO_CACHE_DIR", "~/.cache/odpo")).expanduser()
 
 
-@pytest.fixture(scope="session")
-def broker():
-    """One real memory-only Tansu broker for the session, all topics created."""
+def _broker_with_topics():
     with EmbeddedBroker() as b:
         ensure_topics(b.bootstrap)
         yield b
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """One real memory-only Tansu broker for the session, all topics created."""
+    yield from _broker_with_topics()
+
+
+@pytest.fixture(scope="module")
+def own_broker():
+    """A broker of the test module's own, all topics created: what the module publishes (prompts, feedback)
+    is not consumed by other modules' components, and it reads back only its own messages."""
+    yield from _broker_with_topics()
 
 
 @pytest.fixture()

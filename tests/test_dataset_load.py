@@ -7,8 +7,6 @@ import uuid
 
 import pytest
 
-from service.broker import EmbeddedBroker
-from service.bus import ensure_topics
 from service.cli import main
 from service.contracts import (
     TOPIC_PREFERENCES,
@@ -91,14 +89,6 @@ def test_prompt_lines():
     assert c.text == "Once upon a time"
     assert [n for n, _ in loaded.errors] == [4, 5, 6, 7]
     assert "exactly one of" in loaded.errors[0][1] and "blank" in loaded.errors[1][1]
-
-
-@pytest.fixture(scope="module")
-def own_broker():
-    """A broker of its own: prompts loaded here must not be sampled by other tests' generators."""
-    with EmbeddedBroker() as b:
-        ensure_topics(b.bootstrap)
-        yield b
 
 
 @pytest.fixture()

@@ -16,8 +16,6 @@ import httpx
 import openai
 import pytest
 
-from service.broker import EmbeddedBroker
-from service.bus import ensure_topics
 from service.contracts import TOPIC_FEEDBACK, TOPIC_PREFERENCES, TOPIC_PROMPTS, Feedback, PreferencePair, PromptEvent
 from service.launcher import Launcher
 from service.settings import CommonSettings, GatewaySettings
@@ -29,13 +27,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 ADAPTER_VERSION = 611  # a name no other test of the session uses
 QUESTION = [{"role": "user", "content": "Name three colors."}]
 TEXT_PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def own_broker():
-    with EmbeddedBroker() as b:
-        ensure_topics(b.bootstrap)
-        yield b
 
 
 @pytest.fixture(scope="module")
