@@ -18,6 +18,7 @@ The `human` plugin is no `Judge`: it turns odpo.feedback into pairs (judge/feedb
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
 from service.contracts import PromptEvent
@@ -40,6 +41,12 @@ class Judgement:
 
     scores: list[float]
     verdicts: dict[tuple[int, int], int] | None = None
+    # Set by the quality guard (judge/composite.py): why response i is degenerate, None where it passes.
+    # A degenerate response is never the chosen side of a pair.
+    failures: list[str | None] | None = None
+
+    def degenerate(self, i: int) -> str | None:
+        return self.failures[i] if self.failures is not None else None
 
     def verdict(self, winner: int, loser: int) -> int | None:
         """+1 if the judge directly preferred `winner` over `loser`, 0 tie, -1 the reverse; None if unknown."""
@@ -67,7 +74,20 @@ class PairwiseJudge(Judge, Protocol):
         ...
 
 
-def make_judge(settings: JudgeSettings) -> Judge:
+def make_judge(settings: JudgeSettings, reference_model: "Path | None" = None) -> Judge:
+    """The configured judge: the plugin `settings.judge` names, composed with the quality guard
+    (`settings.composition`; judge/composite.py). `reference_model` is the base model folder the guard's
+    fluency term scores with (`settings.reference_logprob`)."""
+    plugin = make_plugin(settings)
+    if settings.composition == "rules_only":
+        return plugin
+    from judge.composite import CompositeJudge, guard_from_settings
+
+    return CompositeJudge(plugin, guard_from_settings(settings, reference_model), settings.composition,
+                          settings.quality_weight)
+
+
+def make_plugin(settings: JudgeSettings) -> Judge:
     """The scoring plugin `settings.judge` names (imports only what that plugin needs)."""
     if settings.judge == "verifier":
         from judge.rule_judge import RuleJudge

@@ -6,7 +6,8 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram
 
-DROP_REASONS = ("tie", "margin", "duplicate", "length", "identical", "cap")
+DROP_REASONS = ("tie", "margin", "duplicate", "length", "identical", "cap", "degenerate", "collapse")
+GUARD_REASONS = ("empty", "too_short", "repetitive", "off_topic", "disfluent")
 PLUGINS = ("verifier", "reward_model", "llm_judge", "human")
 LLM_OUTCOMES = ("consistent", "inconsistent", "no_verdict")
 
@@ -17,7 +18,11 @@ PAIRS = Counter("odpo_judge_pairs_total", "Preference pairs published to odpo.pr
 DROPPED = Counter("odpo_judge_pairs_dropped_total",
                   "Candidate pairs not published, by reason: tie (no preference), margin (below min_margin), "
                   "duplicate (pair id seen before), length (length guard), identical (same text), "
-                  "cap (over max_pairs_per_prompt).", ["reason"])
+                  "cap (over max_pairs_per_prompt), degenerate (the chosen failed the quality guard), "
+                  "collapse (the chosen won by being much shorter).", ["reason"])
+GUARD_FAILURES = Counter("odpo_judge_guard_failures_total",
+                         "Judged responses the quality guard failed (never chosen), by reason: empty, too_short, "
+                         "repetitive, off_topic, disfluent.", ["reason"])
 DEAD_LETTERS = Counter("odpo_judge_dead_letters_total", "Messages sent to odpo.dlq (invalid or unjudgeable).")
 UNAVAILABLE = Counter("odpo_judge_unavailable_total", "Batches put back because the judge could not work.")
 SCORES = Histogram("odpo_judge_score", "Score of each judged response, by plugin.", ["judge"],
@@ -43,6 +48,8 @@ FEEDBACK_BUFFERED = Gauge("odpo_judge_feedback_buffered", "Ratings waiting for a
 
 for _r in DROP_REASONS:
     DROPPED.labels(_r)  # export zeros, so rate() works before the first event
+for _g in GUARD_REASONS:
+    GUARD_FAILURES.labels(_g)
 for _p in PLUGINS:
     PAIRS.labels(_p)
 for _o in LLM_OUTCOMES:

@@ -18,6 +18,15 @@ Each candidate pair is then dropped, with a counted reason, when:
   doubling of that length ratio from the margin and drops the pair when less
   than `min_margin` is left. Judges (LLMs and reward models alike) favour
   longer answers, and DPO amplifies whatever separates chosen from rejected;
+- `degenerate`: the chosen side failed the quality guard (judge/quality.py:
+  empty, too short, repetitive, off topic, disfluent); a degenerate answer
+  may be rejected, never chosen;
+- `collapse`: the mirror of `length`: the chosen wins by being much shorter.
+  `drop` drops pairs whose chosen has fewer than `collapse_ratio` x the
+  rejected's words; `penalize` subtracts `collapse_penalty` per halving of
+  that word ratio from the margin and drops the pair when less than
+  `min_margin` is left. A rule verifier rewards short answers (fewer words
+  break fewer rules), and an online loop turns that into one-word replies;
 - `cap`: more than `max_pairs` survive (the widest margins are kept).
 
 Pair ids are deterministic (`service.contracts.pair_id`), so a replayed set
@@ -35,7 +44,9 @@ from judge.base import Judgement
 from service.contracts import CandidateSet, PreferencePair, pair_id
 from service.settings import JudgeSettings
 
-DropReason = Literal["tie", "margin", "length", "identical", "cap"]
+from judge.verifier import words
+
+DropReason = Literal["tie", "margin", "length", "identical", "cap", "degenerate", "collapse"]
 Strategy = Literal["best_vs_worst", "all_pairs", "top_k"]
 
 
@@ -48,11 +59,14 @@ class PairPolicy:
     length_guard: Literal["off", "drop", "penalize"] = "off"
     length_tolerance: float = 0.1
     length_penalty: float = 0.25
+    collapse_guard: Literal["off", "drop", "penalize"] = "off"
+    collapse_ratio: float = 0.5
+    collapse_penalty: float = 0.1
 
     @classmethod
     def from_settings(cls, s: JudgeSettings) -> "PairPolicy":
         return cls(s.pairing, s.pair_k, s.min_margin, s.max_pairs_per_prompt, s.length_guard, s.length_tolerance,
-                   s.length_penalty)
+                   s.length_penalty, s.collapse_guard, s.collapse_ratio, s.collapse_penalty)
 
 
 def best_and_worst(scores: Sequence[float]) -> tuple[int, int]:
@@ -91,6 +105,18 @@ def _length_reason(chosen: str, rejected: str, margin: float, policy: PairPolicy
     return margin - policy.length_penalty * math.log2(lc / lr) < policy.min_margin
 
 
+def _collapse_reason(chosen: str, rejected: str, margin: float, policy: PairPolicy) -> bool:
+    """True when the collapse guard drops this pair (the chosen wins by being much shorter)."""
+    if policy.collapse_guard == "off":
+        return False
+    wc, wr = max(len(words(chosen)), 1), len(words(rejected))
+    if wc >= wr * policy.collapse_ratio:
+        return False
+    if policy.collapse_guard == "drop":
+        return True
+    return margin - policy.collapse_penalty * math.log2(wr / wc) < policy.min_margin
+
+
 def select(texts: Sequence[str], judgement: Judgement,
            policy: PairPolicy) -> tuple[list[tuple[int, int, float]], list[DropReason]]:
     """The (chosen, rejected, margin) index pairs to publish, widest margin first, and the reasons of the rest."""
@@ -106,12 +132,16 @@ def select(texts: Sequence[str], judgement: Judgement,
             dropped.append("tie")
         elif texts[w] == texts[l]:
             dropped.append("identical")
+        elif judgement.degenerate(w) is not None:
+            dropped.append("degenerate")
         elif margin <= 0 or (verdict is not None and verdict <= 0):
             dropped.append("tie")
         elif margin < policy.min_margin:
             dropped.append("margin")
         elif _length_reason(texts[w], texts[l], margin, policy):
             dropped.append("length")
+        elif _collapse_reason(texts[w], texts[l], margin, policy):
+            dropped.append("collapse")
         else:
             kept.append((w, l, margin))
     kept.sort(key=lambda p: -p[2])  # stable: equal margins keep the strategy's order

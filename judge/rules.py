@@ -113,6 +113,13 @@ _KINDS: dict[str, Callable[[dict[str, Any], str, Sequence[str]], float]] = {
 KINDS = (verifier.TASK_KIND, *_KINDS)
 
 
+def strict_task(task: Any, text: str, allowed_modules: Sequence[str] = ()) -> bool:
+    """True when `text` meets the task in full (every constraint; a score of 1 for the other kinds)."""
+    if isinstance(task, dict) and task.get("kind") == verifier.TASK_KIND:
+        return verifier.strict_pass(task, text)
+    return score_task(task, text, allowed_modules) >= 1.0
+
+
 def score_task(task: Any, text: str, allowed_modules: Sequence[str] = ()) -> float:
     """The rule score of `text` for `task`; `ValueError` for a task no rule here can judge."""
     if not isinstance(task, dict):

@@ -179,6 +179,9 @@ class JudgeLoop(_Loop):
         M.POLICY_VERSION.set(cset.policy_version)
         for reason in dropped:
             M.DROPPED.labels(reason).inc()
+        for failure in judgement.failures or ():
+            if failure is not None:
+                M.GUARD_FAILURES.labels(failure).inc()
         log.debug("prompt %s v%d: %d pair(s), dropped %s, scores %s", cset.prompt.id, cset.policy_version,
                   len(pairs), dropped, judgement.scores)
         self.outbox.send(pairs)
@@ -234,14 +237,23 @@ class FeedbackLoop(_Loop):
             consumer.commit(offsets)
 
 
+def _reference_model(common: CommonSettings, settings: JudgeSettings):
+    """The base model folder the guard's fluency term needs, or None when it is off."""
+    if not settings.reference_logprob or settings.composition == "rules_only":
+        return None
+    from service.assets import base_model_dir
+
+    return base_model_dir(common.cache_dir, common.base_model)
+
+
 def run(common: CommonSettings, settings: JudgeSettings, stop: threading.Event) -> None:
     """Judge candidate sets (or, with judge=human, feedback) until `stop` is set."""
     from service.cli import UsageError
 
     human = settings.judge == "human"
     try:
-        judge = None if human else make_judge(settings)
-    except (ValueError, OSError) as exc:  # a plugin that cannot start is a wrong setting
+        judge = None if human else make_judge(settings, _reference_model(common, settings))
+    except (ValueError, OSError, RuntimeError) as exc:  # a plugin (or its reference model) cannot start: a wrong setting
         raise UsageError(f"judge {settings.judge}: {exc}") from None
     topic, model = (TOPIC_FEEDBACK, Feedback) if human else (TOPIC_CANDIDATES, CandidateSet)
     group = settings.feedback_group_id if human else settings.group_id

@@ -14,9 +14,15 @@ that is closer to the request still wins a preference pair:
   both is ignored ("That is all!" for "that is all."); 0.25 if p occurs
   elsewhere; else 0.
 - no_commas: 1 - commas/4, at least 0.
-- bullet_points n: 1 for exactly n lines starting with "- ", else
-  1 - |lines - n| / n, at least 0; lines marked otherwise ("* ", "• ",
-  "+ ", "1. ", "1) ") earn half of that, when it is more.
+- min_words n: 1 from n words up, else words / n (so one word of eight
+  scores 0.125).
+- bullet_points n [min_words m]: 1 for exactly n lines starting with "- ",
+  else 1 - |lines - n| / n, at least 0; lines marked otherwise ("* ", "• ",
+  "+ ", "1. ", "1) ") earn half of that, when it is more. With `min_words`,
+  that is multiplied by the share of bullets with at least m words (a bullet
+  "- a" is no answer).
+- on_topic words: 1 if one of the words appears as a whole word (any case),
+  else 0.
 
 A blank answer (no words at all) scores 0 on every constraint: otherwise an
 empty reply would satisfy "at most 20 words", "lowercase" and "no commas" at
@@ -49,6 +55,14 @@ def _max_words(text: str, n: int) -> float:
     return 1.0 if count <= n else max(0.0, 1.0 - (count - n) / n)
 
 
+def _min_words(text: str, n: int) -> float:
+    return min(1.0, len(words(text)) / n)
+
+
+def _on_topic(text: str, words: list[str]) -> float:
+    return 1.0 if any(_include_word(text, w) for w in words) else 0.0
+
+
 def _lowercase(text: str) -> float:
     ws = words(text)
     return sum(1 for w in ws if w == w.lower()) / len(ws)
@@ -78,11 +92,20 @@ def _no_commas(text: str) -> float:
     return max(0.0, 1.0 - (text.count(",") + text.count("，")) / 4)
 
 
-def _bullet_points(text: str, n: int) -> float:
+def _bullet_points(text: str, n: int, min_words: int | None = None) -> float:
     lines = [line.lstrip() for line in text.splitlines()]
-    dashes = sum(1 for line in lines if line.startswith("- "))
-    others = sum(1 for line in lines if _OTHER_BULLET.match(line))
-    return max(_closeness(dashes, n), 0.5 * _closeness(others, n))
+    dashes = [line for line in lines if line.startswith("- ")]
+    others = [line for line in lines if _OTHER_BULLET.match(line)]
+    best = max((_closeness(len(dashes), n) * _content(dashes, min_words), dashes),
+               (0.5 * _closeness(len(others), n) * _content(others, min_words), others), key=lambda x: x[0])
+    return best[0]
+
+
+def _content(bullets: list[str], min_words: int | None) -> float:
+    """Share of bullets with at least `min_words` words (1 when no minimum is asked)."""
+    if not min_words or not bullets:
+        return 1.0
+    return sum(1 for b in bullets if len(words(b)) >= min_words) / len(bullets)
 
 
 def _closeness(count: int, n: int) -> float:
@@ -97,6 +120,14 @@ def _nonblank_str(v: Any) -> bool:
     return isinstance(v, str) and bool(v.strip())
 
 
+def _word_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(_nonblank_str(w) for w in v)
+
+
+def _optional_positive_int(v: Any) -> bool:
+    return v is None or _positive_int(v)
+
+
 # type -> (check, {field: validator}); each check gets the text and the fields as keyword arguments.
 _CONSTRAINTS: dict[str, tuple[Callable[..., float], dict[str, Callable[[Any], bool]]]] = {
     "max_words": (_max_words, {"n": _positive_int}),
@@ -104,8 +135,25 @@ _CONSTRAINTS: dict[str, tuple[Callable[..., float], dict[str, Callable[[Any], bo
     "include_word": (_include_word, {"word": _nonblank_str}),
     "end_with": (_end_with, {"phrase": _nonblank_str}),
     "no_commas": (_no_commas, {}),
-    "bullet_points": (_bullet_points, {"n": _positive_int}),
+    "bullet_points": (_bullet_points, {"n": _positive_int, "min_words": _optional_positive_int}),
+    "min_words": (_min_words, {"n": _positive_int}),
+    "on_topic": (_on_topic, {"words": _word_list}),
 }
+
+
+def topic_words(task: Any) -> list[str] | None:
+    """The words naming the task's topic (its `on_topic` constraint), or None when it states none."""
+    if not isinstance(task, dict) or not isinstance(task.get("constraints"), list):
+        return None
+    for c in task["constraints"]:
+        if isinstance(c, dict) and c.get("type") == "on_topic" and _word_list(c.get("words")):
+            return list(c["words"])
+    return None
+
+
+def on_topic(text: str, words: list[str]) -> bool:
+    """True when `text` names one of `words` (whole words, any case)."""
+    return _on_topic(text, words) == 1.0
 
 
 def parse_constraints(task: Any) -> list[dict[str, Any]]:
@@ -135,6 +183,8 @@ def parse_constraints(task: Any) -> list[dict[str, Any]]:
 
 
 def _label(c: dict[str, Any]) -> str:
+    if c["type"] == "on_topic":  # the word list makes a long label; the first word names the topic
+        return f"on_topic({c['words'][0]})"
     args = ",".join(f"{k}={c[k]}" for k in sorted(c) if k != "type")
     return f"{c['type']}({args})" if args else c["type"]
 
@@ -151,7 +201,7 @@ def score_constraints(task: Any, text: str) -> dict[str, float]:
             label = f"{_label(c)}#{k}"
             k += 1
         check, fields = _CONSTRAINTS[c["type"]]
-        out[label] = 0.0 if blank else float(check(text, **{name: c[name] for name in fields}))
+        out[label] = 0.0 if blank else float(check(text, **{name: c[name] for name in fields if name in c}))
     return out
 
 
@@ -159,3 +209,8 @@ def score(task: Any, text: str) -> float:
     """Mean constraint score of `text` in [0, 1]; `ValueError` for tasks it cannot judge."""
     per = score_constraints(task, text)
     return sum(per.values()) / len(per)
+
+
+def strict_pass(task: Any, text: str) -> bool:
+    """True when `text` meets every constraint in full."""
+    return all(v >= 1.0 for v in score_constraints(task, text).values())

@@ -95,8 +95,44 @@ def _up(args) -> int:
     if args.rounds is not None and args.rounds < 1:
         raise UsageError("--rounds must be >= 1")
     opts = UpOptions(rounds=args.rounds, port=args.port, run_dir=args.run_dir, train_prompts=args.train_prompts,
-                     heldout_prompts=args.heldout_prompts, window_pairs=args.window_pairs)
+                     heldout_prompts=args.heldout_prompts, heldout_prompts_max=max(args.heldout_prompts_max, args.heldout_prompts),
+                     window_pairs=args.window_pairs)
     return run_up(opts)
+
+
+def _eval(args) -> int:
+    from service.eval_run import EvalOptions, run_eval
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise UsageError("--models names no model")
+    return run_eval(EvalOptions(models=models, url=args.url, reference=args.reference, prompts=args.prompts,
+                                prompts_file=args.prompts_file, max_tokens=args.max_tokens, out=args.out,
+                                reference_logprob=not args.no_reference_logprob, win_judge=args.win_judge,
+                                concurrency=args.concurrency, examples=args.examples, base_model=args.base_model))
+
+
+def _add_eval(sub) -> None:
+    c = sub.add_parser("eval", help="Compare served models on held-out prompts: task score with intervals, "
+                                    "win rate, degeneration signals.")
+    c.add_argument("--models", default="base,policy",
+                   help="Comma-separated NAME, LABEL=NAME or LABEL=NAME@URL (default: base,policy).")
+    c.add_argument("--url", default="http://127.0.0.1:8000", help="OpenAI-compatible server of models without @URL.")
+    c.add_argument("--reference", default=None, help="Label of the reference model (default: the first).")
+    c.add_argument("--prompts", type=int, default=200, help="Held-out prompts (the first N of the bundled set or file).")
+    c.add_argument("--prompts-file", type=Path, default=None,
+                   help="JSONL prompts with a `task` each (formats: `odpo prompts load`).")
+    c.add_argument("--max-tokens", type=int, default=48, help="Most new tokens per answer (greedy).")
+    c.add_argument("--out", type=Path, default=None, help="Folder for eval.json and eval.png (default: runs/eval-<time>).")
+    c.add_argument("--no-reference-logprob", action="store_true",
+                   help="Skip the base model's log-prob per token of each answer (no model loaded here).")
+    c.add_argument("--win-judge", choices=("composite", "llm_judge", "none"), default="composite",
+                   help="Judge of the win rate: the rules x quality guard judge (default), the LLM judge "
+                        "(ODPO_JUDGE_LLM_JUDGE_* settings), or none.")
+    c.add_argument("--concurrency", type=int, default=8, help="Requests in flight per model.")
+    c.add_argument("--examples", type=int, default=5, help="Prompts whose answers are printed side by side.")
+    c.add_argument("--base-model", type=Path, default=None, help="Reference model folder (default: the packaged one).")
+    c.set_defaults(func=_eval)
 
 
 def _offline(args) -> int:
@@ -178,7 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000, help="Port of the gateway on 127.0.0.1.")
     up.add_argument("--run-dir", type=Path, default=None, help="Logs and adapter store (default: a new runs/ folder).")
     up.add_argument("--train-prompts", type=int, default=256, help="Bundled train prompts to cycle through.")
-    up.add_argument("--heldout-prompts", type=int, default=24, help="Held-out prompts the promotion gate scores every version on.")
+    up.add_argument("--heldout-prompts", type=int, default=48,
+                    help="Held-out prompts the promotion gate scores every version on first (it doubles them while "
+                         "its interval is wider than the tolerance, up to --heldout-prompts-max).")
+    up.add_argument("--heldout-prompts-max", type=int, default=128, help="Most held-out prompts the gate scores.")
     up.add_argument("--window-pairs", type=int, default=None, help="Pairs per DPO update (trainer setting).")
     up.set_defaults(func=_up)
 
@@ -197,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_prepare_model)
     _add_offline(sub)
     _add_loaders(sub)
+    _add_eval(sub)
     return p
 
 

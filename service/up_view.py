@@ -12,11 +12,16 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import httpx
+from rich import box
+from rich.console import Group
 from rich.table import Table
 
 from service.loop_watch import LoopCounts
 
 DECIDED = ("passed", "refused", "superseded", "failed", "rolled_back")
+# The gate's signals per version (judge/signals.py) carried into rows, summary.json and versions.png.
+QUALITY_SIGNALS = ("score_ci", "strict_pass", "mean_words", "empty_share", "distinct2", "on_topic_share",
+                   "ref_logprob", "guard_pass", "score_difference")
 
 
 class GatewayAdmin:
@@ -72,6 +77,10 @@ class EventLog:
             if v["status"] in DECIDED and key not in self.seen:
                 self.seen[key] = True
                 score = f"held-out score {v['score']:.3f}" if v["score"] is not None else "not scored"
+                sig = v.get("signals") or {}
+                if sig.get("mean_words") is not None:
+                    score += (f", {sig['mean_words']:.1f} words, on topic {_num(sig.get('on_topic_share'), 2)}, "
+                              f"ref lp {_num(sig.get('ref_logprob'), 2)}, {sig.get('n', '?')} prompts")
                 why = f": {v['reason']}" if v["reason"] else ""
                 out.append(f"{v['name']} {v['status']} ({score}){why}")
         if view["promoted"] != self.promoted:
@@ -82,12 +91,13 @@ class EventLog:
 
 
 def progress_table(c: LoopCounts, view: dict | None, sent: int, rate: float, elapsed: float,
-                   rounds: int | None) -> Table:
+                   rounds: int | None) -> Group:
     promoted = view["promoted_name"] if view else "-"
     title = f"odpo up · {elapsed:,.0f}s · policy = {promoted}" + (f" · until version {rounds}" if rounds else "")
-    return versions_table(version_rows(view, c), title,
-                          f"prompts sent {sent} · candidate sets {c.candidate_sets} · pairs {c.pairs} "
-                          f"({rate:.2f}/s) · dead letters {c.dead_letters} · * promoted")
+    rows = version_rows(view, c)
+    return Group(versions_table(rows, title, f"prompts sent {sent} · candidate sets {c.candidate_sets} · pairs "
+                                             f"{c.pairs} ({rate:.2f}/s) · dead letters {c.dead_letters} · * promoted"),
+                 quality_table(rows))
 
 
 def versions_table(rows: list[dict], title: str, caption: str) -> Table:
@@ -103,6 +113,30 @@ def versions_table(rows: list[dict], title: str, caption: str) -> Table:
     return t
 
 
+SHORT_SIGNAL = {"mean_words": "words", "on_topic_share": "topic", "ref_logprob": "ref lp", "empty_share": "empty",
+                "distinct2": "dist-2", "guard_pass": "guard", "": ""}
+
+
+def quality_table(rows: list[dict], title: str = "what clients get: held-out answers per version") -> Table:
+    """The gate's quality signals per version, so a policy that games its judge is visibly wrong."""
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True,
+              show_edge=False,
+              caption="score +- half its 95% interval; strict = every constraint met; topic = names its topic; "
+                      "ref lp = base model log-prob/token (fluency); n = prompts; why = what refused it")
+    for col in ("version", "score", "strict", "words", "dist-2", "topic", "ref lp", "n", "why"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for v in rows:
+        if v["score"] is None:
+            continue
+        ci = v.get("score_ci")
+        score = _num(v["score"], 3) + (f"±{(ci['high'] - ci['low']) / 2:.2f}" if ci else "")
+        t.add_row(v["name"] + (" *" if v["promoted"] else ""), score, _num(v.get("strict_pass"), 2),
+                  _num(v.get("mean_words"), 1), _num(v.get("distinct2"), 2),
+                  _num(v.get("on_topic_share"), 2), _num(v.get("ref_logprob"), 2),
+                  _num(v.get("prompts_scored"), 0), SHORT_SIGNAL.get(v.get("refused_by") or "", v.get("refused_by")))
+    return t
+
+
 def version_rows(view: dict | None, c: LoopCounts) -> list[dict]:
     """One row per version, oldest first: the gate's records joined with the trainer's metrics."""
     published = {a.version: a for a in c.adapters}
@@ -111,11 +145,14 @@ def version_rows(view: dict | None, c: LoopCounts) -> list[dict]:
     for version in sorted(set(published) | set(records) | {0}):
         rec, ready = records.get(version, {}), published.get(version)
         metrics = ready.metrics.model_dump() if ready else rec.get("train_metrics") or {}
+        signals = rec.get("signals") or {}
         rows.append({"version": version, "name": _name(version), "status": rec.get("status", "pending"),
                      "score": rec.get("score"), "promoted": bool(rec.get("promoted")),
                      "pairs_trained": ready.pairs_trained if ready else rec.get("pairs_trained"),
                      "loss": metrics.get("loss"), "reward_margin": metrics.get("reward_margin"),
-                     "reward_accuracy": metrics.get("reward_accuracy"), "reason": rec.get("reason", "")})
+                     "reward_accuracy": metrics.get("reward_accuracy"), "reason": rec.get("reason", ""),
+                     "refused_by": rec.get("refused_by", ""), "prompts_scored": rec.get("prompts_scored"),
+                     **{k: signals.get(k) for k in QUALITY_SIGNALS}})
     return rows
 
 
@@ -132,7 +169,11 @@ def summary(c: LoopCounts, view: dict | None, sent: int, elapsed: float) -> dict
     rows = version_rows(view, c)
     scored = [r for r in rows if r["score"] is not None]
     promoted = next((r for r in rows if r["promoted"]), None)
+    base, last = (rows[0] if rows else {}), (promoted or {})
     return {
+        "quality": {k: {"base": base.get(k), "promoted": last.get(k)} for k in
+                    ("mean_words", "on_topic_share", "ref_logprob", "strict_pass", "distinct2", "empty_share")},
+        "refused": {r["name"]: r["refused_by"] for r in rows if r["status"] == "refused"},
         "elapsed_s": round(elapsed, 1),
         "prompts_sent": sent,
         "candidate_sets": c.candidate_sets,
@@ -146,12 +187,23 @@ def summary(c: LoopCounts, view: dict | None, sent: int, elapsed: float) -> dict
     }
 
 
+def summary_tables(s: dict) -> list[Table]:
+    return [summary_table(s), quality_table(s["versions"])]
+
+
 def summary_table(s: dict) -> Table:
     h = s["heldout"]
     promoted = _name(h["promoted_version"]) if h["promoted_version"] is not None else "-"
+    q = s.get("quality", {})
+
+    def pair(k, d):
+        v = q.get(k) or {}
+        return f"{_num(v.get('base'), d)} -> {_num(v.get('promoted'), d)}"
+
     return versions_table(s["versions"], f"odpo up: {len(s['versions']) - 1} version(s) in {s['elapsed_s']:.0f}s",
-                          f"* promoted. Held-out score: base {_num(h['base'], 3)} -> {promoted} "
-                          f"{_num(h['promoted'], 3)}")
+                          f"* promoted. Base -> {promoted}: held-out score {_num(h['base'], 3)} -> "
+                          f"{_num(h['promoted'], 3)}; words {pair('mean_words', 1)}; on topic "
+                          f"{pair('on_topic_share', 2)}; ref lp {pair('ref_logprob', 2)}")
 
 
 def _name(version: int) -> str:

@@ -37,7 +37,7 @@ def gated(vllm_server, model_dir, vllm_store):
     with EmbeddedBroker() as broker:
         ensure_topics(broker.bootstrap)
         settings = GatewaySettings(vllm_url=vllm_server.url, admin_token=TOKEN, heldout_prompts=6,
-                                   eval_max_tokens=24, promotion_tolerance=0.02, load_wait_s=0)
+                                   heldout_prompts_max=6, eval_max_tokens=24, promotion_tolerance=0.02, load_wait_s=0)
         common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=vllm_store)
         with running_gateway(settings, common) as url:
             yield broker, url
@@ -118,7 +118,9 @@ def test_bad_adapter_is_not_promoted_and_rollback_restores_traffic(gated, vllm_s
     print(f"held-out scores: base {base['score']:.3f}, v{GOOD} {_record(url, GOOD)['score']:.3f}, "
           f"v{BAD} {rec['score']:.3f}")
     assert rec["status"] == "refused" and not rec["promoted"], rec
-    assert f"below policy-v{GOOD}'s" in rec["reason"] and rec["score"] < base["score"] - 0.02
+    # Empty answers: refused by the first quality signal they break (shorter than the promoted version's).
+    assert rec["refused_by"] == "mean_words" and f"worse than policy-v{GOOD}'s" in rec["reason"], rec
+    assert rec["score"] < base["score"] - 0.02 and rec["signals"]["empty_share"] == 1.0
     assert _versions(url)["promoted"] == GOOD and _greedy(url, "policy") == (good_answer, str(GOOD))
     assert f"policy-v{BAD}" not in _listed(vllm_server.url)
     assert _metric(url, REFUSED) == before[REFUSED] + 1 and _metric(url, BY_GATE) == before[BY_GATE] + 1
@@ -159,7 +161,7 @@ def test_a_restarted_gateway_keeps_scores_promotions_and_the_pin(vllm_server, mo
     with EmbeddedBroker() as broker:
         ensure_topics(broker.bootstrap)
         settings = GatewaySettings(vllm_url=vllm_server.url, admin_token=TOKEN, heldout_prompts=4,
-                                   eval_max_tokens=16, promotion_tolerance=0.02, load_wait_s=0,
+                                   heldout_prompts_max=4, eval_max_tokens=16, promotion_tolerance=0.02, load_wait_s=0,
                                    registry_file=tmp_path / "registry.json")
         common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=vllm_store)
         with running_gateway(settings, common) as url:
@@ -182,7 +184,7 @@ def test_a_restarted_gateway_keeps_scores_promotions_and_the_pin(vllm_server, mo
             assert _metric(url, f'odpo_gateway_heldout_score{{policy_version="{RESTARTED}"}}') == pytest.approx(
                 _record(url, RESTARTED)["score"])
 
-        with running_gateway(settings.model_copy(update={"heldout_prompts": 3}), common) as url:
+        with running_gateway(settings.model_copy(update={"heldout_prompts": 3, "heldout_prompts_max": 3}), common) as url:
             deadline = time.monotonic() + 240
             while (base := _record(url, 0))["score"] is None:
                 assert time.monotonic() < deadline, "base was not scored again under the new evaluation"

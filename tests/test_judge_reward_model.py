@@ -96,8 +96,9 @@ def test_reward_model_judge_service_pairs_best_against_worst(rm_dir, broker, pro
     best, worst = max(range(4), key=rewards.__getitem__), min(range(4), key=rewards.__getitem__)
 
     stop = threading.Event()
+    # The plugin alone (composition rules_only, no quality guard): the pair follows the rewards.
     settings = JudgeSettings(judge="reward_model", reward_model_path=rm_dir, reward_model_device="cpu",
-                             group_id=group_id, poll_timeout_s=0.2)
+                             group_id=group_id, poll_timeout_s=0.2, composition="rules_only")
     thread = threading.Thread(target=run, args=(CommonSettings(bootstrap_servers=broker.bootstrap), settings, stop),
                               daemon=True)
     thread.start()

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from judge.metrics import PLUGINS
 from judge.service import JudgeLoop, run
-from service.bus import Inbox, TopicTail, ensure_topics
+from service.bus import Inbox, TopicTail, ensure_topics, make_producer
 from service.contracts import (
     TOPIC_CANDIDATES,
     TOPIC_DLQ,
@@ -72,7 +72,9 @@ def test_judge_pairs_dead_letters_and_carries_on(broker, producer, group_id):
     ties_before = metric("odpo_judge_pairs_dropped_total", reason="tie")
 
     stop = threading.Event()
-    settings = JudgeSettings(group_id=group_id, poll_timeout_s=0.2)
+    # The plugin alone (no quality guard: these short answers would fail it as too short), so the pairs follow
+    # the rule scores; the guard in the service is test_the_quality_guard_runs_in_the_service.
+    settings = JudgeSettings(group_id=group_id, poll_timeout_s=0.2, composition="rules_only")
     thread = threading.Thread(target=run, args=(CommonSettings(bootstrap_servers=broker.bootstrap), settings, stop),
                               daemon=True)
     thread.start()
@@ -159,7 +161,9 @@ def test_replayed_candidate_sets_publish_no_new_pair_ids(broker, producer):
     for cset in sets + sets:  # an upstream replay: every event produced twice
         last = producer.send(topic, key=cset.prompt.id.encode(), value=cset.to_bytes()).get(timeout=30).offset
     mine = lambda r: r.key is not None and r.key.decode().startswith(run_id)
-    settings = JudgeSettings(poll_timeout_s=0.2)
+    # The default composition with the quality guard, its fluency term off (no model): "calm sea 0" fails the
+    # guard (too short), so each set's one pair is the long answer over it.
+    settings = JudgeSettings(poll_timeout_s=0.2, reference_logprob=False)
     duplicates = metric("odpo_judge_pairs_dropped_total", reason="duplicate")
 
     def judge_once() -> None:
@@ -168,6 +172,7 @@ def test_replayed_candidate_sets_publish_no_new_pair_ids(broker, producer):
     judge_once()
     first = read_until(broker.bootstrap, TOPIC_PREFERENCES, mine, lambda found: len(found) >= 3)
     assert len(first) == 3, "each set's pair once, its replay dropped"
+    assert all(PreferencePair.from_bytes(r.value).rejected.startswith("calm sea") for r in first)
     assert metric("odpo_judge_pairs_dropped_total", reason="duplicate") - duplicates == 3
     ids = {PreferencePair.from_bytes(r.value).id for r in first}
     assert len(ids) == 3
@@ -186,7 +191,8 @@ def test_pairing_settings_reach_the_service(broker, producer):
     texts = ["the sea", "the sea is wide and deep and cold", "the sky!", "a long answer about the sky"]
     cset = candidate_set(f"{run_id}-lg", texts, task=task)
     last = producer.send(topic, key=cset.prompt.id.encode(), value=cset.to_bytes()).get(timeout=30).offset
-    settings = JudgeSettings(pairing="all_pairs", length_guard="drop", max_pairs_per_prompt=10, poll_timeout_s=0.2)
+    settings = JudgeSettings(pairing="all_pairs", length_guard="drop", max_pairs_per_prompt=10, poll_timeout_s=0.2,
+                             composition="rules_only")  # the regex alone decides (no guard: 2-word answers)
     before = {r: metric("odpo_judge_pairs_dropped_total", reason=r) for r in ("tie", "length")}
     longer_before = metric("odpo_judge_pairs_chosen_longer_total")
     judge_all(broker, producer, topic, last + 1, settings, group_id=f"test-{run_id}")
@@ -216,3 +222,49 @@ def test_a_plugin_that_cannot_start_is_a_usage_error(monkeypatch, capsys, tmp_pa
     monkeypatch.setenv("ODPO_JUDGE_JUDGE", "oracle")
     assert main(["judge"]) == 2
     assert "ODPO_JUDGE_JUDGE" in capsys.readouterr().err
+
+
+def test_the_quality_guard_runs_in_the_service(own_broker, group_id, model_dir):
+    """The default judge (verifier x quality guard, the base model scoring fluency) on the real broker: the
+    one-word, empty, repeated and off-topic answers are never chosen, and each failure is counted by reason."""
+    from service.task import make_prompts
+
+    run_id = uuid.uuid4().hex[:8]
+    zoo = next(p for p in make_prompts("heldout", 40) if p.task["topic"] == "the zoo"
+               and [c["type"] for c in p.task["constraints"]] == ["lowercase", "no_commas", "on_topic"])
+    good = ["the zoo is a happy place where families meet friendly animals",
+            "the zoo has lions and bears and the children love to see them"]
+    bad = {"no": "too_short", "": "empty", "zoo zoo zoo zoo zoo zoo": "repetitive",
+           "my old car needs new tires and a good wash": "off_topic"}
+    cset = candidate_set(f"{run_id}-zoo", [*bad, *good])
+    cset = cset.model_copy(update={"prompt": zoo.model_copy(update={"id": f"{run_id}-zoo"})})
+    settings = JudgeSettings(group_id=group_id, poll_timeout_s=0.2, pairing="all_pairs", max_pairs_per_prompt=20)
+    assert (settings.composition, settings.reference_logprob) == ("product", True)  # the defaults under test
+    failures_before = {r: metric("odpo_judge_guard_failures_total", reason=r) for r in set(bad.values())}
+    degenerate_before = metric("odpo_judge_pairs_dropped_total", reason="degenerate")
+
+    # A broker of its own: the judge reads odpo.candidates from the start, and counts only these answers.
+    stop = threading.Event()
+    common = CommonSettings(bootstrap_servers=own_broker.bootstrap, base_model=model_dir)
+    thread = threading.Thread(target=run, args=(common, settings, stop), daemon=True)
+    thread.start()
+    producer = make_producer(own_broker.bootstrap)
+    try:
+        send(producer, cset.prompt.id, cset.to_bytes())
+        mine = lambda r: r.key == cset.prompt.id.encode()
+        found = read_until(own_broker.bootstrap, TOPIC_PREFERENCES, mine, lambda found: len(found) >= 8)
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+        producer.close()
+    assert not thread.is_alive()
+    pairs = [PreferencePair.from_bytes(r.value) for r in found]
+    # Each good answer over each of the 4 bad ones; the two good ones both satisfy every rule, and the
+    # fluency term may or may not separate them.
+    assert {(p.chosen, p.rejected) for p in pairs if p.rejected in bad} == {(g, b) for g in good for b in bad}
+    assert {p.chosen for p in pairs} <= set(good)
+    assert all(p.rejected_score == -1.0 and 0 < p.chosen_score <= 1 for p in pairs if p.rejected in bad)
+    for reason in set(bad.values()):
+        assert metric("odpo_judge_guard_failures_total", reason=reason) - failures_before[reason] == 1
+    # The 6 pairs among the bad answers (all scored -1) are dropped as degenerate, not published.
+    assert metric("odpo_judge_pairs_dropped_total", reason="degenerate") - degenerate_before == 6

@@ -10,7 +10,18 @@ import pytest
 
 from judge import verifier
 from service.contracts import PromptEvent
-from service.task import CONSTRAINT_TYPES, HELDOUT_TOPICS, SOURCE, TRAIN_TOPICS, describe, make_prompts
+from service.task import (
+    BULLET_MIN_WORDS,
+    CONSTRAINT_TYPES,
+    HELDOUT_TOPICS,
+    SOURCE,
+    SUBSTANCE_TYPES,
+    TOPIC_WORDS,
+    TRAIN_TOPICS,
+    describe,
+    make_prompts,
+    state,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,24 +67,52 @@ def test_prompts_are_well_formed():
         assert len(p.messages) == 1 and p.messages[0].role == "user"
         text, cs = p.messages[0].content, p.task["constraints"]
         assert p.task["kind"] == "constraints"
-        assert 1 <= len(cs) <= 3
+        assert 2 <= len(cs) <= 5  # 1 to 3 drawn, min_words beside max_words, on_topic always
         types = [c["type"] for c in cs]
         assert len(set(types)) == len(types)
         assert not {"bullet_points", "end_with"} <= set(types)
+        assert ("max_words" in types) == ("min_words" in types)  # a limit never comes without a floor
+        assert types[-1] == "on_topic" and cs[-1]["words"] == list(TOPIC_WORDS[p.task["topic"]])
         seen_types.update(types)
         verifier.parse_constraints(p.task)  # the judge accepts every generated task
+        assert text.endswith(state(cs)) and state(cs) in text  # every stated constraint is in the user turn
+        by_type = {c["type"]: c for c in cs}
         for c in cs:
-            assert describe(c) in text  # each constraint is stated in the user turn
             if c["type"] == "max_words":
-                assert 10 <= c["n"] <= 30
+                lo, hi = by_type["min_words"]["n"], c["n"]
+                assert f"Use between {lo} and {hi} words." in text  # the range as one sentence
+                assert describe(c) not in text and describe(by_type["min_words"]) not in text
+                assert (15 if "bullet_points" in by_type else 12) <= hi <= 30
+                assert lo == max(4, hi // 3) and 2 * lo <= hi  # room for an answer between the two
+            elif c["type"] == "on_topic":
+                assert describe(c) == ""  # stated by the instruction, which names the topic
+                assert p.task["topic"] in text
+            elif c["type"] != "min_words":
+                assert describe(c) in text  # each other constraint is stated in the user turn
             if c["type"] == "bullet_points":
-                assert 2 <= c["n"] <= 4
+                assert 2 <= c["n"] <= 4 and c["min_words"] == BULLET_MIN_WORDS
+                assert f"at least {BULLET_MIN_WORDS} words" in text
+                if "max_words" in by_type:  # n bullets of BULLET_MIN_WORDS words fit under the limit
+                    assert c["n"] * BULLET_MIN_WORDS <= by_type["max_words"]["n"]
             if c["type"] in ("include_word", "end_with"):
                 value = c.get("word") or c.get("phrase")
                 assert value == value.lower()  # satisfiable together with `lowercase`
+                assert not set(verifier.words(value)) & set(cs[-1]["words"])  # it names no topic word
         assert len(text.split()) < 45  # short prompts for a 135M model
         PromptEvent.from_bytes(p.to_bytes())  # survives the wire
-    assert seen_types == set(CONSTRAINT_TYPES)
+    assert seen_types == set(CONSTRAINT_TYPES) | set(SUBSTANCE_TYPES)
+
+
+def test_state_reads_a_word_range_as_one_sentence():
+    assert state([{"type": "max_words", "n": 20}, {"type": "min_words", "n": 6}, {"type": "no_commas"}]) == \
+        "Use between 6 and 20 words. Do not use any commas."
+    assert state([{"type": "max_words", "n": 20}]) == "Use at most 20 words."
+    assert state([{"type": "min_words", "n": 6}]) == "Use at least 6 words."
+    assert state([{"type": "on_topic", "words": ["sea"]}, {"type": "lowercase"}]) == "Write only in lowercase letters."
+    assert describe({"type": "bullet_points", "n": 2}) == \
+        'Answer with exactly 2 bullet points, each on its own line starting with "- ".'
+    assert describe({"type": "bullet_points", "n": 2, "min_words": 3}) == \
+        'Answer with exactly 2 bullet points, each a short sentence of at least 3 words on its own line starting with "- ".'
 
 
 def test_bad_arguments():

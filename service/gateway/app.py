@@ -55,7 +55,7 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None, 
                 served=ServedStore(settings.served_capacity), outbox=outbox, scores=scores,
                 broker=BrokerCheck(common.bootstrap_servers, settings.broker_check_s))
             sync_promoted(book)
-            promotion = PromotionGate(book, adapters, settings, common.bootstrap_servers, scores).start() \
+            promotion = PromotionGate(book, adapters, settings, common.bootstrap_servers, scores, common).start() \
                 if gate else None
             try:
                 yield
@@ -94,11 +94,16 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None, 
 
 def _keep_in_file(book: VersionBook, settings: GatewaySettings, common: CommonSettings, scores: ScoreGauge) -> None:
     path = settings.registry_file or common.store_dir / REGISTRY_FILE
-    evaluation = {"heldout_prompts": settings.heldout_prompts, "eval_max_tokens": settings.eval_max_tokens}
+    from service.task import TASK_VERSION
+
+    # Scores are comparable only under the same prompts, answer length and rows (task version, fluency signal).
+    evaluation = {"heldout_prompts": settings.heldout_prompts, "heldout_prompts_max": settings.heldout_prompts_max,
+                  "eval_max_tokens": settings.eval_max_tokens, "task_version": TASK_VERSION,
+                  "reference_logprob": settings.gate_reference_logprob}
     if RegistryFile(path, evaluation).attach(book):
         for rec in book.snapshot()["versions"]:
             if rec["score"] is not None:
-                scores.set(rec["version"], rec["score"])
+                scores.set(rec["version"], rec["score"], rec.get("signals"))
 
 
 def _describe(err: dict) -> str:

@@ -8,9 +8,15 @@ Rules:
 - A new version waits as `pending`; the gate scores the newest pending one
   and marks older pending ones `superseded` (a backlog never delays the
   newest version behind stale ones).
-- A scored version is promoted unless its score is below the promoted
-  version's by more than `tolerance` (then `refused`); while pinned, a version
-  that passes stays `passed` and traffic stays where the operator pinned it.
+- A scored version is promoted unless the gate's verdict
+  (service/gateway/verdict.py: the paired score difference against the
+  promoted version and the quality signals) refuses it, naming the signal
+  (then `refused`); without a verdict, unless its score is below the promoted
+  version's by more than `tolerance`. While pinned, a version that passes
+  stays `passed` and traffic stays where the operator pinned it.
+- Each scored version keeps its per-prompt evaluation rows (answers, scores,
+  signals): the next candidate is compared with them prompt by prompt. The
+  admin snapshot leaves them out (`answers(version)` returns them).
 - Operators may promote any known version, pin, unpin and roll back to the
   version promoted before the current one.
 
@@ -55,6 +61,9 @@ class VersionRecord:
     train_metrics: dict[str, Any] = field(default_factory=dict)
     published_at: float | None = None
     evaluated_at: float | None = None
+    signals: dict[str, Any] = field(default_factory=dict)  # judge/signals.py summary of its held-out answers
+    refused_by: str = ""  # the signal that refused it ("score", "mean_words", ...)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # per-prompt evaluation rows, prompt order
 
 
 @dataclass(frozen=True)
@@ -119,8 +128,11 @@ class VersionBook:
     def snapshot(self) -> dict[str, Any]:
         """The admin view: promoted version, pin, tolerance and every record (newest first)."""
         with self._lock:
-            versions = [{**asdict(r), "name": version_name(r.version), "promoted": r.version == self._promoted}
-                        for r in sorted(self._records.values(), key=lambda r: -r.version)]
+            versions = []
+            for r in sorted(self._records.values(), key=lambda r: -r.version):
+                view = {**asdict(r), "name": version_name(r.version), "promoted": r.version == self._promoted}
+                view["prompts_scored"] = len(view.pop("rows"))
+                versions.append(view)
             return {"promoted": self._promoted, "promoted_name": version_name(self._promoted),
                     "pinned": self._pinned, "tolerance": self.tolerance, "history": list(self._history),
                     "versions": versions}
@@ -163,17 +175,45 @@ class VersionBook:
             self._evaluating = chosen
             return chosen, superseded
 
+    def answers(self, version: int) -> list[dict[str, Any]] | None:
+        """The per-prompt evaluation rows of a version (None for an unknown one)."""
+        with self._lock:
+            rec = self._records.get(version)
+            return [dict(r) for r in rec.rows] if rec else None
+
     @_changes()
-    def decide(self, version: int, score: float) -> Decision:
-        """Record `version`'s score and promote it if it is good enough (and traffic is not pinned)."""
+    def set_evaluation(self, version: int, rows: list[dict[str, Any]], signals: dict[str, Any]) -> None:
+        """Keep (more) evaluation rows of a version already decided, e.g. the promoted one scored on more
+        prompts to compare a candidate with; its score becomes the mean over them."""
+        with self._lock:
+            rec = self._records.get(version)
+            if rec is not None:
+                rec.rows, rec.signals = [dict(r) for r in rows], dict(signals)
+                rec.score = signals.get("score", rec.score)
+
+    @_changes()
+    def decide(self, version: int, score: float, verdict: Any = None, rows: list[dict[str, Any]] | None = None
+               ) -> Decision:
+        """Record `version`'s score and promote it if it is good enough (and traffic is not pinned).
+
+        `verdict` (service.gateway.verdict.Verdict) decides when given; otherwise the score alone against
+        the promoted version's, within the tolerance."""
         with self._lock:
             self._evaluating = None
             rec = self._records[version]
             rec.score, rec.evaluated_at = score, time.time()
+            if rows is not None:
+                rec.rows = [dict(r) for r in rows]
+            if verdict is not None:
+                rec.signals = dict(verdict.signals)
             previous = self._promoted
             ref = self._records[previous].score
+            rec.refused_by = ""
             if version == previous or ref is None:
                 rec.status, rec.reason = PASSED, "" if version == previous else "nothing scored to compare with"
+            elif verdict is not None:
+                rec.status = PASSED if verdict.passed else REFUSED
+                rec.reason, rec.refused_by = verdict.reason, verdict.signal or ""
             elif score < ref - self.tolerance:
                 rec.status = REFUSED
                 rec.reason = (f"held-out score {score:.4f} is below {version_name(previous)}'s {ref:.4f} "
@@ -264,7 +304,7 @@ class VersionBook:
             if rec.status == EVALUATING:
                 rec.status = PENDING
             if not keep_scores:  # verdicts stay as they were given; only the numbers are not comparable
-                rec.score = None
+                rec.score, rec.rows, rec.signals = None, [], {}
             records[rec.version] = rec
         records.setdefault(0, VersionRecord(0))
         promoted = int(state["promoted"])

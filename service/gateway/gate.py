@@ -4,9 +4,16 @@ A thread follows `odpo.adapters` from the start (no consumer group: every
 gateway replica must see every version) and records each `AdapterReady` in
 the `VersionBook`. It scores `base` first, then the newest pending version:
 greedy answers from the serving engine for `policy-v<N>` (once vLLM lists it;
-loaded from the store if the generator does not), scored by the verifier
-judge (`judge.heldout`). The book decides; metrics and the log say why a
-version was not promoted.
+loaded from the store if the generator does not), one evaluation row per
+prompt (judge/signals.py: task score, strict pass, length, topic, the base
+model's log-prob per token, the quality guard's verdict).
+
+The verdict (service/gateway/verdict.py) compares the candidate with the
+promoted version prompt by prompt, and with base: it starts on
+`heldout_prompts` prompts and doubles them (scoring the promoted version and
+base on the new prompts too) while the interval of the paired score
+difference is wider than the tolerance, up to `heldout_prompts_max`. A
+refusal names the signal; metrics and the log say which.
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ from service.bus import Inbox, make_producer
 from service.contracts import TOPIC_ADAPTERS, AdapterReady, version_name
 from service.gateway.book import VersionBook
 from service.gateway.engine import EngineAdapters, NotServable
-from service.gateway.metrics import EVAL_SECONDS, PROMOTIONS, REFUSALS, ScoreGauge, sync_promoted
-from service.settings import GatewaySettings
+from service.gateway.metrics import EVAL_SECONDS, PROMOTIONS, REFUSALS, REFUSED_BY, ScoreGauge, sync_promoted
+from service.settings import CommonSettings, GatewaySettings
 from service.task import make_prompts
 
 log = logging.getLogger(__name__)
@@ -33,10 +40,12 @@ COMPONENT = "gateway"
 
 class PromotionGate:
     def __init__(self, book: VersionBook, adapters: EngineAdapters, settings: GatewaySettings, bootstrap: str,
-                 scores: ScoreGauge):
+                 scores: ScoreGauge, common: CommonSettings | None = None):
         self.book, self.adapters, self.settings, self.bootstrap, self.scores = (
             book, adapters, settings, bootstrap, scores)
-        self.prompts = make_prompts("heldout", settings.heldout_prompts)
+        self.common = common or CommonSettings()
+        self.prompts = make_prompts("heldout", settings.heldout_prompts_max)
+        self._reference = None  # the base model for the fluency signal, loaded on first use
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="odpo-gateway-gate", daemon=True)
         self._inbox: Inbox[AdapterReady] | None = None
@@ -103,7 +112,7 @@ class PromotionGate:
                 log.info("gate: serving engine reachable again")
                 self._engine_down = False
             started = time.monotonic()
-            score = self._score(version)
+            verdict, rows = self._judge(version)
             EVAL_SECONDS.observe(time.monotonic() - started)
         except NotServable as exc:
             self._failed(version, f"cannot be served: {exc}", "not_servable")
@@ -121,14 +130,18 @@ class PromotionGate:
         if self._halt.is_set():
             self.book.requeue(version)
             return
-        decision = self.book.decide(version, score)
-        self.scores.set(version, score)
+        score = verdict.signals["score"]
+        decision = self.book.decide(version, score, verdict if version != self.book.promoted else None,
+                                    [r.as_dict() for r in rows])
+        self.scores.set(version, score, verdict.signals)
         if decision.promoted:
             PROMOTIONS.labels("gate").inc()
             log.info("gate: promoted %s (held-out score %.4f; %s had %s)", name, score,
                      version_name(decision.previous), _fmt(self.book.record(decision.previous).score))
         elif version != decision.previous:
             REFUSALS.labels("pinned" if "pinned" in decision.reason else decision.status).inc()
+            if decision.status == "refused" and verdict.signal:
+                REFUSED_BY.labels(verdict.signal).inc()
             log.warning("gate: %s not promoted (%s): %s", name, decision.status, decision.reason)
         else:
             log.info("gate: %s (promoted) scores %.4f on %d held-out prompts", name, score, len(self.prompts))
@@ -146,20 +159,77 @@ class PromotionGate:
             self.adapters.ensure(rec)
         return True
 
-    def _score(self, version: int) -> float:
-        # The held-out evaluation and the verifier live with the judge; they use HTTP and plain Python only.
-        from judge.heldout import evaluate_heldout
+    def _judge(self, version: int):
+        """The verdict on `version` and its evaluation rows, on as many prompts as the verdict needs."""
+        from judge.signals import AnswerRow  # judge modules: HTTP and plain Python (torch only for fluency)
+        from service.gateway.verdict import judge_version
 
         s = self.settings
+        promoted = self.book.promoted
+        n = min(s.heldout_prompts, len(self.prompts))
+        rows = self._rows(version, n, [AnswerRow(**r) for r in self.book.answers(version) or []])
+        while True:
+            if version == promoted:
+                return judge_version(rows, None, None, s.promotion_tolerance, s.gate_limits()), rows
+            ref = self._stored_rows(promoted, n)
+            base = self._stored_rows(0, n) if promoted != 0 and version != 0 else None
+            verdict = judge_version(rows, ref, base, s.promotion_tolerance, s.gate_limits(), version_name(promoted))
+            if verdict.conclusive or n >= len(self.prompts) or self._halt.is_set():
+                return verdict, rows
+            n = min(2 * n, len(self.prompts))
+            log.info("gate: %s vs %s inconclusive (difference %+.3f, interval +-%.3f); scoring %d prompts",
+                     version_name(version), version_name(promoted), verdict.difference.mean,
+                     verdict.difference.half_width, n)
+            rows = self._rows(version, n, rows)
+
+    def _stored_rows(self, version: int, n: int):
+        """A decided version's first `n` rows, scoring (and keeping) the prompts it was not scored on yet."""
+        from judge.signals import AnswerRow, summarize
+
+        have = [AnswerRow(**r) for r in self.book.answers(version) or []]
+        if len(have) >= n:
+            return have[:n]
+        rows = self._rows(version, n, have)
+        self.book.set_evaluation(version, [r.as_dict() for r in rows], summarize(rows))
+        return rows
+
+    def _rows(self, version: int, n: int, have: list):
+        """`have` extended to the first `n` held-out prompts with `version`'s greedy answers, scored."""
+        from judge.evaluate import answer_prompts
+        from judge.signals import score_answers
+
+        if len(have) >= n:
+            return have[:n]
+        s, todo = self.settings, self.prompts[len(have):n]
         for attempt in (1, 2):
             try:
-                return evaluate_heldout(s.vllm_url, version_name(version), self.prompts, s.eval_max_tokens,
-                                        concurrency=s.eval_concurrency, timeout_s=s.request_timeout_s).mean_score
+                answers, _ = answer_prompts(s.vllm_url, version_name(version), todo, s.eval_max_tokens,
+                                            concurrency=s.eval_concurrency, timeout_s=s.request_timeout_s)
+                break
             except httpx.HTTPStatusError as exc:  # the generator unloaded it mid-way: load it and start over
                 if exc.response.status_code != 404 or attempt == 2:
                     raise
                 self.adapters.ensure(self.book.record(version))
-        raise AssertionError("unreachable")
+        return have + score_answers(todo, answers, self._reference_scorer())
+
+    def _reference_scorer(self):
+        """The base model for the fluency signal; None when off or when it cannot be loaded (said once, loudly:
+        the gate then decides without `ref_logprob`)."""
+        if not self.settings.gate_reference_logprob or self._reference is False:
+            return None
+        if self._reference is None:
+            from judge.fluency import ReferenceScorer
+            from service.assets import base_model_dir
+
+            try:
+                self._reference = ReferenceScorer(base_model_dir(self.common.cache_dir, self.common.base_model))
+            except Exception as exc:  # noqa: BLE001 - no model here (a pod without it): decide on the rest
+                log.error("gate: cannot load the base model for the ref_logprob signal (%s: %s); deciding "
+                          "without it (set ODPO_GATEWAY_GATE_REFERENCE_LOGPROB=false to say so)",
+                          type(exc).__name__, exc)
+                self._reference = False
+                return None
+        return self._reference
 
     def _failed(self, version: int, reason: str, kind: str) -> None:
         self.book.fail(version, reason)

@@ -29,6 +29,16 @@ PROMOTIONS = Counter("odpo_gateway_promotions_total", "Changes of the promoted v
                      ["trigger"])
 REFUSALS = Counter("odpo_gateway_promotion_refusals_total", "Versions the gate did not promote, by reason.",
                    ["reason"])
+REFUSED_BY = Counter("odpo_gateway_gate_refusals_by_signal_total",
+                     "Versions the gate refused, by the signal that refused them: score, or a quality signal "
+                     "(mean_words, empty_share, distinct2, on_topic_share, ref_logprob, guard_pass).", ["signal"])
+HELDOUT_SIGNAL = Gauge("odpo_gateway_heldout_signal",
+                       "Held-out evaluation signals of a version (newest versions only): score, strict_pass, "
+                       "mean_words, empty_share, distinct2, on_topic_share, ref_logprob, guard_pass, prompts, and "
+                       "score_diff_low/score_diff_high (95% interval of the paired difference to the version "
+                       "promoted when it was scored).", ["policy_version", "signal"])
+GATE_SIGNALS = ("score", "strict_pass", "mean_words", "empty_share", "distinct2", "on_topic_share", "ref_logprob",
+                "guard_pass")
 EVAL_SECONDS = Histogram("odpo_gateway_eval_seconds", "Time to score one version on the held-out prompts.",
                          buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600))
 MIRRORED = Counter("odpo_gateway_mirrored_prompts_total", "Client prompts published to odpo.prompts.")
@@ -55,16 +65,33 @@ class ScoreGauge:
         self._scores: dict[int, float] = {}
         self._lock = threading.Lock()
 
-    def set(self, version: int, score: float) -> None:
+    def set(self, version: int, score: float, signals: dict | None = None) -> None:
         with self._lock:
             self._scores[version] = score
             HELDOUT_SCORE.labels(str(version)).set(score)
+            for name, value in _signal_values(signals or {}).items():
+                HELDOUT_SIGNAL.labels(str(version), name).set(value)
             for old in sorted(self._scores)[:-self.keep]:
                 del self._scores[old]
                 try:
                     HELDOUT_SCORE.remove(str(old))
                 except KeyError:
                     pass
+                for name in (*GATE_SIGNALS, "prompts", "score_diff_low", "score_diff_high"):
+                    try:
+                        HELDOUT_SIGNAL.remove(str(old), name)
+                    except KeyError:
+                        pass
+
+
+def _signal_values(signals: dict) -> dict[str, float]:
+    out = {k: float(signals[k]) for k in GATE_SIGNALS if signals.get(k) is not None}
+    if "n" in signals:
+        out["prompts"] = float(signals["n"])
+    diff = signals.get("score_difference")
+    if diff:
+        out["score_diff_low"], out["score_diff_high"] = float(diff["low"]), float(diff["high"])
+    return out
 
 
 class RequestMetrics:
@@ -114,3 +141,7 @@ def sync_promoted(book) -> None:
     rec = book.record(book.promoted)
     if rec is not None and rec.score is not None:
         PROMOTED_SCORE.set(rec.score)
+
+
+for _signal in ("score", *GATE_SIGNALS[2:]):
+    REFUSED_BY.labels(_signal)  # zeros from the start, so increase() sees the first refusal
