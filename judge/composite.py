@@ -3,15 +3,18 @@
 `composition` (a judge setting):
 - `product` (default): score = plugin score x (1 - w + w x quality). The
   constraints decide the order among fluent answers; the guard's soft quality
-  (reference log-probability) scales it, by at most the weight w.
+  (reference log-probability) scales it, by at most the weight w. A score
+  below zero (a reward model's) is scaled the other way, score x (1 + w x
+  (1 - quality)), so that lower quality always means a lower score.
 - `weighted`: score = (1 - w) x plugin score + w x quality.
 - `rules_only`: the plugin alone (no guard): what the loop did before it
   learned that "no" satisfies "lowercase, no commas"; kept for comparison.
 
 Either way, a response the guard fails (empty, too short, repetitive, off
-topic, disfluent; judge/quality.py) scores `FAILED_SCORE`, below every
-passing one, and is marked in `Judgement.failures`, so pair construction
-never makes it the chosen side.
+topic, disfluent; judge/quality.py) scores `FAILED_SCORE` (or 1 below the
+lowest passing score, when a plugin scores below zero), below every passing
+one, and is marked in `Judgement.failures`, so pair construction never makes
+it the chosen side.
 """
 
 from __future__ import annotations
@@ -38,14 +41,17 @@ class CompositeJudge:
         base = self.plugin.judge(prompt, responses)
         assessed = self.guard.assess(prompt, responses)
         w = self.weight
-        scores = []
+        passing = []
         for s, a in zip(base.scores, assessed):
             if a.failure is not None:
-                scores.append(FAILED_SCORE)
-            elif self.composition == "product":
-                scores.append(s * (1 - w + w * a.quality))
+                continue
+            if self.composition == "product":  # s x (1 - w + w x quality) for s >= 0, monotone in quality for s < 0
+                passing.append(s - w * (1 - a.quality) * abs(s))
             else:
-                scores.append((1 - w) * s + w * a.quality)
+                passing.append((1 - w) * s + w * a.quality)
+        failed = min([FAILED_SCORE] + [p - 1 for p in passing])
+        it = iter(passing)
+        scores = [failed if a.failure is not None else next(it) for a in assessed]
         return Judgement(scores, base.verdicts, [a.failure for a in assessed])
 
     def close(self) -> None:

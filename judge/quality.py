@@ -52,7 +52,7 @@ class GuardLimits:
     max_word_share: float = 0.5
     min_distinct2: float = 0.5
     off_topic: bool = True
-    min_ref_logprob: float = -3.0
+    min_ref_logprob: float = -4.0  # as JudgeSettings.guard_min_ref_logprob
     good_ref_logprob: float = -1.0
 
 

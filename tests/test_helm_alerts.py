@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.chart_tools import VALUES_DIR, load_values, one, promtool, render, rule_exprs
+from tests.chart_tools import NAMESPACE, VALUES_DIR, dashboard, load_values, one, promtool, render, rule_exprs
 
 ALERT_TESTS = VALUES_DIR / "alerts_test.yaml"
 RULES_ON = {"metrics": {"prometheusRule": {"enabled": True}}}
@@ -84,3 +84,30 @@ def test_thresholds_come_from_values():
     assert by_name["OdpoGeneratorQueueBacklog"]["expr"].strip().endswith("> 7")
     assert by_name["OdpoGeneratorQueueBacklog"]["for"] == "3m"
     assert 'consumergroup=~"mine-.*"' in by_name["OdpoConsumerLagHigh"]["expr"]
+
+
+def test_quality_thresholds_come_from_values():
+    values = {"metrics": {"prometheusRule": {"enabled": True, "alerts": {
+        "policyDegenerating": {"window": "2h", "severity": "critical"},
+        "judgeDegenerate": {"maxShare": 0.3, "for": "1h"}}}}}
+    rule = one(render(values), "PrometheusRule")
+    by_name = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert '[2h]' in by_name["OdpoPolicyDegenerating"]["expr"]
+    assert by_name["OdpoPolicyDegenerating"]["labels"]["severity"] == "critical"
+    assert by_name["OdpoJudgeDegenerateCandidates"]["expr"].strip().endswith("> 0.3")
+    assert by_name["OdpoJudgeDegenerateCandidates"]["for"] == "1h"
+
+
+def test_dashboard_queries_parse(promtool_bin, tmp_path):
+    """Every dashboard query is valid PromQL: promtool checks them as recording rules (Grafana's variables
+    filled in)."""
+    dash = dashboard(render({"metrics": {"dashboard": {"enabled": True}}}))
+    rules = []
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"].replace("$__rate_interval", "5m").replace("$namespace", NAMESPACE)
+            rules.append({"record": f"dashboard:panel_{panel['id']}_{target['refId']}", "expr": expr})
+    assert len(rules) > 40
+    (tmp_path / "dashboard.yaml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    out = _run(promtool_bin, "check", "rules", str(tmp_path / "dashboard.yaml"))
+    assert out.returncode == 0, out.stdout + out.stderr

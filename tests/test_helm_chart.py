@@ -215,6 +215,60 @@ def test_defaults_request_gpus_and_keep_one_trainer():
     assert not find(docs, "ServiceMonitor") and not find(docs, "PrometheusRule")
 
 
+MODEL_CLAIM = {"baseModel": {"existingClaim": "models", "path": "/models/my-model"}}
+
+
+def _model_mount(docs, component):
+    """The base-model claim mount of a component's pod (None when it has none), checked read-only."""
+    pod = one(docs, "Deployment", f"{RELEASE}-odpo-{component}")["spec"]["template"]["spec"]
+    mounts = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "model"]
+    volumes = [v for v in pod["volumes"] if v["name"] == "model"]
+    assert len(mounts) == len(volumes) <= 1, component
+    if not mounts:
+        return None
+    assert mounts[0]["readOnly"] is True and volumes[0]["persistentVolumeClaim"] == {"claimName": "models",
+                                                                                     "readOnly": True}
+    return mounts[0]
+
+
+@pytest.mark.parametrize("config", [
+    {},
+    {"gateway": {"gate_reference_logprob": False}, "judge": {"reference_logprob": "off"}},
+    {"gateway": {"gate_reference_logprob": "true"}, "judge": {"composition": "rules_only"}},
+    {"judge": {"judge": "human"}},
+    {"judge": {"composition": "weighted", "reference_logprob": True}},
+], ids=["defaults", "both-off", "rules-only", "human", "weighted"])
+def test_pods_that_score_the_reference_logprob_get_the_base_model(config, tmp_path, monkeypatch):
+    """The gateway's gate and the judge's quality guard load the base model when their settings say so (as the
+    real settings classes read the rendered file): then their pod mounts the model claim, read-only, where
+    common.base_model points, like the generator and trainer; else it does not."""
+    docs = render({**MODEL_CLAIM, "config": config})
+    common, _, judge, _, gateway = _load_settings(docs, tmp_path, monkeypatch)
+    needs = {"generator": True, "trainer": True, "gateway": gateway.gate_reference_logprob,
+             "judge": judge.reference_logprob and judge.composition != "rules_only" and judge.judge != "human"}
+    for component, needed in needs.items():
+        mount = _model_mount(docs, component)
+        assert (mount is not None) == needed, (component, config)
+        if mount:
+            assert common.base_model.is_relative_to(mount["mountPath"])
+
+
+def test_the_packaged_model_needs_no_claim_and_converts_into_the_cache(tmp_path, monkeypatch):
+    """Without a model claim every pod converts the packaged model into its writable cache emptyDir; the judge,
+    which builds its guard before it serves /healthz, waits on a startup probe."""
+    docs = render()
+    common, *_ = _load_settings(docs, tmp_path, monkeypatch)
+    assert common.base_model is None
+    for component in ("gateway", "judge", "generator", "trainer"):
+        assert _model_mount(docs, component) is None
+        pod = one(docs, "Deployment", f"{RELEASE}-odpo-{component}")["spec"]["template"]["spec"]
+        cache = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == str(common.cache_dir))
+        assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == cache["name"])
+        assert not cache.get("readOnly")
+    judge = one(docs, "Deployment", f"{RELEASE}-odpo-judge")["spec"]["template"]["spec"]["containers"][0]
+    assert judge["startupProbe"]["failureThreshold"] * judge["startupProbe"]["periodSeconds"] >= 300
+
+
 @pytest.mark.parametrize("name, where", [("values-bad-type.yaml", "/generator"),
                                          ("values-unknown-key.yaml", "additional properties 'replica'")])
 def test_schema_refuses_wrong_values(name, where):

@@ -1,4 +1,5 @@
-"""Pair construction from judged candidate sets: strategies, ties, margins, caps, the length guard, ids."""
+"""Pair construction from judged candidate sets: strategies, ties, margins, caps, the length and collapse guards,
+degenerate chosen sides, ids."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from service.contracts import (
     SamplingParams,
     pair_id,
 )
+from service.settings import JudgeSettings
 
 TASK = {"kind": "constraints", "constraints": [{"type": "max_words", "n": 5}]}
 
@@ -99,6 +101,50 @@ def test_length_guard_drops_or_penalises_longer_winners():
     # A shorter (or about as long) winner is never touched.
     assert len(select([short, long_], j, PairPolicy(length_guard="drop"))[0]) == 1
     assert len(select([short + "!", short], j, PairPolicy(length_guard="drop", length_tolerance=0.1))[0]) == 1
+
+
+def test_collapse_guard_drops_or_penalises_much_shorter_winners():
+    one, ten = "no", "the sea is calm and blue and wide and deep"
+    sixteen = "the sea is calm and blue and wide and deep and old and full of fish"
+    assert (len(one.split()), len(ten.split()), len(sixteen.split())) == (1, 10, 16)
+    j = Judgement([0.9, 0.6])  # the short answer wins by 0.3
+    assert select([one, ten], j, PairPolicy())[0] == [(0, 1, pytest.approx(0.3))]  # off by default
+    assert select([one, ten], j, PairPolicy(collapse_guard="drop")) == ([], ["collapse"])
+    # `drop` draws the line at collapse_ratio x the rejected's words: 5 of 10 stays, 4 of 10 goes.
+    five, four = "the sea is very calm", "the sea is calm"
+    assert len(select([five, ten], j, PairPolicy(collapse_guard="drop", collapse_ratio=0.5))[0]) == 1
+    assert select([four, ten], j, PairPolicy(collapse_guard="drop", collapse_ratio=0.5))[1] == ["collapse"]
+    assert len(select([four, ten], j, PairPolicy(collapse_guard="drop", collapse_ratio=0.4))[0]) == 1
+    # `penalize`: 1 word against 16 is 4 halvings. 0.1 per halving (0.4) eats the 0.3 margin; 0.05 (0.2) does
+    # not, and the published margin stays the judge's 0.3.
+    assert select([one, sixteen], j, PairPolicy(collapse_guard="penalize", collapse_penalty=0.1))[1] == ["collapse"]
+    kept, dropped = select([one, sixteen], j, PairPolicy(collapse_guard="penalize", collapse_penalty=0.05))
+    assert kept == [(0, 1, pytest.approx(0.3))] and dropped == []
+    # ... unless what is left (0.1) is under min_margin.
+    strict = PairPolicy(collapse_guard="penalize", collapse_penalty=0.05, min_margin=0.15)
+    assert select([one, sixteen], j, strict)[1] == ["collapse"]
+    # 4 words against 10 (1.32 halvings) at 0.25 per halving: 0.33 > 0.3 dropped; at 0.2: 0.26, kept.
+    assert select([four, ten], j, PairPolicy(collapse_guard="penalize", collapse_penalty=0.25))[1] == ["collapse"]
+    assert len(select([four, ten], j, PairPolicy(collapse_guard="penalize", collapse_penalty=0.2))[0]) == 1
+    # A longer (or not much shorter) winner is never touched.
+    assert len(select([ten, one], j, PairPolicy(collapse_guard="drop"))[0]) == 1
+    assert len(select([five, ten], j, PairPolicy(collapse_guard="penalize", collapse_penalty=10.0))[0]) == 1
+
+
+def test_collapse_settings_reach_the_pair_policy():
+    policy = PairPolicy.from_settings(JudgeSettings(collapse_guard="drop", collapse_ratio=0.3, collapse_penalty=0.2))
+    assert (policy.collapse_guard, policy.collapse_ratio, policy.collapse_penalty) == ("drop", 0.3, 0.2)
+    assert PairPolicy.from_settings(JudgeSettings()).collapse_guard == "penalize"  # on in the service by default
+
+
+def test_a_degenerate_chosen_is_dropped_whatever_its_score():
+    texts = ["beach beach beach beach beach beach", "the beach is calm and the sand is warm", "sand"]
+    # A plugin scored the repeated word highest; the guard marked it (and "sand") as degenerate.
+    j = Judgement([1.0, 0.5, 0.0], failures=["repetitive", None, "too_short"])
+    assert j.degenerate(0) == "repetitive" and j.degenerate(1) is None and Judgement([1.0]).degenerate(0) is None
+    assert select(texts, j, PairPolicy()) == ([], ["degenerate"])  # best_vs_worst: repetitive over too short
+    kept, dropped = select(texts, j, PairPolicy(strategy="all_pairs"))
+    assert kept == [(1, 2, 0.5)] and sorted(dropped) == ["degenerate", "degenerate"]
 
 
 def test_seen_ids_are_bounded_and_refreshed():

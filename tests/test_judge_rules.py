@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from judge.rules import score_task
+from judge.rules import score_task, strict_task
 from service.task import make_prompt
 
 
@@ -17,6 +17,17 @@ def test_constraints_go_to_the_bundled_verifier():
     p = make_prompt("train", 0)
     assert 0.0 <= score_task(p.task, "a short answer") <= 1.0
     assert score_task(p.task, "") == 0.0
+
+
+def test_strict_task_is_every_constraint_or_a_full_score():
+    p = make_prompt("heldout", 21)  # the zoo: lowercase, no commas, on topic
+    assert strict_task(p.task, "the zoo is a happy place where families meet friendly animals")
+    assert not strict_task(p.task, "no")  # lowercase, no commas: 2 of 3
+    assert not strict_task(p.task, "The zoo is a happy place.")  # 4 of 5 words lowercase
+    assert strict_task({"kind": "exact", "answer": "Paris"}, "paris.")
+    assert not strict_task({"kind": "exact", "answer": "Paris"}, "Lyon")
+    with pytest.raises(ValueError, match="kind"):
+        strict_task({"kind": "math"}, "4")
 
 
 @pytest.mark.parametrize("answer,text,expected", [

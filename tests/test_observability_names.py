@@ -5,6 +5,8 @@ prometheus_client metric is imported and the default REGISTRY is asked what it
 holds, so metrics other work adds or renames show up here at once. vLLM's names
 are the ones documented in shared/notes/vllm-cpu.md; consumer lag comes from a
 Kafka exporter (danielqsj/kafka_exporter, also shipped by Strimzi and Bitnami).
+Label values the chart selects by (a gate signal, a drop or guard reason) are
+checked against the code's bounded sets too.
 """
 
 from __future__ import annotations
@@ -110,6 +112,84 @@ def test_dashboard_shows_the_loop():
         assert p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
         for t in p["targets"]:
             assert 'namespace="$namespace"' in t["expr"] or "kafka_consumergroup_lag" in t["expr"], t["expr"]
+
+
+def known_label_values() -> dict[tuple[str, str], set[str]]:
+    """(metric, label) -> the bounded set of values the code exports, for labels the chart selects by value."""
+    from judge import metrics as judge_metrics
+    from service.gateway import metrics as gateway_metrics
+
+    signals = set(gateway_metrics.GATE_SIGNALS)
+    return {
+        ("odpo_gateway_heldout_signal", "signal"): signals | {"prompts", "score_diff_low", "score_diff_high"},
+        ("odpo_gateway_gate_refusals_by_signal_total", "signal"): {"score"} | signals - {"strict_pass"},
+        ("odpo_judge_pairs_dropped_total", "reason"): set(judge_metrics.DROP_REASONS),
+        ("odpo_judge_guard_failures_total", "reason"): set(judge_metrics.GUARD_REASONS),
+    }
+
+
+_SELECTOR = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)\{([^{}]*)\}")
+_MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+
+
+def selected_label_values(expr: str):
+    """(metric, label, value) of every label matcher in `expr`; a regex matcher gives each of its alternatives."""
+    for metric, body in _SELECTOR.findall(expr):
+        for label, op, value in _MATCHER.findall(body):
+            for v in value.split("|") if "~" in op else [value]:
+                yield metric, label, v
+
+
+def test_selected_label_values_are_exported():
+    """A matcher on a value the code never exports selects nothing, silently: the chart's signal and reason
+    values must be the code's."""
+    docs = render(EVERYTHING_ON)
+    exprs = list(rule_exprs(docs).values()) + dashboard_exprs(dashboard(docs))
+    known = known_label_values()
+    checked, unknown = set(), []
+    for expr in exprs:
+        for metric, label, value in selected_label_values(expr):
+            if (metric, label) in known:
+                checked.add((metric, label))
+                if value not in known[(metric, label)]:
+                    unknown.append((metric, label, value))
+    assert not unknown, unknown
+    assert len(checked) >= 3, checked  # held-out signals, gate refusals, judge drops
+
+
+def test_the_known_label_values_are_the_exported_ones():
+    """The counters export each of their values from the start (zeros, so increase() sees the first event), and
+    no other; so the list above follows the code."""
+    exported_odpo_names()
+    exported: dict[tuple[str, str], set[str]] = {}
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            for label, value in sample.labels.items():
+                exported.setdefault((sample.name, label), set()).add(value)
+    for (metric, label), values in known_label_values().items():
+        if metric.endswith("_total"):
+            assert exported.get((metric, label)) == values, metric
+        else:  # a gauge: values appear as versions are scored
+            assert exported.get((metric, label), set()) <= values, metric
+
+
+def test_dashboard_shows_what_clients_get():
+    """The held-out quality signals per version, the gate's refusals by signal and the judge's guard failures
+    and quality drops, in one row."""
+    dash = dashboard(render(EVERYTHING_ON))
+    rows = [p for p in dash["panels"] if p["type"] == "row"]
+    row = next(r for r in rows if r["title"] == "What clients get")
+    after = [r["gridPos"]["y"] for r in rows if r["gridPos"]["y"] > row["gridPos"]["y"]]
+    below = min(after, default=10**6)
+    panels = [p for p in dash["panels"] if p["type"] != "row" and row["gridPos"]["y"] < p["gridPos"]["y"] < below]
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
+    shown = {v for m, label, v in selected_label_values(exprs) if m == "odpo_gateway_heldout_signal"}
+    assert {"mean_words", "on_topic_share", "ref_logprob", "strict_pass", "score", "score_diff_low",
+            "score_diff_high"} <= shown
+    for metric in ("odpo_gateway_gate_refusals_by_signal_total", "odpo_judge_guard_failures_total",
+                   "odpo_judge_score_count", "odpo_judge_pairs_dropped_total"):
+        assert metric in exprs, metric
+    assert 'reason=~"degenerate|collapse"' in exprs
 
 
 @pytest.mark.parametrize("name", [None, "values-cpu-external.yaml"])

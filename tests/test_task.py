@@ -111,8 +111,9 @@ def test_state_reads_a_word_range_as_one_sentence():
     assert state([{"type": "on_topic", "words": ["sea"]}, {"type": "lowercase"}]) == "Write only in lowercase letters."
     assert describe({"type": "bullet_points", "n": 2}) == \
         'Answer with exactly 2 bullet points, each on its own line starting with "- ".'
-    assert describe({"type": "bullet_points", "n": 2, "min_words": 3}) == \
-        'Answer with exactly 2 bullet points, each a short sentence of at least 3 words on its own line starting with "- ".'
+    assert describe({"type": "bullet_points", "n": 2, "min_words": 3}) == (
+        'Answer with exactly 2 bullet points, each a short sentence of at least 3 words on its own line '
+        'starting with "- ".')
 
 
 def test_bad_arguments():

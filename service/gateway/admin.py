@@ -1,4 +1,5 @@
-"""The admin API: list versions with their scores and metrics, promote, pin, unpin, roll back.
+"""The admin API: list versions with their scores and metrics, read their held-out answers, promote, pin,
+unpin, roll back.
 
 Every route needs `Authorization: Bearer <token>`; the token comes from
 `ODPO_GATEWAY_ADMIN_TOKEN` or the file `ODPO_GATEWAY_ADMIN_TOKEN_FILE` (a
@@ -70,6 +71,18 @@ async def versions(state: Admin):
     for v in view["versions"]:
         v["loaded"] = v["version"] in listed
     return view
+
+
+@router.get("/versions/{version}/answers")
+async def answers(version: int, state: Admin):
+    """The held-out prompts a version was scored on, its answers and each answer's signals (read them:
+    a score that rises while the text gets worse is a bug)."""
+    rows = state.book.answers(version)
+    if rows is None:
+        raise HTTPException(404, f"unknown version {version}")
+    rec = state.book.record(version)
+    return {"version": version, "name": version_name(version), "status": rec.status, "signals": rec.signals,
+            "answers": rows}
 
 
 @router.post("/promote")

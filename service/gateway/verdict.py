@@ -84,5 +84,7 @@ def judge_version(candidate: Sequence[AnswerRow], promoted: Sequence[AnswerRow] 
     if diff.low < -tolerance:
         return Verdict(False, "score", f"held-out score {signals['score']:.4f} is below {promoted_name}'s by "
                        f"{-diff.mean:.4f} (95% interval of the paired difference {diff.low:+.4f}..{diff.high:+.4f}, "
-                       f"{n} prompts; tolerance {tolerance:g})", diff, conclusive, signals)
+                       f"{n} prompts; tolerance {tolerance:g}"
+                       f"{'' if conclusive else '; the interval is still wider than the tolerance'})",
+                       diff, conclusive, signals)
     return Verdict(True, None, "", diff, conclusive, signals)

@@ -169,9 +169,45 @@ env:
 - name: adapters
   mountPath: {{ .Values.adapterStore.mountPath }}
 {{- if .Values.baseModel.existingClaim }}
+{{ include "odpo.baseModelMount" . }}
+{{- end }}
+{{- end }}
+
+{{/* The base model's claim, read-only; only with baseModel.existingClaim (else the packaged model is converted
+into the cache volume). */}}
+{{- define "odpo.baseModelMount" -}}
 - name: model
   mountPath: {{ .Values.baseModel.mountPath }}
   readOnly: true
+{{- end }}
+
+{{- define "odpo.baseModelVolume" -}}
+- name: model
+  persistentVolumeClaim:
+    claimName: {{ .Values.baseModel.existingClaim }}
+    readOnly: true
+{{- end }}
+
+{{/* "true" when a boolean setting of a config.<component> section is on; absent means the settings' default, on.
+Written as pydantic reads it: false, 0, no, off, f, n (any case) are off. dict "section" .Values.config.judge "key" "x" */}}
+{{- define "odpo.settingOn" -}}
+{{- $section := default dict .section }}
+{{- if or (not (hasKey $section .key)) (not (has (lower (toString (get $section .key))) (list "false" "0" "no" "off" "f" "n"))) }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the gateway or the judge loads the base model to score the reference log-prob per token:
+the gateway's gate with `gate_reference_logprob`, the judge's quality guard with `reference_logprob` (except
+judge `human` and composition `rules_only`, which load no guard). Mirrors service/gateway/gate.py and
+judge/service.py. dict "root" $ "component" "judge" */}}
+{{- define "odpo.loadsReferenceModel" -}}
+{{- $config := .root.Values.config }}
+{{- if eq .component "gateway" }}
+{{- include "odpo.settingOn" (dict "section" $config.gateway "key" "gate_reference_logprob") }}
+{{- else if eq .component "judge" }}
+{{- $judge := default dict $config.judge }}
+{{- if and (ne (toString (default "verifier" $judge.judge)) "human") (ne (toString (default "product" $judge.composition)) "rules_only") }}
+{{- include "odpo.settingOn" (dict "section" $judge "key" "reference_logprob") }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -191,10 +227,7 @@ env:
   persistentVolumeClaim:
     claimName: {{ include "odpo.adapterClaim" . }}
 {{- if .Values.baseModel.existingClaim }}
-- name: model
-  persistentVolumeClaim:
-    claimName: {{ .Values.baseModel.existingClaim }}
-    readOnly: true
+{{ include "odpo.baseModelVolume" . }}
 {{- end }}
 {{- end }}
 
