@@ -50,6 +50,7 @@ from pathlib import Path
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from benchmarks.common import model_dir, quiet_logs
@@ -138,6 +139,12 @@ def read_online(seed: int, run_dir: Path, budget: int, window: int, curve_n: int
     in_store = sorted(int(m.group(1)) for p in store.iterdir() if p.is_dir()
                       and (m := re.fullmatch(r"policy-v([1-9][0-9]*)", p.name))) if store.is_dir() else []
 
+    def published(v: int) -> float | None:
+        """AdapterReady.created_at as the gate recorded it, else when the trainer wrote the version's folder."""
+        at = records.get(v, {}).get("published_at")
+        folder = store / f"policy-v{v}"
+        return at if at or not folder.is_dir() else folder.stat().st_mtime
+
     def pairs_of(v: int) -> int:
         p = records.get(v, {}).get("pairs_trained")
         p = srows.get(v, {}).get("pairs_trained") if p is None else p
@@ -152,27 +159,46 @@ def read_online(seed: int, run_dir: Path, budget: int, window: int, curve_n: int
     t0 = _online_start(run_dir, summary, records)
     keys = {f.name for f in fields(AnswerRow)}
     curve = []
-    for v in sorted(set(records) | set(srows)):
+    for v in sorted(set(records) | set(srows) | set(in_store)):
         rec, srow = records.get(v, {}), srows.get(v, {})
+        sig, n, source = None, 0, None
         if rec.get("rows"):
             rows = [AnswerRow(**{k: r[k] for k in keys}) for r in rec["rows"][:curve_n]]
-            sig, n = summarize(rows), len(rows)
+            sig, n, source = _curve_signals(summarize(rows)), len(rows), "gate"
         elif srow.get("score") is not None:  # no registry: the summary's numbers (on the gate's prompt count)
-            sig, n = {k: srow.get(k) for k in CURVE_SIGNALS}, srow.get("prompts_scored")
-            sig["score"] = srow["score"]
-        else:
-            continue  # superseded or failed: the gate never scored it
-        published = rec.get("published_at")
-        wall = 0.0 if v == 0 else (published - t0 if published and t0 else None)
-        curve.append({"version": v, "pairs": pairs_of(v) if v else 0, "wall_s": wall, "n": n,
-                      "status": rec.get("status") or srow.get("status"), "signals": _curve_signals(sig)})
-    final_pub = records.get(final, {}).get("published_at")
+            sig, n, source = _curve_signals({**srow, "score": srow["score"]}), srow.get("prompts_scored"), "summary"
+        # else superseded or failed: the gate never scored it (fill_online_curve may)
+        wall = 0.0 if v == 0 else (published(v) - t0 if published(v) and t0 else None)
+        curve.append({"version": v, "pairs": pairs_of(v) if v else 0, "wall_s": wall, "n": n, "source": source,
+                      "status": rec.get("status") or srow.get("status"), "signals": sig})
+    final_pub = published(final)
     return {"run_dir": str(run_dir), "store": str(store), "versions_in_store": in_store, "final_version": final,
             "final_pairs": pairs_of(final), "promoted_version": promoted,
             "final_wall_s": final_pub - t0 if final_pub and t0 else None,
             "elapsed_s": (summary or {}).get("elapsed_s"), "curve": curve,
             "note": (f"the store also has {[v for v in in_store if v > final]} (trained past the budget): not used"
                      if in_store and in_store[-1] > final else "")}
+
+
+def fill_online_curve(evaluator: Evaluator, engine: Engine, seed: int, arm: dict, every: int, n: int) -> None:
+    """Score here the online versions (up to the final one) the gate skipped (superseded by a newer one while
+    it was busy) or scored on fewer prompts: every `every`-th version and the final one."""
+    for p in arm["curve"]:
+        v = p["version"]
+        if not v or v > arm["final_version"] or (p["signals"] is not None and (p["n"] or 0) >= n):
+            continue
+        if (v % every and v != arm["final_version"]) or v not in arm["versions_in_store"]:
+            continue
+        name = f"online-s{seed}-v{v}"
+        engine.load(name, Path(arm["store"]) / f"policy-v{v}")
+        try:
+            p["signals"] = _curve_signals(evaluator.result(name, name, n).signals)
+        finally:
+            if v != arm["final_version"]:  # the final version is evaluated again, on more prompts
+                engine.unload(name)
+        p["n"], p["source"] = n, "benchmark"
+        say(f"  curve {name} (not scored by the gate): score {p['signals']['score']:.3f}, "
+            f"{p['signals']['mean_words']:.1f} words ({n} prompts)")
 
 
 def _online_start(run_dir: Path, summary: dict | None, records: dict) -> float | None:
@@ -299,13 +325,17 @@ def sample_offline_pairs(engine: Engine, judge, seed: int, budget: int, train_pr
                 time.sleep(2)
 
     pairs, seen, dropped = [], set(), Counter()
-    sets = k = 0
+    sets = 0
     t0 = time.monotonic()
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        while len(pairs) < budget:
-            if k >= 20 * len(prompts):
-                raise BenchFailed(f"offline s{seed}: only {len(pairs)} pairs from {sets} candidate sets")
-            for cset in pool.map(sample, range(k, k + 8)):
+    # Sampling runs ahead while the judge works, in prompt order (the online loop overlaps them too).
+    with ThreadPoolExecutor(max_workers=gen.max_in_flight) as pool:
+        ahead = deque(pool.submit(sample, k) for k in range(2 * gen.max_in_flight))
+        try:
+            while len(pairs) < budget:
+                if sets >= 20 * len(prompts):
+                    raise BenchFailed(f"offline s{seed}: only {len(pairs)} pairs from {sets} candidate sets")
+                cset = ahead.popleft().result()
+                ahead.append(pool.submit(sample, sets + len(ahead) + 1))
                 sets += 1
                 judgement = judge.judge(cset.prompt, [c.text for c in cset.completions])
                 made, why = build_pairs(cset, judgement, judge.name, policy)
@@ -314,9 +344,12 @@ def sample_offline_pairs(engine: Engine, judge, seed: int, budget: int, train_pr
                     if p.id not in seen and len(pairs) < budget:
                         seen.add(p.id)
                         pairs.append(p)
-            k += 8
-            say(f"  offline s{seed}: {len(pairs)}/{budget} pairs from {sets} base candidate sets "
-                f"({time.monotonic() - t0:.0f}s)")
+                if sets % 16 == 0 or len(pairs) == budget:
+                    say(f"  offline s{seed}: {len(pairs)}/{budget} pairs from {sets} base candidate sets "
+                        f"({time.monotonic() - t0:.0f}s)")
+        finally:
+            for f in ahead:
+                f.cancel()
     stats = {"candidate_sets": sets, "pairs": len(pairs), "dropped": dict(dropped),
              "sampling_s": round(time.monotonic() - t0, 1),
              "sampling": {"n": gen.n, "temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": gen.max_tokens,
@@ -408,9 +441,10 @@ def _f(v, d: int = 3, signed: bool = False) -> str:
 
 
 def _ci(d: dict | None, digits: int = 3, signed: bool = False) -> str:
+    """The mean, then its interval one digit shorter (a table cell that does not wrap)."""
     if not d:
         return "-"
-    return f"{_f(d['mean'], digits, signed)} [{_f(d['low'], digits, signed)}, {_f(d['high'], digits, signed)}]"
+    return f"{_f(d['mean'], digits, signed)} [{_f(d['low'], digits - 1, signed)}, {_f(d['high'], digits - 1, signed)}]"
 
 
 def _wtl(wr: dict | None) -> str:
@@ -424,11 +458,13 @@ def side_by_side(final: dict, seeds: list[int], arms: dict) -> Table:
     """Metric rows; per seed online | offline | online vs offline columns, and the mean over seeds."""
     t = Table(title=f"online vs offline, same pair budget: {final['prompts']} held-out prompts, greedy, "
                     f"{final['max_tokens']} tokens",
-              caption="[a, b] = 95% bootstrap interval; W/T/L (win rate without ties) by the composite judge asked "
-                      "in both orders; diff = online - offline (paired: the same prompts), x = online / offline")
+              caption=escape("[a, b] = 95% bootstrap interval; W/T/L (win rate without ties) by the composite judge "
+                             "asked in both orders; on vs off: online - offline (paired: the same prompts), "
+                             "x = online / offline"))
     t.add_column("", no_wrap=True)
+    t.add_column("base", justify="right")
     for s in seeds:
-        for col in (f"s{s} online", f"s{s} offline", f"s{s} online vs offline"):
+        for col in (f"s{s} online", f"s{s} offline", f"s{s} on vs off"):
             t.add_column(col, justify="right")
     t.add_column("mean over seeds", justify="right")
     by, base = final["by_seed"], final["base"]["signals"]
@@ -440,9 +476,9 @@ def side_by_side(final: dict, seeds: list[int], arms: dict) -> Table:
     def both(s: int, k: str):
         return sig(s, "online", k), sig(s, "offline", k)
 
-    def add(name: str, cell, compare, mean_fmt) -> None:
+    def add(name: str, cell, compare, mean_fmt, base_cell: str = "") -> None:
         """`cell(s, arm)` -> text; `compare(s)` -> (number or None, text)."""
-        cells, values = [], []
+        cells, values = [base_cell], []
         for s in seeds:
             value, text = compare(s)
             cells += [cell(s, "online"), cell(s, "offline"), text]
@@ -494,22 +530,21 @@ def side_by_side(final: dict, seeds: list[int], arms: dict) -> Table:
         return (None, "-") if not a or not b else (a / b, f"x{a / b:.2f}")
 
     signed3, times = (lambda v: _f(v, 3, True)), (lambda v: f"x{v:.2f}")
-    add("version (pairs trained)", version, lambda s: (None, ""), str)
-    add("task score [95%]", lambda s, a: _ci(sig(s, a, "score_ci")), score_diff, signed3)
-    add("score gain over base", lambda s, a: _f(gain(s, a), 3, True), gain_ratio, times)
+    add("version (pairs trained)", version, lambda s: (None, ""), str, "v0 (0 pairs)")
+    add("task score [95%]", lambda s, a: _ci(sig(s, a, "score_ci")), score_diff, signed3, _ci(base["score_ci"]))
+    add("score gain over base", lambda s, a: _f(gain(s, a), 3, True), gain_ratio, times, "0")
     add("strict pass", lambda s, a: _f(sig(s, a, "strict_pass"), 2), difference("strict_pass", 2),
-        lambda v: _f(v, 2, True))
+        lambda v: _f(v, 2, True), _f(base["strict_pass"], 2))
     add("vs base: W/T/L (win rate)", lambda s, a: _wtl((by[str(s)].get(a) or {}).get("win_rate_vs_base")), h2h,
         lambda v: f"online wins {v:.2f}")
-    add("mean words", lambda s, a: _f(sig(s, a, "mean_words"), 1), ratio("mean_words"), times)
+    add("mean words", lambda s, a: _f(sig(s, a, "mean_words"), 1), ratio("mean_words"), times,
+        _f(base["mean_words"], 1))
     for name, k, d in (("empty share", "empty_share", 2), ("distinct-2", "distinct2", 2),
                        ("on-topic share", "on_topic_share", 2), ("ref log-prob / token", "ref_logprob", 2),
                        ("guard pass", "guard_pass", 2)):
-        add(name, lambda s, a, k=k, d=d: _f(sig(s, a, k), d), difference(k, d), lambda v, d=d: _f(v, d, True))
+        add(name, lambda s, a, k=k, d=d: _f(sig(s, a, k), d), difference(k, d), lambda v, d=d: _f(v, d, True),
+            _f(base[k], d))
     add("wall time to final (min)", wall, wall_ratio, times)
-    t.add_row("base", *([""] * 3 * len(seeds)), f"score {base['score']:.3f}, {base['mean_words']:.1f} words, "
-                                                  f"on topic {_f(base['on_topic_share'], 2)}, ref lp "
-                                                  f"{_f(base['ref_logprob'], 2)}")
     return t
 
 
@@ -529,7 +564,7 @@ def plot_curves(arms: dict, base_sig: dict, curve_n: int, out: Path) -> Path:
             for i, (seed, arm) in enumerate(sorted(arms.items())):
                 for name, style, marker in (("online", "-", "o"), ("offline", "--", "s")):
                     curve = [p for p in (arm.get(name) or {}).get("curve", [])
-                             if p.get(xkey) is not None and p["signals"].get(key) is not None]
+                             if p.get(xkey) is not None and p["signals"] and p["signals"].get(key) is not None]
                     if curve:
                         ax.plot([p[xkey] / scale for p in curve], [p["signals"][key] for p in curve], style,
                                 marker=marker, ms=4, color=colors[i % len(colors)], label=f"{name} s{seed}")
@@ -624,7 +659,8 @@ def run(args, out: Path, reuse: dict[int, Path]) -> int:
             arms[seed]["online"] = read_online(seed, run_dir, budget, args.window, args.curve_prompts)
             a = arms[seed]["online"]
             say(f"online s{seed}: {run_dir}: final v{a['final_version']} ({a['final_pairs']} pairs), promoted "
-                f"v{a['promoted_version']}, {len(a['curve'])} versions scored by the gate {a['note']}")
+                f"v{a['promoted_version']}, {sum(p['source'] == 'gate' for p in a['curve'])} of "
+                f"{len(a['curve'])} versions scored by the gate" + (f"; {a['note']}" if a["note"] else ""))
 
     import torch
 
@@ -647,6 +683,10 @@ def run(args, out: Path, reuse: dict[int, Path]) -> int:
         say(f"scoring base on {n_eval} held-out prompts")
         base_curve = _curve_signals(evaluator.result("base", "base", args.curve_prompts).signals)
         for seed in args.seeds:
+            if arms[seed].get("online"):
+                say(f"online s{seed}: scoring the versions the gate did not score, for the learning curve")
+                fill_online_curve(evaluator, engine, seed, arms[seed]["online"], args.curve_every,
+                                  args.curve_prompts)
             say(f"offline s{seed}: learning curve on {args.curve_prompts} held-out prompts")
             arms[seed]["offline"]["curve"] = offline_curve(evaluator, engine, arms[seed]["offline"], base_curve,
                                                            args.curve_every, args.curve_prompts)
@@ -698,7 +738,7 @@ def run(args, out: Path, reuse: dict[int, Path]) -> int:
     final = {"prompts": args.heldout, "max_tokens": args.max_tokens, "decoding": "greedy (temperature 0)",
              "base": {"signals": results[0].signals}, "by_seed": by_seed}
 
-    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 220)
     console.print()
     for line in examples(results, final_prompts, args.examples):
         console.print(line, markup=False, highlight=False)

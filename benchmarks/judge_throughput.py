@@ -79,7 +79,9 @@ def on_broker(sets: list[CandidateSet], bootstrap: str) -> tuple[float, int]:
     producer.flush()
     inbox = Inbox(bootstrap, topic, CandidateSet, "judge", producer, group_id=f"bench-{uuid.uuid4().hex[:8]}",
                   max_poll_records=500)
-    loop = JudgeLoop(inbox, producer, JudgeSettings(poll_timeout_s=0.5, seen_ids_cache=len(sets) + 1))
+    # The rule judge alone: this measures the broker path, not the quality guard's model forwards.
+    loop = JudgeLoop(inbox, producer, JudgeSettings(poll_timeout_s=0.5, seen_ids_cache=len(sets) + 1,
+                                                    composition="rules_only"))
     try:
         while not inbox.consumer.assignment():  # the group join (about 3 s on Tansu) is not judging
             inbox.consumer.poll(timeout_ms=200)

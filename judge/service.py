@@ -87,12 +87,18 @@ class _Loop:
         """Handle one poll's worth of messages; returns how many valid events were handled."""
         dead_before = self.inbox.dead_lettered
         envs = self.inbox.poll(timeout_ms=int(self.settings.poll_timeout_s * 1000))
-        done = 0
+        done, unavailable = 0, False
+        deadline = time.monotonic() + self.settings.max_batch_seconds
         try:
             for env in envs:
+                if done and time.monotonic() > deadline:
+                    # Poll again before the group's max poll interval runs out: a consumer that overruns it is
+                    # evicted, its commit fails and the whole batch is judged again, forever on a slow machine.
+                    break
                 self.handle(env)
                 done += 1
         except JudgeUnavailable as exc:
+            unavailable = True
             M.UNAVAILABLE.inc()
             log.warning("judge unavailable, retrying %d event(s) in %.1f s: %s", len(envs) - done,
                         self.settings.retry_wait_s, exc)
@@ -106,7 +112,8 @@ class _Loop:
         if done < len(envs):
             self.inbox.commit(envs[:done])
             self._put_back(envs[done:])
-            self.stop.wait(self.settings.retry_wait_s)
+            if unavailable:
+                self.stop.wait(self.settings.retry_wait_s)
         elif envs or self.inbox.dead_lettered > dead_before or housekept:
             self.commit()
         return done
@@ -262,7 +269,8 @@ def run(common: CommonSettings, settings: JudgeSettings, stop: threading.Event) 
     producer = make_producer(common.bootstrap_servers)
     inbox = None
     try:
-        inbox = Inbox(common.bootstrap_servers, topic, model, COMPONENT, producer, group_id=group)
+        inbox = Inbox(common.bootstrap_servers, topic, model, COMPONENT, producer, group_id=group,
+                      max_poll_records=settings.max_poll_records)
         loop = FeedbackLoop(inbox, producer, settings, stop) if human else \
             JudgeLoop(inbox, producer, settings, judge, stop)
         loop.run()

@@ -205,6 +205,15 @@ class JudgeSettings(_ComponentSettings):
     feedback_max_age_s: float = Field(default=86_400, gt=0, description="A rating waits this long for an opposite one.")
     group_id: str = Field(default="odpo-judge", min_length=1, description="Kafka consumer group on odpo.candidates.")
     poll_timeout_s: float = Field(default=0.5, gt=0, description="Longest wait for candidates per poll (bounds stop latency).")
+    max_batch_seconds: float = Field(
+        default=5.0, gt=0, description="Judge a poll's events for at most this long, then commit what is done and "
+                                       "poll again (the rest is read again next): the group evicts a consumer that "
+                                       "does not poll within 10 s.")
+    max_poll_records: int = Field(
+        default=4, ge=1, description="Candidate sets (or feedback) per poll. A poll's sets must be judged within the "
+                                     "consumer group's max poll interval (10 s), and the quality guard's reference "
+                                     "model takes 0.3-2 s per set on a busy CPU; more per poll gets the judge "
+                                     "evicted from its group and the batch judged again.")
     metrics_port: int = Field(default=0, description="Port of the judge's /metrics (0 = pick a free one).")
 
     @field_validator("llm_judge_template")

@@ -142,7 +142,7 @@ def test_the_gateway_never_imports_torch():
     import sys
 
     code = ("import sys; from service.gateway import create_app; from service.settings import GatewaySettings; "
-            "create_app(GatewaySettings()); import judge.heldout; "  # the gate's scoring, imported when it runs
+            "create_app(GatewaySettings()); import judge.evaluate, judge.signals, service.gateway.verdict; "  # the gate's scoring (fluency loads torch only when it scores)
             "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
