@@ -13,6 +13,8 @@ For each seed and one pair budget (`--pairs`, in windows of `--window`):
   online pair policy, then trained with `odpo train` (window W, the trainer's defaults, same seed).
   Its curve: every `--curve-every`-th version scored here on the same first `--curve-prompts` held-out
   prompts the gate scores first; wall time = vLLM start + sampling + the training process up to that version.
+  With the same seed, both arms sample the first window from base with the same per-request seed: online v1
+  and offline v1 came out equal in a test here, and the arms part from v2 on (on-policy data or not).
 - BASE.
 
 Final comparison on the first `--heldout` held-out prompts (greedy, 48 tokens): base, each seed's online
@@ -574,8 +576,9 @@ def plot_curves(arms: dict, base_sig: dict, curve_n: int, out: Path) -> Path:
             ax.set_title(title, fontsize="small")
             ax.tick_params(labelsize="small")
     axes[0][0].legend(fontsize="x-small")
-    fig.suptitle(f"online (solid) vs offline (dashed) DPO: first {curve_n} held-out prompts, greedy; online points "
-                 f"are the promotion gate's own scores", fontsize="medium")
+    fig.suptitle(f"online (solid) vs offline (dashed) DPO: first {curve_n} held-out prompts, greedy, same judge of "
+                 f"answers; online points are the promotion gate's scores (versions it skipped: scored here)",
+                 fontsize="medium")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -604,8 +607,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="trainer and sampling seeds")
     ap.add_argument("--heldout", type=int, default=100, help="held-out prompts of the final comparison")
     ap.add_argument("--curve-prompts", type=int, default=48, help="first held-out prompts of the learning curves")
-    ap.add_argument("--curve-every", type=int, default=1, help="score every k-th offline version for the curve "
-                                                               "(the final one always)")
+    ap.add_argument("--curve-every", type=int, default=1, help="score every k-th offline version (and online version "
+                                                               "the gate skipped) for the curves; the final always")
     ap.add_argument("--max-tokens", type=int, default=48, help="new tokens per greedy held-out answer (the gate's)")
     ap.add_argument("--train-prompts", type=int, default=256, help="train prompts cycled through (as `odpo up`)")
     ap.add_argument("--out", type=Path, default=Path("runs/efficacy"), help="folder of the results and runs")
@@ -629,15 +632,19 @@ def main() -> int:
         if not args.skip_online and seed not in reuse and run_dir.exists():
             ap.error(f"{run_dir} exists (an earlier online run?): pass --reuse-online {seed}={run_dir} or remove it")
     quiet_logs()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)  # stops like Ctrl-C: `odpo up`, `odpo train` and vLLM go too
     try:
         return run(args, out, reuse)
-    except BenchFailed as exc:
+    except (BenchFailed, httpx.HTTPError) as exc:
         print(f"efficacy: error: {exc}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print("efficacy: interrupted", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run(args, out: Path, reuse: dict[int, Path]) -> int:
@@ -758,7 +765,8 @@ def run(args, out: Path, reuse: dict[int, Path]) -> int:
                      "judge": f"make_judge(JudgeSettings()): {type(judge).__name__}({judge.name})",
                      "wall_time": "online: since `odpo up` started (admin-token file), to each version's publish "
                                   "time; offline: vLLM start + sampling + the `odpo train` process up to each version",
-                     "online_curve": "the promotion gate's per-prompt rows (first curve_prompts held-out prompts)",
+                     "online_curve": "the promotion gate's per-prompt rows (first curve_prompts held-out prompts); "
+                                     "versions it skipped (superseded) scored here (source: benchmark)",
                      "skip_online": args.skip_online},
         "arms": {str(s): a for s, a in arms.items()},
         "base_curve_signals": base_curve,

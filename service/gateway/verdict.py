@@ -23,16 +23,11 @@ from typing import Sequence
 from judge.signals import AnswerRow, summarize
 from judge.stats import Interval, paired_difference
 
-# signal -> (kind, default limit): `relative` = the candidate may be lower by at most that share of the
-# reference's value; `absolute` = lower (higher for empty_share) by at most that much.
-LIMITS = {
-    "mean_words": ("relative", 0.35),
-    "empty_share": ("absolute_rise", 0.05),
-    "distinct2": ("absolute", 0.10),
-    "on_topic_share": ("absolute", 0.10),
-    "ref_logprob": ("absolute", 0.20),
-    "guard_pass": ("absolute", 0.10),
-}
+# signal -> how its limit reads (the limits themselves are GatewaySettings.limit_*): `relative` = the candidate
+# may be lower by at most that share of the reference's value; `absolute` = lower by at most that much;
+# `absolute_rise` = higher by at most that much.
+LIMITS = {"mean_words": "relative", "empty_share": "absolute_rise", "distinct2": "absolute",
+          "on_topic_share": "absolute", "ref_logprob": "absolute", "guard_pass": "absolute"}
 
 
 @dataclass(frozen=True)
@@ -47,7 +42,7 @@ class Verdict:
 
 def degradation(candidate: dict, reference: dict, ref_name: str, limits: dict[str, float]) -> tuple[str, str] | None:
     """The first signal of `candidate` worse than `reference`'s beyond its limit: (signal, reason), or None."""
-    for signal, (kind, _) in LIMITS.items():
+    for signal, kind in LIMITS.items():
         ours, theirs, limit = candidate.get(signal), reference.get(signal), limits[signal]
         if ours is None or theirs is None:
             continue
