@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from rich.markup import escape
 from rich.table import Table
 
 from judge.evaluate import ModelResult
@@ -23,8 +24,8 @@ def _num(v, digits: int = 3) -> str:
 
 
 def results_table(results: Sequence[ModelResult], title: str) -> Table:
-    t = Table(title=title, caption="[a, b] = 95% bootstrap interval; diff and W/T/L against the reference "
-                                   "(same prompts; W/T/L by a judge asked in both orders)")
+    t = Table(title=title, caption=escape("[a, b] = 95% bootstrap interval; diff and W/T/L against the reference "
+                                          "(same prompts; W/T/L by a judge asked in both orders)"))
     for col in ("model", "score", "strict", "diff vs ref", "W/T/L", "win rate", "words", "empty", "distinct-2",
                 "on topic", "ref lp/tok", "guard ok"):
         t.add_column(col, justify="right", no_wrap=col in ("model",))
