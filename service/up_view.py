@@ -157,12 +157,14 @@ def version_rows(view: dict | None, c: LoopCounts) -> list[dict]:
 
 
 def decided_through(view: dict | None, rounds: int) -> bool:
-    """True once the gate has decided on version `rounds` or a newer one (and scored base)."""
+    """True once the gate has given a verdict (scored, not only superseded) on version `rounds` or a newer one,
+    and scored base: the run then ends with a version of at least that many rounds judged on its answers."""
     if not view:
         return False
     by_version = {v["version"]: v for v in view["versions"]}
     base_scored = by_version.get(0, {}).get("score") is not None
-    return base_scored and any(v >= rounds and r["status"] in DECIDED for v, r in by_version.items())
+    return base_scored and any(v >= rounds and r["status"] in DECIDED and r["status"] != "superseded"
+                               for v, r in by_version.items())
 
 
 def summary(c: LoopCounts, view: dict | None, sent: int, elapsed: float) -> dict:
