@@ -61,3 +61,21 @@ class ReferenceScorer:
             first = len(head) - 1  # the logit at position t predicts token t + 1
             out.append(float(logp[i, first:first + len(body)].mean()))
         return out
+
+
+class CachedScorer:
+    """A scorer that remembers each (prompt, answer)'s number: an evaluation scores every answer once for its
+    signals and again, in both orders, for the win rate."""
+
+    def __init__(self, scorer, max_entries: int = 100_000):
+        self.scorer, self.max_entries = scorer, max_entries
+        self._cache: dict[tuple[str, str], float] = {}
+
+    def logprob_per_token(self, prompt: Any, texts: Sequence[str]) -> list[float]:
+        key = getattr(prompt, "id", None) or str(prompt)
+        todo = [t for t in dict.fromkeys(texts) if (key, t) not in self._cache]
+        if todo:
+            if len(self._cache) + len(todo) > self.max_entries:
+                self._cache.clear()
+            self._cache.update({(key, t): lp for t, lp in zip(todo, self.scorer.logprob_per_token(prompt, todo))})
+        return [self._cache[(key, t)] for t in texts]

@@ -106,13 +106,14 @@ def run_eval(opts: EvalOptions) -> int:
     prompts = load_prompts(opts)
     reference = None
     if opts.reference_logprob:
-        from judge.fluency import ReferenceScorer
+        from judge.fluency import CachedScorer, ReferenceScorer
         from service.assets import AssetError, base_model_dir
         from service.settings import CommonSettings
 
         common = CommonSettings()
         try:
-            reference = ReferenceScorer(base_model_dir(common.cache_dir, opts.base_model or common.base_model))
+            reference = CachedScorer(ReferenceScorer(base_model_dir(common.cache_dir,
+                                                                    opts.base_model or common.base_model)))
         except (AssetError, OSError) as exc:
             raise UsageError(f"cannot load the reference model: {exc} (or pass --no-reference-logprob)") from None
     results = []

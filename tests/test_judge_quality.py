@@ -153,3 +153,20 @@ def test_the_prompt_decides_what_is_fluent(reference):
     on_beach = reference.logprob_per_token(BEACH, [market])[0]
     on_market = reference.logprob_per_token(stocks, [market])[0]
     assert on_market > on_beach + 0.5  # measured: about -5.2 against -6.2
+
+
+def test_cached_scorer_asks_each_prompt_answer_once():
+    from judge.fluency import CachedScorer
+
+    asked = []
+
+    class Counting:
+        def logprob_per_token(self, prompt, texts):
+            asked.extend((prompt, t) for t in texts)
+            return [-float(len(t)) for t in texts]
+
+    cached = CachedScorer(Counting())
+    assert cached.logprob_per_token("p1", ["a", "bb", "a"]) == [-1.0, -2.0, -1.0]
+    assert cached.logprob_per_token("p1", ["bb", "ccc"]) == [-2.0, -3.0]
+    assert cached.logprob_per_token("p2", ["a"]) == [-1.0]  # another prompt is another question
+    assert asked == [("p1", "a"), ("p1", "bb"), ("p1", "ccc"), ("p2", "a")]
