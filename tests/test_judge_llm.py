@@ -36,8 +36,11 @@ from tests.test_judge_service import candidate_set, judge_all, read_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
+# The LLM judge's own verdicts are under test, on one-word answers ("4", "A") that the quality guard would
+# fail as too short: the plugin alone (`rules_only`); the guard is tested in tests/test_judge_composite.py.
 SETTINGS = JudgeSettings(judge="llm_judge", llm_judge_model="base", llm_judge_max_tokens=8, llm_judge_concurrency=1,
-                         llm_judge_retries=1, llm_judge_backoff_s=0.01, retry_wait_s=0.1, poll_timeout_s=0.2)
+                         llm_judge_retries=1, llm_judge_backoff_s=0.01, retry_wait_s=0.1, poll_timeout_s=0.2,
+                         composition="rules_only")
 PROMPT = PromptEvent(id="llm-judge-q", messages=[ChatMessage(role="user", content="What is 2+2?")], source="test")
 ANSWERS = ["4", "2+2 is 5.", "I like turtles."]
 

@@ -75,8 +75,14 @@ def loop(tmp_path, model_dir):
             # The promotion gate scores base and v1 on a few held-out prompts; this test checks the loop's
             # mechanics, not whether one tiny update helps, so any score is good enough to be promoted.
             "ODPO_GATEWAY_HELDOUT_PROMPTS": "4",
+            "ODPO_GATEWAY_HELDOUT_PROMPTS_MAX": "4",
             "ODPO_GATEWAY_EVAL_MAX_TOKENS": "16",
             "ODPO_GATEWAY_PROMOTION_TOLERANCE": "1",
+            # ... nor quality: this deliberately large step (lr 2e-3) shortens answers, which the gate's length
+            # limit would refuse (tests/test_gate_refuses_hacked.py shows that on purpose).
+            **{f"ODPO_GATEWAY_LIMIT_{s}": "1" for s in ("MEAN_WORDS", "EMPTY_SHARE", "DISTINCT2", "ON_TOPIC_SHARE",
+                                                      "GUARD_PASS")},
+            "ODPO_GATEWAY_LIMIT_REF_LOGPROB": "100",
             "ODPO_TRAINER_WINDOW_PAIRS": "4",
             "ODPO_TRAINER_STEPS_PER_WINDOW": "6",
             "ODPO_TRAINER_LEARNING_RATE": "2e-3",

@@ -144,7 +144,7 @@ class PromotionGate:
                 REFUSED_BY.labels(verdict.signal).inc()
             log.warning("gate: %s not promoted (%s): %s", name, decision.status, decision.reason)
         else:
-            log.info("gate: %s (promoted) scores %.4f on %d held-out prompts", name, score, len(self.prompts))
+            log.info("gate: %s (promoted) scores %.4f on %d held-out prompts", name, score, len(rows))
         sync_promoted(self.book)
         self.adapters.release({self.book.promoted})
 
