@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+
 def _f(v, d: int = 3, signed: bool = False) -> str:
     if v is None:
         return "-"
