@@ -58,6 +58,13 @@ class Judgement:
         return None if v is None else -v
 
 
+def chat_messages(prompt: PromptEvent) -> list[dict]:
+    """The prompt's chat turns as plain dicts (a raw-text prompt as one user turn)."""
+    if prompt.messages:
+        return [m.model_dump() for m in prompt.messages]
+    return [{"role": "user", "content": prompt.text}]
+
+
 @runtime_checkable
 class Judge(Protocol):
     name: str

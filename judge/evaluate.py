@@ -19,7 +19,7 @@ from typing import Sequence
 
 import httpx
 
-from judge.base import Judge
+from judge.base import Judge, chat_messages
 from judge.quality import GuardLimits, ReferenceLogprobs
 from judge.signals import AnswerRow, score_answers, summarize
 from judge.stats import bootstrap_mean, paired_difference
@@ -54,12 +54,6 @@ class ModelResult:
         if answers:
             out["answers"] = [r.as_dict() for r in self.rows]
         return out
-
-
-def chat_messages(prompt: PromptEvent) -> list[dict]:
-    if prompt.messages:
-        return [m.model_dump() for m in prompt.messages]
-    return [{"role": "user", "content": prompt.text}]
 
 
 def answer_prompts(base_url: str, model: str, prompts: Sequence[PromptEvent], max_tokens: int,

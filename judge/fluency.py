@@ -18,6 +18,8 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+from judge.base import chat_messages
+
 
 class ReferenceScorer:
     def __init__(self, model_dir: Path, threads: int = 1, device: str = "cpu", batch_size: int = 8):
@@ -32,9 +34,7 @@ class ReferenceScorer:
         self._lock = threading.Lock()  # one forward at a time (the gate and a request may share a scorer)
 
     def prompt_ids(self, prompt: Any) -> list[int]:
-        messages = [m.model_dump() for m in prompt.messages] if getattr(prompt, "messages", None) else \
-            [{"role": "user", "content": getattr(prompt, "text", None) or str(prompt)}]
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = self.tokenizer.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def logprob_per_token(self, prompt: Any, texts: Sequence[str]) -> list[float]:

@@ -80,6 +80,14 @@ def rule_failure(text: str, task: Any, limits: GuardLimits) -> str | None:
     return None
 
 
+def guard_failure(text: str, task: Any, limits: GuardLimits, ref_logprob: float | None = None) -> str | None:
+    """The guard's reason to fail `text` (the rules first, then fluency when a reference scored it), or None."""
+    failure = rule_failure(text, task, limits)
+    if failure is None and ref_logprob is not None and ref_logprob < limits.min_ref_logprob:
+        return "disfluent"
+    return failure
+
+
 class QualityGuard:
     def __init__(self, limits: GuardLimits = GuardLimits(), reference: ReferenceLogprobs | None = None):
         self.limits, self.reference = limits, reference
@@ -87,17 +95,15 @@ class QualityGuard:
     def assess(self, prompt: Any, texts: Sequence[str]) -> list[Assessment]:
         """One assessment per text; `prompt` is the PromptEvent they answer."""
         lim = self.limits
-        failures = [rule_failure(t, prompt.task, lim) for t in texts]
         ref: list[float | None] = [None] * len(texts)
         if self.reference is not None:
-            scored = [i for i, f in enumerate(failures) if f not in ("empty",)]
+            scored = [i for i, t in enumerate(texts) if words(t)]  # an empty answer has no tokens to score
             if scored:
                 for i, lp in zip(scored, self.reference.logprob_per_token(prompt, [texts[i] for i in scored])):
                     ref[i] = lp
         out = []
-        for f, lp in zip(failures, ref):
-            if f is None and lp is not None and lp < lim.min_ref_logprob:
-                f = "disfluent"
+        for text, lp in zip(texts, ref):
+            f = guard_failure(text, prompt.task, lim, lp)
             if f is not None:
                 out.append(Assessment(f, 0.0, lp))
             elif lp is None:

@@ -18,7 +18,7 @@ from typing import Literal, Sequence
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from judge.base import Judgement
+from judge.base import Judgement, chat_messages
 from service.contracts import PromptEvent
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,7 @@ class RewardModelJudge:
 
     def render(self, prompt: PromptEvent, response: str) -> str:
         """The text the reward model reads for one response."""
-        turns = [m.model_dump() for m in prompt.messages] if prompt.messages else \
-            [{"role": "user", "content": prompt.text}]
+        turns = chat_messages(prompt)
         turns.append({"role": "assistant", "content": response})
         if self.tokenizer.chat_template:
             return self.tokenizer.apply_chat_template(turns, tokenize=False)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from judge.quality import GuardLimits, ReferenceLogprobs, rule_failure
+from judge.quality import GuardLimits, ReferenceLogprobs, guard_failure
 from judge.rules import score_task, strict_task
 from judge.stats import bootstrap_mean
 from judge.verifier import on_topic, topic_words, words
@@ -53,9 +53,7 @@ def score_answers(prompts: Sequence[Any], answers: Sequence[str], reference: Ref
         lp = None
         if reference is not None and words(a):
             lp = reference.logprob_per_token(p, [a])[0]
-        failure = rule_failure(a, p.task, limits)
-        if failure is None and lp is not None and lp < limits.min_ref_logprob:
-            failure = "disfluent"
+        failure = guard_failure(a, p.task, limits, lp)
         rows.append(AnswerRow(p.id, a, score_task(p.task, a, allowed_modules), strict_task(p.task, a, allowed_modules),
                               len(words(a)), None if topic is None else on_topic(a, topic), lp, failure))
     return rows
