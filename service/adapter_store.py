@@ -1,22 +1,35 @@
-"""The adapter store: a directory of `policy-v<N>/` folders, shared by trainer and generator.
+"""The adapter store: a directory of `policy-v<N>/` folders, shared by trainer, generator and gateway.
 
 A version is written to a temporary folder beside its final place and renamed
 into place only when complete, so a reader never sees half an adapter. Its
 sha256 covers every file name and byte, and travels in `AdapterReady`.
+
+The store, not the `odpo.adapters` topic, is the record of which versions
+exist (a topic can lose old messages). Beside the folders it holds:
+- `announced/policy-v<N>.json`: the `AdapterReady` of each version, written by
+  the trainer after the rename and before the Kafka message; `newest_ready`
+  is how a component that may be behind learns the newest version;
+- `trainer-published`: the newest version whose Kafka message went out;
+- `holds/<owner>.json`: versions a component still needs (the gateway's
+  promoted, pinned and rollback versions); retention never deletes them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from service.contracts import version_name
+from service.contracts import AdapterReady, version_name
 
 _VERSION_DIR = re.compile(r"^policy-v([1-9][0-9]*)$")
+ANNOUNCED_DIR = "announced"
+PUBLISHED_FILE = "trainer-published"
+HOLDS_DIR = "holds"
 
 
 def version_path(store: Path, version: int) -> Path:
@@ -81,3 +94,73 @@ def published_versions(store: Path) -> list[int]:
         return []
     found = (_VERSION_DIR.match(p.name) for p in store.iterdir() if p.is_dir())
     return sorted(int(m.group(1)) for m in found if m)
+
+
+def write_manifest(store: Path, ready: AdapterReady) -> Path:
+    """Record `ready` in the store (atomically): from now on `newest_ready` finds this version."""
+    path = Path(store) / ANNOUNCED_DIR / f"{version_name(ready.version)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(path, ready.to_bytes())
+    return path
+
+
+def read_manifest(store: Path, version: int) -> AdapterReady | None:
+    """The recorded `AdapterReady` of `version`, or None when it has none (or its folder is gone)."""
+    store = Path(store)
+    try:
+        ready = AdapterReady.from_bytes((store / ANNOUNCED_DIR / f"{version_name(version)}.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    return ready if ready.version == version and (store / ready.path).is_dir() else None
+
+
+def announced_versions(store: Path) -> list[int]:
+    """Versions with a manifest whose folder is in the store, ascending."""
+    folder = Path(store) / ANNOUNCED_DIR
+    if not folder.is_dir():
+        return []
+    names = (p.name[: -len(".json")] for p in folder.glob("policy-v*.json"))
+    found = (_VERSION_DIR.match(n) for n in names)
+    store_versions = set(published_versions(store))
+    return sorted(v for v in (int(m.group(1)) for m in found if m) if v in store_versions)
+
+
+def newest_ready(store: Path) -> AdapterReady | None:
+    """The `AdapterReady` of the newest complete, announced version in the store (None: only base)."""
+    for version in reversed(announced_versions(store)):
+        ready = read_manifest(store, version)
+        if ready is not None:
+            return ready
+    return None
+
+
+def published_version(store: Path) -> int:
+    """The newest version whose AdapterReady went out on Kafka (0 when none did)."""
+    try:
+        return int((Path(store) / PUBLISHED_FILE).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def mark_published(store: Path, version: int) -> None:
+    """Record that `version`'s AdapterReady is flushed (write-to-temp, then atomic replace)."""
+    write_file_atomic(Path(store) / PUBLISHED_FILE, f"{version}\n".encode())
+
+
+def hold_versions(store: Path, owner: str, versions: set[int] | list[int]) -> None:
+    """Say which versions `owner` still needs; retention keeps every version some owner holds."""
+    path = Path(store) / HOLDS_DIR / f"{owner}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(path, json.dumps(sorted({int(v) for v in versions})).encode())
+
+
+def held_versions(store: Path) -> set[int]:
+    """Every version some owner holds (an unreadable hold file is skipped)."""
+    folder = Path(store) / HOLDS_DIR
+    held: set[int] = set()
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            held.update(int(v) for v in json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+    return held

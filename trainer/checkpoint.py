@@ -27,14 +27,12 @@ from pathlib import Path
 
 import torch
 
-from service.adapter_store import (adapter_digest, publish_dir, published_versions, staging_dir, version_path,
-                                   write_file_atomic)
+from service.adapter_store import PUBLISHED_FILE, adapter_digest, publish_dir, published_versions, staging_dir, version_path
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
-PUBLISHED_FILE = "trainer-published"
 
 
 @dataclass
@@ -126,19 +124,6 @@ def new_state(prev: TrainerState, pair_ids: list[str], offsets: dict[str, int], 
                         trained_ids=prev.trained_ids + fresh, window_ids=list(pair_ids),
                         optimizer_steps=prev.optimizer_steps if optimizer_steps is None else optimizer_steps,
                         offsets=merged, metrics=metrics, created_at=time.time())
-
-
-def published_version(store: Path) -> int:
-    """The newest version whose AdapterReady went out (0 when none did)."""
-    try:
-        return int((Path(store) / PUBLISHED_FILE).read_text().strip() or 0)
-    except (OSError, ValueError):
-        return 0
-
-
-def mark_published(store: Path, version: int) -> None:
-    """Record that `version`'s AdapterReady is flushed (write-to-temp, then atomic replace)."""
-    write_file_atomic(Path(store) / PUBLISHED_FILE, f"{version}\n".encode())
 
 
 def remove_staging_leftovers(store: Path) -> int:

@@ -31,7 +31,7 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from service.adapter_store import adapter_digest, version_path
+from service.adapter_store import adapter_digest, mark_published, published_version, version_path
 from service.assets import base_model_dir
 from service.bus import Envelope, Inbox, ensure_topics, make_producer, publish
 from service.contracts import (
@@ -46,7 +46,7 @@ from service.contracts import (
 from service.runtime import serve_metrics
 from service.settings import CommonSettings, TrainerSettings
 from trainer import metrics as M
-from trainer.checkpoint import mark_published, published_version, remove_staging_leftovers
+from trainer.checkpoint import remove_staging_leftovers
 from trainer.recipe import Trainer, WindowResult
 from trainer.tokenize import TokenizedPair, UntrainablePair
 
