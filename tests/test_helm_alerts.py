@@ -98,6 +98,20 @@ def test_quality_thresholds_come_from_values():
     assert by_name["OdpoJudgeDegenerateCandidates"]["for"] == "1h"
 
 
+
+def test_stale_pair_thresholds_come_from_values():
+    values = {"metrics": {"prometheusRule": {"enabled": True, "alerts": {
+        "staleDropped": {"maxShare": 0.8, "window": "30m", "for": "5m", "severity": "warning"},
+        "generatorBehind": {"for": "20m", "severity": "critical"}}}}}
+    rule = one(render(values), "PrometheusRule")
+    by_name = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    stale = by_name["OdpoPairsDroppedStale"]
+    assert "> 0.8" in stale["expr"] and "[30m]" in stale["expr"] and "[10m]" not in stale["expr"]
+    assert stale["expr"].strip().endswith("> 0")  # nothing consumed, no alert
+    assert (stale["for"], stale["labels"]["severity"]) == ("5m", "warning")
+    behind = by_name["OdpoGeneratorBehindStore"]
+    assert (behind["for"], behind["labels"]["severity"]) == ("20m", "critical")
+
 def test_dashboard_queries_parse(promtool_bin, tmp_path):
     """Every dashboard query is valid PromQL: promtool checks them as recording rules (Grafana's variables
     filled in)."""
