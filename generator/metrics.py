@@ -21,3 +21,8 @@ REQUEST_LATENCY = Histogram(
     buckets=(0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320))
 REQUEST_RETRIES = Counter("odpo_generator_request_retries_total", "Sampling requests retried after a server error.")
 SERVER_RESTARTS = Counter("odpo_generator_server_restarts_total", "Restarts of a vLLM server that died.")
+STORE_CATCH_UPS = Counter(
+    "odpo_generator_store_catch_ups_total",
+    "Versions loaded from the adapter store because odpo.adapters did not bring them (the topic lost messages).")
+VERSIONS_BEHIND = Gauge(
+    "odpo_generator_versions_behind", "Newest version in the adapter store minus the version being served.")

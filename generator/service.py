@@ -52,7 +52,7 @@ def run(common: CommonSettings, settings: GeneratorSettings, stop: threading.Eve
         adapter_inbox = Inbox(common.bootstrap_servers, TOPIC_ADAPTERS, AdapterReady, COMPONENT, producer,
                               group_id=None)
         closers.append(adapter_inbox.close)
-        watcher = AdapterWatcher(adapter_inbox, adapters)
+        watcher = AdapterWatcher(adapter_inbox, adapters, common.store_dir, settings.store_check_s)
         watcher.catch_up(stop)
         log.info("serving version %d before sampling", adapters.current_version)
 

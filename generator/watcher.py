@@ -1,31 +1,51 @@
-"""Follows odpo.adapters and hot-swaps each new version into vLLM.
+"""Follows odpo.adapters and the adapter store, and hot-swaps each new version into vLLM.
 
-The topic is read without a consumer group, from the beginning, because
-every generator replica must serve the newest version whatever it missed.
-On start `catch_up` reads to the end and loads only the newest version that
-passes its checks, before any prompt is sampled.
+The topic is the fast path: it is read without a consumer group, from the
+beginning, because every generator replica must serve the newest version
+whatever it missed. The store is the record (a topic can lose old messages:
+retention, a recreated topic, a new or restarted broker), so the watcher also
+reads the store's newest announced version (`newest_ready`) at start and every
+`store_check_s`, and loads it when the topic did not bring it. A generator
+that learned versions only from the topic would sample with `base` while the
+trainer is at v10, and every pair it made would be dropped as stale.
+
+On start `catch_up` reads the topic to its end, then the store, and loads only
+the newest version that passes its checks, before any prompt is sampled.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from pathlib import Path
 
 import httpx
 
 from generator.adapters import AdapterManager, AdapterRejected
+from generator.metrics import STORE_CATCH_UPS, VERSIONS_BEHIND
+from service.adapter_store import newest_ready
 from service.bus import Envelope, Inbox
-from service.contracts import AdapterReady
+from service.contracts import AdapterReady, version_name
 
 log = logging.getLogger(__name__)
 
 
 class AdapterWatcher:
-    def __init__(self, inbox: Inbox[AdapterReady], adapters: AdapterManager, retry_s: float = 2.0):
+    def __init__(self, inbox: Inbox[AdapterReady], adapters: AdapterManager, store: Path | None = None,
+                 store_check_s: float = 15.0, retry_s: float = 2.0):
         self.inbox, self.adapters, self.retry_s = inbox, adapters, retry_s
+        self.store, self.store_check_s = (Path(store) if store is not None else None), store_check_s
+        self._next_store_check = 0.0
+        self._refused_store: set[tuple[int, str]] = set()  # store versions refused once: not tried on every check
 
     def catch_up(self, halt: threading.Event, poll_ms: int = 200) -> int | None:
-        """Read the topic to its current end and serve the newest valid version; returns it (None if none)."""
+        """Read the topic to its end, then the store; serve the newest valid version and return it (None if none)."""
+        served = self._catch_up_topic(halt, poll_ms)
+        from_store = self.check_store(halt)
+        return from_store if from_store is not None else served
+
+    def _catch_up_topic(self, halt: threading.Event, poll_ms: int) -> int | None:
         consumer = self.inbox.consumer
         tps = list(consumer.assignment())
         end = consumer.end_offsets(tps)
@@ -42,29 +62,61 @@ class AdapterWatcher:
         for env in sorted(seen, key=lambda e: e.value.version, reverse=True):
             if env.value.version <= self.adapters.current_version:
                 break
-            if self._apply(env, halt):
+            if self._apply(env.value, halt, env):
                 log.info("caught up: %d adapter messages, serving version %d", len(seen), env.value.version)
                 return env.value.version
         return None
 
+    def check_store(self, halt: threading.Event) -> int | None:
+        """Serve the store's newest announced version if it is newer than the current one; returns it if loaded."""
+        self._next_store_check = time.monotonic() + self.store_check_s
+        if self.store is None:
+            return None
+        try:
+            ready = newest_ready(self.store)
+        except OSError as exc:  # a volume that went away: the topic still works; try again later
+            log.warning("cannot read the adapter store %s: %s", self.store, exc)
+            return None
+        current = self.adapters.current_version
+        VERSIONS_BEHIND.set(max(0, (ready.version if ready else 0) - max(current, 0)))
+        if ready is None or ready.version <= current or (ready.version, ready.sha256) in self._refused_store:
+            return None
+        log.warning("the adapter store holds %s but odpo.adapters did not bring it (serving version %d): "
+                    "loading it from the store", version_name(ready.version), current)
+        STORE_CATCH_UPS.inc()
+        if not self._apply(ready, halt, None):
+            return None
+        VERSIONS_BEHIND.set(0)
+        return ready.version
+
     def run(self, halt: threading.Event, poll_ms: int = 500) -> None:
         while not halt.is_set():
             for env in self.inbox.poll(timeout_ms=poll_ms):
-                self._apply(env, halt)
+                self._apply(env.value, halt, env)
+            if time.monotonic() >= self._next_store_check:
+                self.check_store(halt)
 
-    def _apply(self, env: Envelope[AdapterReady], halt: threading.Event) -> bool:
-        """Apply one version; a refused one is dead-lettered; an unreachable server is retried."""
+    def _apply(self, ready: AdapterReady, halt: threading.Event, env: Envelope[AdapterReady] | None) -> bool:
+        """Apply one version; a refused one is dead-lettered (when it came from the topic); an unreachable
+        server is retried."""
         while not halt.is_set():
             try:
-                return self.adapters.apply(env.value)
+                return self.adapters.apply(ready)
             except AdapterRejected as exc:
-                self.inbox.reject(env, exc.reason)
+                self._refused(ready, env, exc.reason)
                 return False
             except httpx.TransportError as exc:
-                log.warning("vLLM unreachable while loading version %d (%s); retrying", env.value.version, exc)
+                log.warning("vLLM unreachable while loading version %d (%s); retrying", ready.version, exc)
                 halt.wait(self.retry_s)
             except Exception as exc:  # noqa: BLE001 - a bug must not stop hot swaps; the message is kept in the DLQ
-                log.exception("loading version %d failed", env.value.version)
-                self.inbox.reject(env, f"internal error: {exc!r}")
+                log.exception("loading version %d failed", ready.version)
+                self._refused(ready, env, f"internal error: {exc!r}")
                 return False
         return False
+
+    def _refused(self, ready: AdapterReady, env: Envelope[AdapterReady] | None, reason: str) -> None:
+        if env is not None:
+            self.inbox.reject(env, reason)
+        else:  # read from the store: there is no Kafka record to dead-letter; the swap-failure metric counts it
+            self._refused_store.add((ready.version, ready.sha256))
+            log.error("the store's %s will not be served: %s", version_name(ready.version), reason)

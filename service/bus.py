@@ -18,7 +18,7 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter
 from pydantic import ValidationError
 
-from service.contracts import ALL_TOPICS, TOPIC_DLQ, DeadLetter, _Message
+from service.contracts import ALL_TOPICS, TOPIC_ADAPTERS, TOPIC_DLQ, DeadLetter, _Message
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,20 @@ DEAD_LETTERS = Counter("odpo_bus_dead_letters_total", "Messages sent to odpo.dlq
 GROUP_SETTINGS = dict(max_poll_interval_ms=10_000, session_timeout_ms=6_000, heartbeat_interval_ms=2_000)
 
 
+# odpo.adapters is compacted, not deleted by age: its keys are version names, so compaction keeps one message
+# per version and retention never empties it. (The adapter store stays the record; this is the fast path.)
+TOPIC_CONFIGS = {TOPIC_ADAPTERS: {"cleanup.policy": "compact"}}
+
+
 def ensure_topics(bootstrap: str, topics: Iterable[str] = ALL_TOPICS, partitions: int = 1) -> None:
-    """Create the topics that do not exist yet (idempotent)."""
+    """Create the topics that do not exist yet (idempotent), with their `TOPIC_CONFIGS`."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         missing = set(topics) - set(admin.list_topics())
         for name in sorted(missing):
             try:
-                admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+                admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1,
+                                              topic_configs=TOPIC_CONFIGS.get(name, {}))])
             except TopicAlreadyExistsError:
                 pass
     finally:

@@ -106,6 +106,9 @@ class GeneratorSettings(_ComponentSettings):
     seed: int | None = Field(default=None, description="Per-request sampling seed (None = vLLM's own randomness).")
     max_in_flight: int = Field(default=8, ge=1, description="Prompts being sampled at once (back-pressure bound).")
     keep_versions: int = Field(default=2, ge=1, description="Policy versions kept loaded besides `base`.")
+    store_check_s: float = Field(
+        default=15, gt=0, description="How often to look in the adapter store for a version newer than the one "
+        "served (the store is the record of versions; odpo.adapters is the fast path and can lose messages).")
     request_timeout_s: float = Field(default=300, description="Timeout of one sampling request.")
     max_request_attempts: int = Field(
         default=3, ge=1, description="Tries of a prompt that vLLM answers with a server error before it is "
@@ -295,6 +298,12 @@ class TrainerSettings(_ComponentSettings):
     threads: int = Field(default=1, ge=1, description="torch threads; 1 beside vLLM on a small CPU box.")
     group_id: str = Field(default="odpo-trainer", min_length=1, description="Kafka consumer group on odpo.preferences.")
     metrics_port: int = Field(default=0, description="Port of the trainer's /metrics (0 = pick a free one).")
+    keep_versions: int = Field(
+        default=5, ge=0, description="Store retention after each publish: keep the newest this many versions and "
+        "every held one (gateway: promoted, pinned, rollback), delete the rest; 0 = keep all (trainer/retention.py).")
+    archive_rotate_mb: float = Field(
+        default=64, gt=0, description="Start a new file of the pair archive (<store>/pairs/) once one passes this "
+        "many MiB (trainer/archive.py).")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainerSettings":
@@ -335,6 +344,12 @@ class GatewaySettings(_ComponentSettings):
                                                                "the gate scores more (doubling) while the "
                                                                "interval of the paired score difference is wider "
                                                                "than the tolerance.")
+    store_check_s: float = Field(
+        default=15, gt=0, description="How often the gate looks in the adapter store for a version odpo.adapters "
+        "did not bring (the store is the record of versions).")
+    hold_history: int = Field(
+        default=5, ge=0, description="Rollback depth kept from store retention: the promoted version and this "
+        "many earlier promoted versions are held (`<store>/holds/gateway.json`).")
     heldout_prompts_max: int = Field(default=128, ge=1, description="Most held-out prompts a version is scored on "
                                                                     "(then the gate decides on what it has).")
     eval_max_tokens: int = Field(default=48, ge=1, description="Most new tokens per held-out answer.")

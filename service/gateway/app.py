@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.adapter_store import hold_versions
 from service.gateway import admin, feedback, forwarding, health
 from service.gateway.book import VersionBook
 from service.gateway.engine import EngineAdapters, ModelRouter
@@ -30,6 +31,7 @@ from service.settings import CommonSettings, GatewaySettings
 log = logging.getLogger(__name__)
 
 REGISTRY_FILE = "gateway-registry.json"
+COMPONENT_HOLD = "gateway"  # owner name of the gateway's hold on versions in the adapter store
 ERROR_KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error",
                503: "unavailable"}
 
@@ -47,6 +49,7 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None, 
             scores = ScoreGauge(settings.score_versions_kept)
             if settings.persist_registry:
                 _keep_in_file(book, settings, common, scores)
+            _hold_in_store(book, settings, common)
             adapters = EngineAdapters(settings.vllm_url, common.store_dir)
             outbox = Outbox(common.bootstrap_servers, settings.mirror_queue_size, settings.publish_timeout_s).start()
             app.state.gateway = GatewayState(
@@ -104,6 +107,25 @@ def _keep_in_file(book: VersionBook, settings: GatewaySettings, common: CommonSe
         for rec in book.snapshot()["versions"]:
             if rec["score"] is not None:
                 scores.set(rec["version"], rec["score"], rec.get("signals"))
+
+
+def _hold_in_store(book: VersionBook, settings: GatewaySettings, common: CommonSettings) -> None:
+    """Keep the promoted version and the last `hold_history` earlier ones out of the store's retention,
+    so a rollback finds its files; rewritten on every change of the book."""
+    saved = book.on_change
+
+    def hold() -> None:
+        state = book.export_state()
+        versions = {state["promoted"], *state["history"][-(settings.hold_history + 1):]} - {0}
+        try:
+            hold_versions(common.store_dir, COMPONENT_HOLD, versions)
+        except OSError as exc:  # retention then keeps only the trainer's newest versions; a later change retries
+            log.error("could not record the gateway's versions in %s: %s", common.store_dir, exc)
+        if saved is not None:
+            saved()
+
+    book.on_change = hold
+    hold()
 
 
 def _describe(err: dict) -> str:

@@ -2,7 +2,10 @@
 
 A thread follows `odpo.adapters` from the start (no consumer group: every
 gateway replica must see every version) and records each `AdapterReady` in
-the `VersionBook`. It scores `base` first, then the newest pending version:
+the `VersionBook`. The adapter store is the record, the topic only the fast
+path: at start and every `store_check_s` the gate also records the store's
+newest announced version, so a topic that lost messages (a new broker,
+retention) does not hide versions from it. It scores `base` first, then the newest pending version:
 greedy answers from the serving engine for `policy-v<N>` (once vLLM lists it;
 loaded from the store if the generator does not), one evaluation row per
 prompt (judge/signals.py: task score, strict pass, length, topic, the base
@@ -25,6 +28,7 @@ import time
 
 import httpx
 
+from service.adapter_store import newest_ready
 from service.bus import Inbox, make_producer
 from service.contracts import TOPIC_ADAPTERS, AdapterReady, version_name
 from service.gateway.book import VersionBook
@@ -51,6 +55,7 @@ class PromotionGate:
         self._inbox: Inbox[AdapterReady] | None = None
         self._producer = None
         self._next_connect = 0.0
+        self._next_store_check = 0.0
         self._engine_down = False  # logged once per outage, not every retry
 
     def start(self) -> PromotionGate:
@@ -84,6 +89,8 @@ class PromotionGate:
                 self._halt.wait(2)
 
     def _read_adapters(self) -> None:
+        if time.monotonic() >= self._next_store_check:
+            self._read_store()
         if self._inbox is None:
             if time.monotonic() < self._next_connect:
                 return
@@ -99,6 +106,17 @@ class PromotionGate:
             if self.book.add(env.value):
                 log.info("gate: %s published (parent v%d, %d pairs); waiting to be scored",
                          version_name(env.value.version), env.value.parent_version, env.value.pairs_trained)
+
+    def _read_store(self) -> None:
+        self._next_store_check = time.monotonic() + self.settings.store_check_s
+        try:
+            ready = newest_ready(self.common.store_dir)
+        except OSError as exc:  # the volume went away: the topic still works; try again later
+            log.warning("gate: cannot read the adapter store %s: %s", self.common.store_dir, exc)
+            return
+        if ready is not None and self.book.add(ready):
+            log.info("gate: %s found in the adapter store (odpo.adapters did not bring it); waiting to be scored",
+                     version_name(ready.version))
 
     # -- scoring one version -------------------------------------------------------------------------
     def _evaluate(self, version: int) -> None:
