@@ -185,18 +185,26 @@ class Supervisor:
     """Restarts an owned server that died (exponential backoff) and calls `on_tick` after each check.
 
     `on_tick` re-registers adapters a restarted server lost, which also covers
-    an external server that restarted behind its URL.
+    an external server that restarted behind its URL. With `on_death` set, a
+    dead server is not restarted here: `on_death` is called instead (the
+    generator then exits and its own supervisor, `odpo up` or the kubelet,
+    restarts and counts it). vLLM's API server exits a few seconds after its
+    engine core dies, so an engine that dies is seen here too.
     """
 
     def __init__(self, server: VllmServer, on_tick: Callable[[], object], check_every_s: float = 5.0,
-                 backoff_s: float = 2.0, max_backoff_s: float = 120.0):
-        self.server, self.on_tick = server, on_tick
+                 backoff_s: float = 2.0, max_backoff_s: float = 120.0,
+                 on_death: Callable[[str], object] | None = None):
+        self.server, self.on_tick, self.on_death = server, on_tick, on_death
         self.check_every_s, self.backoff_s, self.max_backoff_s = check_every_s, backoff_s, max_backoff_s
         self.restarts = 0
 
     def run(self, halt: threading.Event) -> None:
         backoff = self.backoff_s
         while not halt.wait(self.check_every_s):
+            if not self.server.external and not self.server.running and self.on_death is not None:
+                self.on_death(self.server.log_tail(10))
+                return
             if not self.server.external and not self.server.running:
                 log.error("vLLM died; restarting in %.1fs. Last log lines:\n%s", backoff, self.server.log_tail(10))
                 if halt.wait(backoff):

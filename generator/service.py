@@ -11,7 +11,7 @@ import httpx
 from generator.adapters import AdapterManager
 from generator.loop import SamplerLoop
 from generator.sampler import Sampler
-from generator.server import Supervisor, VllmServer
+from generator.server import ServerError, Supervisor, VllmServer
 from generator.watcher import AdapterWatcher
 from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
 from service.assets import base_model_dir
@@ -56,7 +56,13 @@ def run(common: CommonSettings, settings: GeneratorSettings, stop: threading.Eve
         watcher.catch_up(stop)
         log.info("serving version %d before sampling", adapters.current_version)
 
-        supervisor = Supervisor(server, adapters.resync)
+        died: list[str] = []
+
+        def exit_on_death(tail: str) -> None:
+            died.append(tail)
+            stop.set()
+
+        supervisor = Supervisor(server, adapters.resync, on_death=None if settings.restart_server else exit_on_death)
         threads = [threading.Thread(target=watcher.run, args=(halt,), name="odpo-adapter-watcher", daemon=True),
                    threading.Thread(target=supervisor.run, args=(halt,), name="odpo-vllm-supervisor", daemon=True)]
         for t in threads:
@@ -70,6 +76,9 @@ def run(common: CommonSettings, settings: GeneratorSettings, stop: threading.Eve
         closers.append(prompt_inbox.close)
         SamplerLoop(prompt_inbox, sampler, producer, settings.max_in_flight, settings.max_request_attempts,
                     stop).run()
+        if died:
+            raise ServerError(f"vLLM died and restart_server is off: the generator exits so that its supervisor "
+                              f"restarts it. vLLM's last log lines:\n{died[0]}")
     finally:
         halt.set()
         for t in threads:

@@ -106,6 +106,9 @@ class GeneratorSettings(_ComponentSettings):
     seed: int | None = Field(default=None, description="Per-request sampling seed (None = vLLM's own randomness).")
     max_in_flight: int = Field(default=8, ge=1, description="Prompts being sampled at once (back-pressure bound).")
     keep_versions: int = Field(default=2, ge=1, description="Policy versions kept loaded besides `base`.")
+    restart_server: bool = Field(
+        default=True, description="Restart a vLLM server (or engine) that died inside the generator; off: the "
+        "generator exits instead, so its supervisor (`odpo up`) restarts and counts it.")
     store_check_s: float = Field(
         default=15, gt=0, description="How often to look in the adapter store for a version newer than the one "
         "served (the store is the record of versions; odpo.adapters is the fast path and can lose messages).")
