@@ -1,5 +1,6 @@
 """The trainer loop on the real broker with a tiny local Llama: a poisoned batch is skipped and counted, the
-adapter it publishes is finite; a version stored but never announced (a crash) is announced at start."""
+adapter it publishes is finite; at start the newest version is always announced again (the topic may have lost
+it), its manifest written first when the store has none, and one never announced (a crash) is counted."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from kafka import TopicPartition
 from safetensors.torch import load_file
 
-from service.adapter_store import adapter_digest, mark_published, published_version, published_versions
+from service.adapter_store import (adapter_digest, announced_versions, mark_published, newest_ready,
+                                   published_version, published_versions)
 from service.bus import Inbox, publish
 from service.contracts import TOPIC_ADAPTERS, TOPIC_PREFERENCES, AdapterReady, PreferencePair
 from service.settings import CommonSettings, TrainerSettings
@@ -30,9 +32,9 @@ def _loop(broker, producer, group_id, tiny_model_dir, store, **settings):
     return TrainerLoop(trainer, inbox, producer, common, ts, threading.Event())
 
 
-def _adapters(bootstrap, start, version):
+def _adapters(bootstrap, start, version, count=1):
     recs = read_from(bootstrap, TOPIC_ADAPTERS, start,
-                     lambda rs: any(AdapterReady.from_bytes(r.value).version == version for r in rs))
+                     lambda rs: sum(AdapterReady.from_bytes(r.value).version == version for r in rs) >= count)
     return [a for a in (AdapterReady.from_bytes(r.value) for r in recs) if a.version == version]
 
 
@@ -73,7 +75,7 @@ def test_poisoned_logits_skip_the_step_count_it_and_publish_a_finite_adapter(
     assert any(w.abs().sum() > 0 for n, w in weights.items() if "lora_B" in n)  # the other two steps trained
 
 
-def test_a_stored_but_unannounced_version_is_announced_at_start_once(
+def test_the_newest_version_is_announced_at_every_start_and_counted_only_when_it_never_went_out(
         broker, producer, group_id, tiny_model_dir, tmp_path):
     store = tmp_path / "store"
     trainer = Trainer.open(tiny_model_dir, TrainerSettings(steps_per_window=1))
@@ -84,17 +86,30 @@ def test_a_stored_but_unannounced_version_is_announced_at_start_once(
         pairs = [replace(p, pair_id=p.pair_id + "x") for p in pairs]
         if trainer.version == 1:
             mark_published(store, 1)
-    assert published_versions(store) == [1, 2] and published_version(store) == 1
+    # no manifests at all: a store from before them (or a kill between the rename and the manifest)
+    assert published_versions(store) == [1, 2] and published_version(store) == 1 and newest_ready(store) is None
     start = end_offset(broker.bootstrap, TopicPartition(TOPIC_ADAPTERS, 0))
     before = metric("odpo_trainer_adapters_republished_total")
     loop = _loop(broker, producer, group_id, tiny_model_dir, store)
     try:
         assert loop.trainer.version == 2
-        assert loop.announce_unpublished() is True
-        assert loop.announce_unpublished() is False  # noted in the store: not again
+        first = loop.announce_newest()
+        assert newest_ready(store) == first and announced_versions(store) == [2]  # the manifest came first
+        assert metric("odpo_trainer_adapters_republished_total") - before == 1
+        again = loop.announce_newest()  # the next start: announced again (the topic may have lost it) ...
+        assert again == first
+        assert metric("odpo_trainer_adapters_republished_total") - before == 1  # ... but it had gone out before
     finally:
         loop.inbox.close()
-    ready = _adapters(broker.bootstrap, start, 2)
-    assert len(ready) == 1 and ready[0].parent_version == 1 and ready[0].pairs_trained == 4
+    ready = _adapters(broker.bootstrap, start, 2, count=2)
+    assert len(ready) == 2 and ready[0] == ready[1] and ready[0].parent_version == 1 and ready[0].pairs_trained == 4
     assert ready[0].sha256 == adapter_digest(store / "policy-v2") and ready[0].path == "policy-v2"
-    assert published_version(store) == 2 and metric("odpo_trainer_adapters_republished_total") - before == 1
+    assert published_version(store) == 2
+
+
+def test_a_fresh_store_announces_nothing(broker, producer, group_id, tiny_model_dir, tmp_path):
+    loop = _loop(broker, producer, group_id, tiny_model_dir, tmp_path / "store")
+    try:
+        assert loop.announce_newest() is None and newest_ready(tmp_path / "store") is None
+    finally:
+        loop.inbox.close()

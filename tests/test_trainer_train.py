@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from service.adapter_store import adapter_digest, published_versions
 from service.contracts import ChatMessage, PreferencePair, PromptEvent, pair_id
 from service.settings import TrainerSettings
-from trainer.checkpoint import OPTIMIZER_FILE, STATE_FILE
+from trainer.checkpoint import OPTIMIZER_FILE, STATE_FILE, optimizer_path
 from trainer.recipe import NonFiniteWeights, Trainer, train_window
 
 QUESTIONS = [("What colour is the sky?", "Blue.", "I do not know anything about that."),
@@ -68,7 +68,8 @@ def test_window_learns_checkpoints_and_resumes(model_dir, trainer, tmp_path):
     assert ckpt.sha256 == adapter_digest(ckpt.path)
     assert not [p for p in store.iterdir() if p.name.startswith(".")]  # no staging leftovers
     files = {p.name for p in ckpt.path.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", STATE_FILE, OPTIMIZER_FILE} <= files
+    assert {"adapter_model.safetensors", "adapter_config.json", STATE_FILE} <= files
+    assert OPTIMIZER_FILE not in files and optimizer_path(store, 1).is_file()  # beside the version, not in it
     cfg = json.loads((ckpt.path / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and set(cfg["target_modules"]) == {"q_proj", "k_proj",
                                                                                          "v_proj", "o_proj"}

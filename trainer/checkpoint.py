@@ -1,18 +1,25 @@
-"""Versions in the adapter store: `policy-v<N>/` = LoRA adapter + trainer state + optimizer state.
+"""Versions in the adapter store: `policy-v<N>/` = LoRA adapter + trainer state; optimizer state beside them.
 
 Layout of one version folder (written to a temp folder, renamed into place):
 - `adapter_model.safetensors`, `adapter_config.json`: peft's `save_pretrained`,
   what vLLM loads (`--enable-lora --max-lora-rank >= r`);
 - `trainer_state.json`: `TrainerState` (version, parent, trained pair ids,
-  offsets committed with this version, metrics);
-- `optimizer.pt`: AdamW state, so a resumed trainer continues its moments.
+  offsets committed with this version, metrics).
 The sha256 in `AdapterReady` is computed on the final folder, after the rename,
-so nothing in a version folder changes once it is in place. Whether its
-`AdapterReady` went out is kept beside the folders instead, in
-`trainer-published` (the newest version announced): a trainer killed between
-the rename and the publish finds a newer folder than that and announces it on
-restart (the generator ignores versions it already serves, so announcing
-twice is harmless).
+so nothing in a version folder changes once it is in place (the generator and
+the gateway verify it). Whether its `AdapterReady` went out is kept beside the
+folders instead, in `trainer-published` (the newest version announced).
+
+AdamW's state (twice the adapter's size) lives outside the version folders, in
+`trainer-optimizer/policy-v<N>.pt`: only a resume needs it, and only the
+newest version's. It is written atomically before the version's folder is
+renamed into place; once the rename is done the older ones are deleted (a
+version folder cannot lose a file: that would change its digest). A store
+from before this layout has `optimizer.pt` inside the folders: a resume
+reads it there when `trainer-optimizer/` has none.
+
+Before the rename, the version's line is appended to the trained ledger
+(trainer/ledger.py).
 """
 
 from __future__ import annotations
@@ -27,12 +34,24 @@ from pathlib import Path
 
 import torch
 
-from service.adapter_store import PUBLISHED_FILE, adapter_digest, publish_dir, published_versions, staging_dir, version_path
+from service.adapter_store import (
+    ANNOUNCED_DIR,
+    PUBLISHED_FILE,
+    adapter_digest,
+    publish_dir,
+    published_versions,
+    staging_dir,
+    version_path,
+    write_file_atomic,
+)
+from service.contracts import version_name
+from trainer.ledger import append_trained
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
+OPTIMIZER_FILE = "optimizer.pt"  # inside a version folder: stores from before `trainer-optimizer/`
+OPTIMIZER_DIR = "trainer-optimizer"
 
 
 @dataclass
@@ -79,13 +98,16 @@ def save_checkpoint(store: Path, model, optimizer: torch.optim.Optimizer | None,
         if readme.exists():
             readme.unlink()
         (staged / STATE_FILE).write_text(state.to_json())
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), staged / OPTIMIZER_FILE)
         _readable(staged)
+        if optimizer is not None:
+            save_optimizer_state(store, state.version, optimizer)
+        append_trained(store, state.version, state.window_ids)
         final = publish_dir(staged, store, state.version)
     except BaseException:
         _remove(staged)
         raise
+    if optimizer is not None:
+        remove_optimizer_states(store, keep=state.version)
     return Checkpoint(state.version, final, adapter_digest(final))
 
 
@@ -105,12 +127,39 @@ def latest_checkpoint(store: Path) -> tuple[Checkpoint, TrainerState] | None:
     return None
 
 
-def load_optimizer_state(folder: Path, optimizer: torch.optim.Optimizer) -> bool:
-    path = Path(folder) / OPTIMIZER_FILE
-    if not path.is_file():
-        return False
-    optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return True
+def optimizer_path(store: Path, version: int) -> Path:
+    return Path(store) / OPTIMIZER_DIR / f"{version_name(version)}.pt"
+
+
+def save_optimizer_state(store: Path, version: int, optimizer: torch.optim.Optimizer) -> Path:
+    """Write `version`'s AdamW state to `trainer-optimizer/` all at once (temp file, fsync, rename)."""
+    import io
+
+    path = optimizer_path(store, version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(optimizer.state_dict(), buf)
+    write_file_atomic(path, buf.getvalue())
+    return path
+
+
+def load_optimizer_state(store: Path, version: int, optimizer: torch.optim.Optimizer) -> Path | None:
+    """Restore `version`'s AdamW state from `trainer-optimizer/` or, in an old store, its folder; None: none found."""
+    for path in (optimizer_path(store, version), version_path(store, version) / OPTIMIZER_FILE):
+        if path.is_file():
+            optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return path
+    return None
+
+
+def remove_optimizer_states(store: Path, keep: int) -> list[Path]:
+    """Delete the optimizer state of every version but `keep` (a resume only needs the newest)."""
+    folder = Path(store) / OPTIMIZER_DIR
+    keep_name = optimizer_path(store, keep).name
+    gone = [p for p in folder.glob("policy-v*.pt") if p.name != keep_name] if folder.is_dir() else []
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
 
 
 def new_state(prev: TrainerState, pair_ids: list[str], offsets: dict[str, int], metrics: dict[str, float],
@@ -133,6 +182,9 @@ def remove_staging_leftovers(store: Path) -> int:
         return 0
     leftovers = [p for p in store.iterdir() if p.name.startswith(".policy-v") and ".tmp-" in p.name]
     leftovers += [p for p in store.iterdir() if p.name.startswith(f".{PUBLISHED_FILE}.tmp-")]
+    for sub in (OPTIMIZER_DIR, ANNOUNCED_DIR):  # atomic writes (write_file_atomic) cut short
+        if (store / sub).is_dir():
+            leftovers += [p for p in (store / sub).iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
     for p in leftovers:
         _remove(p) if p.is_dir() else p.unlink(missing_ok=True)
     return len(leftovers)

@@ -33,6 +33,15 @@ NAN_SKIPS = Counter("odpo_trainer_nan_skips_total", "Optimizer steps skipped for
 WINDOWS = Counter("odpo_trainer_windows_total", "Rolling updates, by outcome.", ["outcome"])
 REPUBLISHED = Counter("odpo_trainer_adapters_republished_total",
                       "AdapterReady sent again at start for a version stored but never announced (a crash).")
+PAIRS_ARCHIVED = Counter("odpo_trainer_pairs_archived_total",
+                         "Pairs written (fsynced) to the store's pair archive, once per pair id per process.")
+ARCHIVE_ERRORS = Counter("odpo_trainer_archive_errors_total",
+                         "Failed writes to the pair archive (e.g. a full disk); offsets stay uncommitted meanwhile.")
+ARCHIVE_PENDING = Gauge("odpo_trainer_archive_pending_pairs", "Pairs read but not yet durable in the pair archive.")
+VERSIONS_DELETED = Counter("odpo_trainer_versions_deleted_total",
+                           "Versions retention deleted from the store (neither among the newest nor held).")
+STORE_BYTES = Gauge("odpo_trainer_store_bytes", "Bytes in the adapter store after the newest publish, by part.",
+                    ["part"])
 
 STEP_SECONDS = Histogram("odpo_trainer_step_seconds", "Wall time of one optimizer step over a window.",
                          buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600))

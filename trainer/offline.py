@@ -8,8 +8,10 @@ train runs the same rolling updates as the streaming trainer over the file's
 pairs, in file order, `window_pairs` at a time, and writes each update as the
 next `policy-v<N>` of the store (resuming from its newest version; pairs
 already in its ledger are skipped). It prints one JSON line per version.
-Nothing is announced on Kafka; an `odpo trainer` started later on the same
-store announces the newest version at start.
+Nothing is announced on Kafka (and no manifest written); an `odpo trainer`
+started later on the same store announces the newest version at start. Store
+retention (`keep_versions`, trainer/retention.py) applies after each version,
+as in the service.
 
 Bad lines (file format: trainer/pairs_file.py) stop the command before any
 model work (`--on-error stop`, exit code 2), or are reported on stderr with
@@ -128,6 +130,7 @@ def train_pairs(model_dir: Path, pairs_file: Path, store: Path, settings: Traine
 
     from trainer.checkpoint import remove_staging_leftovers
     from trainer.recipe import Trainer
+    from trainer.retention import prune_store
 
     out = out or sys.stdout
     if not Path(pairs_file).is_file():
@@ -146,6 +149,7 @@ def train_pairs(model_dir: Path, pairs_file: Path, store: Path, settings: Traine
             print(f"odpo: window of {len(window)} pairs not trained: {why}", file=sys.stderr)
             continue
         ckpt = trainer.publish_version(store, [p.pair_id for p in window], result)
+        prune_store(store, settings.keep_versions)
         row = {"version": ckpt.version, "path": str(ckpt.path), "sha256": ckpt.sha256, "pairs": len(window),
                "steps": result.steps, "skipped_steps": result.skipped, "loss_first": result.loss_first,
                "loss": result.loss, "reward_margin": result.reward_margin,

@@ -71,7 +71,7 @@ class Trainer:
             return cls(load_policy(model_dir, settings, device=device), settings)
         ckpt, state = found
         trainer = cls(load_policy(model_dir, settings, adapter_dir=ckpt.path, device=device), settings, state)
-        if not load_optimizer_state(ckpt.path, trainer.optimizer):
+        if load_optimizer_state(store, ckpt.version, trainer.optimizer) is None:
             log.warning("%s has no optimizer state; AdamW restarts its moments", ckpt.path)
         log.info("resumed at version %d (%d pairs trained)", state.version, state.pairs_trained)
         return trainer

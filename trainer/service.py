@@ -1,17 +1,28 @@
 """The trainer service: odpo.preferences -> rolling DPO updates -> policy-v<N> in the store -> odpo.adapters.
 
-Per window: buffer valid pairs (dropping, and counting, pairs already in the
-ledger, stale ones and ones from a version the trainer never made; pairs that
-cannot be tokenized go to odpo.dlq), train once `window_pairs` are buffered
-or `window_seconds` passed, write version N+1, publish `AdapterReady`
-(flushed), note that in the store, then commit offsets. Kafka offsets are
+Per window: archive every valid pair (trainer/archive.py), buffer them
+(dropping, and counting, pairs already in the ledger, stale ones and ones from
+a version the trainer never made; pairs that cannot be tokenized go to
+odpo.dlq), train once `window_pairs` are buffered or `window_seconds` passed,
+write version N+1, record its `AdapterReady` in the store (the manifest: the
+store is the record of versions), publish it on Kafka (flushed), note that in
+the store, commit offsets (after the archive is fsynced; never while it is
+failing), then apply store retention (trainer/retention.py). Kafka offsets are
 per-partition high-water marks, so what is committed is the lowest offset
 still buffered (or the read position when nothing is), i.e. the window's
 pairs and everything dropped before them, never a pair that is still waiting.
 
 Crashes: a killed trainer resumes from the newest complete version; replayed
-pairs already in its ledger are dropped as duplicates, so none trains twice;
-a version renamed into place but never announced is announced at start.
+pairs already in its ledger are dropped as duplicates, so none trains twice.
+At start the trainer always announces its newest version again (writing its
+manifest first when the store has none, e.g. one from before manifests):
+`odpo.adapters` may have lost it (retention, a new cluster, a restarted
+memory-only broker), and a generator that never hears of it samples with an
+old version whose pairs are all stale. `odpo_trainer_adapters_republished_total`
+counts the restarts whose newest version had never been announced at all.
+
+Settings beyond the update itself: `keep_versions` (retention) and
+`archive_rotate_mb` (pair archive), in service/settings.py.
 
 Training runs in a worker thread while this thread keeps polling the paused
 consumer: a window takes longer than the group's max poll interval (10 s, the
@@ -31,7 +42,14 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from service.adapter_store import adapter_digest, mark_published, published_version, version_path
+from service.adapter_store import (
+    adapter_digest,
+    mark_published,
+    published_version,
+    read_manifest,
+    version_path,
+    write_manifest,
+)
 from service.assets import base_model_dir
 from service.bus import Envelope, Inbox, ensure_topics, make_producer, publish
 from service.contracts import (
@@ -46,8 +64,10 @@ from service.contracts import (
 from service.runtime import serve_metrics
 from service.settings import CommonSettings, TrainerSettings
 from trainer import metrics as M
+from trainer.archive import PairArchive
 from trainer.checkpoint import remove_staging_leftovers
 from trainer.recipe import Trainer, WindowResult
+from trainer.retention import prune_store, store_usage
 from trainer.tokenize import TokenizedPair, UntrainablePair
 
 log = logging.getLogger(__name__)
@@ -71,6 +91,7 @@ class TrainerLoop:
         self.buffer: list[_Buffered] = []
         self.opened_at: float | None = None
         self._uncommitted = False
+        self.archive = PairArchive(common.store_dir, int(settings.archive_rotate_mb * (1 << 20)))
         M.POLICY_VERSION.set(trainer.version)
 
     # -- intake ---------------------------------------------------------------------------------
@@ -78,6 +99,7 @@ class TrainerLoop:
         M.PAIRS_CONSUMED.inc()
         self._uncommitted = True
         pair = env.value
+        self.archive.add(pair)  # whatever becomes of it; made durable before the next offset commit
         reason = self._drop_reason(pair)
         if reason is None:
             try:
@@ -162,9 +184,11 @@ class TrainerLoop:
         ready = AdapterReady(version=state.version, path=ckpt.path.name, sha256=ckpt.sha256,
                              base_model=self.trainer.policy.base_model, parent_version=state.parent_version,
                              pairs_trained=state.pairs_trained, metrics=result.train_metrics())
+        write_manifest(self.common.store_dir, ready)  # the record first: a component behind reads it there
         publish(self.producer, TOPIC_ADAPTERS, version_name(state.version), ready)
         mark_published(self.common.store_dir, state.version)
         self.commit(offsets)
+        self.apply_retention()
         M.WINDOWS.labels("published").inc()
         M.PAIRS_TRAINED.inc(len(window))
         M.POLICY_VERSION.set(state.version)
@@ -173,21 +197,42 @@ class TrainerLoop:
                  ckpt.path.name, len(window), result.steps, result.skipped, result.seconds, result.loss_first,
                  result.loss, result.reward_margin)
 
-    def announce_unpublished(self) -> bool:
-        """Publish the AdapterReady of a stored version a crash kept from going out (after its rename)."""
+    def announce_newest(self) -> AdapterReady | None:
+        """At start: publish the newest version's AdapterReady again (None at version 0).
+
+        Its manifest is the message; one missing (a store from before manifests, or a crash between the
+        rename and the manifest) or naming another digest (a folder rewritten since) is written first.
+        """
         store, version = self.common.store_dir, self.trainer.version
-        if version == 0 or published_version(store) >= version:
-            return False
-        state = self.trainer.state
+        if version == 0:
+            return None
         folder = version_path(store, version)
-        ready = AdapterReady(version=version, path=folder.name, sha256=adapter_digest(folder),
-                             base_model=self.trainer.policy.base_model, parent_version=state.parent_version,
-                             pairs_trained=state.pairs_trained, metrics=_stored_metrics(state.metrics))
+        digest = adapter_digest(folder)
+        ready = read_manifest(store, version)
+        if ready is None or ready.sha256 != digest:
+            state = self.trainer.state
+            ready = AdapterReady(version=version, path=folder.name, sha256=digest,
+                                 base_model=self.trainer.policy.base_model, parent_version=state.parent_version,
+                                 pairs_trained=state.pairs_trained, metrics=_stored_metrics(state.metrics))
+            write_manifest(store, ready)
+        never_announced = published_version(store) < version
         publish(self.producer, TOPIC_ADAPTERS, version_name(version), ready)
         mark_published(store, version)
-        M.REPUBLISHED.inc()
-        log.warning("announced %s: it was stored but its AdapterReady never went out", folder.name)
-        return True
+        if never_announced:
+            M.REPUBLISHED.inc()
+            log.warning("announced %s: it was stored but its AdapterReady never went out", folder.name)
+        else:
+            log.info("re-announced %s, the newest version, at start", folder.name)
+        return ready
+
+    def apply_retention(self) -> list[int]:
+        """Delete the versions nobody needs (trainer/retention.py) and export the store's size."""
+        store = self.common.store_dir
+        deleted = prune_store(store, self.settings.keep_versions)
+        M.VERSIONS_DELETED.inc(len(deleted))
+        for part, size in store_usage(store).items():
+            M.STORE_BYTES.labels(part).set(size)
+        return deleted
 
     def _train_while_polling(self, pairs: list[TokenizedPair]) -> tuple[WindowResult | None, list[Envelope]]:
         """Train in a worker thread; poll the paused consumer meanwhile so the group keeps us."""
@@ -237,8 +282,11 @@ class TrainerLoop:
         return out
 
     def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+        """Commit `offsets` (default: `commit_positions`) once every pair read is durable in the archive."""
         offsets = self.commit_positions() if offsets is None else offsets
         if not offsets:
+            return
+        if not self.archive.sync():  # a pair past these offsets may be missing from it: replay rather than lose
             return
         try:
             self.inbox.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
@@ -266,11 +314,12 @@ def run(common: CommonSettings, settings: TrainerSettings, stop: threading.Event
     inbox = Inbox(common.bootstrap_servers, TOPIC_PREFERENCES, PreferencePair, COMPONENT, producer,
                   group_id=settings.group_id)
     loop = TrainerLoop(trainer, inbox, producer, common, settings, stop)
-    loop.announce_unpublished()
+    loop.announce_newest()
     try:
         while not stop.is_set():
             loop.tick()
     finally:
+        loop.archive.close()
         inbox.close()
         producer.close()
         log.info("trainer stopped at version %d", trainer.version)
