@@ -203,6 +203,27 @@ def _add_loaders(sub) -> None:
         c.add_argument("--on-error", choices=("stop", "skip"), default="stop",
                        help="Any bad line publishes nothing (exit 2), or bad lines are reported and skipped.")
         c.set_defaults(func=_load_dataset, kind=kind)
+        if kind == "pairs":
+            e = group.add_parser("export", help="Write the store's pair archive as one JSONL dataset "
+                                                "(trainer/export.py), each pair once.")
+            e.add_argument("--store", type=Path, default=None, help="Adapter store (default: ODPO_STORE_DIR).")
+            e.add_argument("--out", type=Path, required=True, help="JSONL file to write.")
+            e.add_argument("--format", choices=("trl", "odpo"), default="trl",
+                           help="trl: TRL's prompt/chosen/rejected preference format (what DPOTrainer and odpo "
+                                "train read); odpo: PreferencePair lines with their token ids.")
+            e.set_defaults(func=_export_pairs)
+
+
+def _export_pairs(args) -> int:
+    from service.settings import CommonSettings
+    from trainer.export import ExportError, export_pairs
+
+    store = args.store if args.store is not None else _settings(CommonSettings).store_dir
+    try:
+        print(export_pairs(store.expanduser(), args.out, args.format).line())
+    except ExportError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
