@@ -3,11 +3,13 @@
 A few hundred pairs go to odpo.preferences; the trainer process (a tiny local
 Llama, so a window takes milliseconds) is killed at random moments right
 around its checkpoint/publish/commit, several times, and restarted each time.
-At the end the store's ledger proves every produced pair was trained exactly
-once along the lineage of versions, the versions are consecutive, every one
-of them was announced on odpo.adapters with the digest of its folder (one
-stored but unannounced at a kill is announced at restart), and nothing
-half-written is left in the store.
+At the end the trained ledger (trainer/ledger.py) proves every produced pair
+was trained exactly once along the lineage of versions, the versions are
+consecutive (retention keeps the newest five, each one its parent's state plus
+its own window), every one of them was announced on odpo.adapters (one stored
+but unannounced at a kill is announced at restart) with the digest of its
+folder where it is still stored, the pair archive holds every pair, and
+nothing half-written is left in the store.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ import uuid
 
 from kafka import TopicPartition
 
-from service.adapter_store import adapter_digest, published_version, published_versions, version_path
+from service.adapter_store import (adapter_digest, announced_versions, published_version, published_versions,
+                                   version_path)
 from service.bus import publish
 from service.contracts import TOPIC_ADAPTERS, TOPIC_PREFERENCES, AdapterReady, PreferencePair, PromptEvent, pair_id
 from tests.test_trainer_service import end_offset, read_from, start_group_at_end
 from trainer.checkpoint import STATE_FILE
+from trainer.export import archived_pairs
+from trainer.ledger import trained_ledger
 
-N_PAIRS, WINDOW, KILLS = 256, 8, 6
+N_PAIRS, WINDOW, KILLS, KEEP = 256, 8, 6, 5
 
 
 def random_pairs(n: int, tag: str, vocab: int = 49152) -> list[PreferencePair]:
@@ -128,23 +133,28 @@ def test_kill_9_at_random_points_trains_every_pair_exactly_once(broker, producer
     assert "its AdapterReady never went out" in log_text and "removed half-written" in log_text
     assert log_text.count("resumed at version") >= KILLS
 
-    versions = published_versions(store)
-    assert versions == list(range(1, versions[-1] + 1))  # consecutive, nothing missing
-    lineage, prev_ids = [], []
-    for v in versions:  # each version = its parent's ledger + exactly the pairs its own update trained
-        st = state_of(store, v)
-        assert st["version"] == v and st["parent_version"] == v - 1
-        assert st["trained_ids"] == prev_ids + st["window_ids"]
-        lineage += st["window_ids"]
-        prev_ids = st["trained_ids"]
+    versions, end = published_versions(store), newest(store)
+    assert versions == list(range(end - KEEP + 1, end + 1)) == announced_versions(store)  # the newest KEEP
+    ledger = trained_ledger(store)
+    assert sorted(ledger) == list(range(1, end + 1))  # consecutive, nothing missing
+    lineage = [i for v in sorted(ledger) for i in ledger[v]]
     assert len(lineage) == len(set(lineage)) == N_PAIRS  # trained exactly once ...
     assert set(lineage) == {p.id for p in pairs}  # ... every one of them
+    prev_ids = lineage[: len(lineage) - sum(len(ledger[v]) for v in versions)]
+    for v in versions:  # each stored version = its parent's ledger + exactly the pairs its own update trained
+        st = state_of(store, v)
+        assert st["version"] == v and st["parent_version"] == v - 1 and st["window_ids"] == ledger[v]
+        assert st["trained_ids"] == prev_ids + st["window_ids"]
+        prev_ids = st["trained_ids"]
+    assert {p.id for p in archived_pairs(store)} == {p.id for p in pairs}  # the archive lost none
 
     announced = [AdapterReady.from_bytes(r.value) for r in read_from(
         bootstrap, TOPIC_ADAPTERS, adapters_start,
-        lambda rs: {AdapterReady.from_bytes(r.value).version for r in rs} >= set(versions), timeout_s=30)]
-    assert {a.version for a in announced} == set(versions)
+        lambda rs: {AdapterReady.from_bytes(r.value).version for r in rs} >= set(ledger), timeout_s=30)]
+    assert {a.version for a in announced} == set(ledger)
     for a in announced:  # a version announced twice (killed after the flush, before the note) says the same
-        assert a.sha256 == adapter_digest(store / a.path) and a.path == f"policy-v{a.version}"
-    assert published_version(store) == versions[-1]
+        assert a.path == f"policy-v{a.version}"
+        if a.version in versions:
+            assert a.sha256 == adapter_digest(store / a.path)
+    assert published_version(store) == end
     assert not [p.name for p in store.iterdir() if p.name.startswith(".")]  # no half-written leftovers

@@ -120,8 +120,8 @@ class PairArchive:
 
     def _write_pending(self) -> None:
         while self._pending:
-            if self._file is None or self._size >= self.rotate_bytes:
-                self._open_next()
+            if self._file is None or (self._size and self._size + len(self._pending[0]) > self.rotate_bytes):
+                self._open_next()  # a file holds at least one line, and never grows past the size after it
             batch, size = [], 0
             for line in self._pending:  # fill the file up to its rotation size (at least one line)
                 if batch and self._size + size + len(line) > self.rotate_bytes:
@@ -139,11 +139,16 @@ class PairArchive:
     def _open_next(self) -> None:
         self._abandon()
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._index += 1
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        path = self.folder / f"{PREFIX}{stamp}-{os.getpid()}-{self._index:04d}{SUFFIX}"
-        self._file = open(path, "ab")
-        self._path, self._size = path, self._file.tell()
+        while True:  # a fresh file, never one another archive (or an earlier failure) left
+            self._index += 1
+            path = self.folder / f"{PREFIX}{stamp}-{os.getpid()}-{self._index:04d}{SUFFIX}"
+            try:
+                self._file = open(path, "xb")
+                break
+            except FileExistsError:
+                continue
+        self._path, self._size = path, 0
         fd = os.open(self.folder, os.O_RDONLY)  # the new name itself must survive a crash
         try:
             os.fsync(fd)
