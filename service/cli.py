@@ -90,13 +90,23 @@ def _prepare_model(args) -> int:
 
 
 def _up(args) -> int:
-    from service.up import UpOptions, run_up
+    from service import settings as s
+    from service.launcher import RestartPolicy
+    from service.up import UpOptions, earlier_run, run_up
 
     if args.rounds is not None and args.rounds < 1:
         raise UsageError("--rounds must be >= 1")
-    opts = UpOptions(rounds=args.rounds, port=args.port, run_dir=args.run_dir, train_prompts=args.train_prompts,
-                     heldout_prompts=args.heldout_prompts, heldout_prompts_max=max(args.heldout_prompts_max, args.heldout_prompts),
-                     window_pairs=args.window_pairs)
+    if args.max_restarts < 0 or args.restart_window <= 0:
+        raise UsageError("--max-restarts must be >= 0 and --restart-window > 0")
+    if args.resume is not None and not earlier_run(args.resume):
+        raise UsageError(f"--resume {args.resume}: no earlier run there (no versions in its store, no feed.json)")
+    for cls in (s.CommonSettings, s.GeneratorSettings, s.TrainerSettings):  # one line now, not a crash loop later
+        _settings(cls)
+    opts = UpOptions(rounds=args.rounds, port=args.port, run_dir=args.resume or args.run_dir,
+                     train_prompts=args.train_prompts, heldout_prompts=args.heldout_prompts,
+                     heldout_prompts_max=max(args.heldout_prompts_max, args.heldout_prompts),
+                     window_pairs=args.window_pairs, metrics_port=args.metrics_port,
+                     restart=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window))
     return run_up(opts)
 
 
@@ -231,9 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="Run the whole loop on this machine (embedded broker, packaged model).")
-    up.add_argument("--rounds", type=int, default=None, help="Stop after this many adapter versions.")
+    up.add_argument("--rounds", type=int, default=None,
+                    help="Stop once the gate has decided on this many new adapter versions (on a resumed run "
+                         "folder: this many beyond the newest version already in its store).")
     up.add_argument("--port", type=int, default=8000, help="Port of the gateway on 127.0.0.1.")
-    up.add_argument("--run-dir", type=Path, default=None, help="Logs and adapter store (default: a new runs/ folder).")
+    where = up.add_mutually_exclusive_group()
+    where.add_argument("--run-dir", type=Path, default=None,
+                       help="Run folder: logs, adapter store, summary (default: a new runs/ folder). A folder that "
+                            "holds an earlier run is resumed: newest version, the gate's decisions, prompt position.")
+    where.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                       help="Resume the run in RUN_DIR (as --run-dir, but refuses a folder without an earlier run).")
+    up.add_argument("--metrics-port", type=int, default=0,
+                    help="Port of odpo up's own /metrics (restarts per component; default: a free one, printed).")
+    up.add_argument("--max-restarts", type=int, default=5,
+                    help="A component (or the broker) that exits more often than this within --restart-window "
+                         "seconds is a crash loop: the run stops with its last log lines. Restarts back off from 1 s "
+                         "doubling to 30 s.")
+    up.add_argument("--restart-window", type=float, default=300, help="Seconds of the crash-loop window.")
     up.add_argument("--train-prompts", type=int, default=256, help="Bundled train prompts to cycle through.")
     up.add_argument("--heldout-prompts", type=int, default=48,
                     help="Held-out prompts the promotion gate scores every version on first (it doubles them while "

@@ -26,9 +26,9 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from service.adapter_store import write_file_atomic
 from service.runtime import die_with_parent

@@ -1,22 +1,91 @@
-"""Follows the loop's topics to show progress: counts per topic and every published adapter.
+"""Follows the loop's topics to show progress: counts per topic, every published adapter, stale pairs.
 
 Reads with its own assigned consumer (no group), so it never takes messages
-from the components.
+from the components. Counts add up over broker restarts: when `odpo up`
+restarts its (memory-only) broker, `rewind()` makes the reader start again
+from the beginning of the new, empty topics, so nothing is skipped and
+nothing is counted twice.
+
+Stale pairs: the trainer drops a pair sampled more than `max_staleness`
+versions before its own version. When most of the recent sampled pairs are
+that old, a component is behind (typically the generator still sampling with
+an old version) and every pair is thrown away; `StalePairs` says so.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from pydantic import ValidationError
 
+from service.adapter_store import newest_ready
 from service.bus import TopicTail
-
-from service.contracts import (TOPIC_ADAPTERS, TOPIC_CANDIDATES, TOPIC_DLQ, TOPIC_PREFERENCES, TOPIC_PROMPTS,
-                               AdapterReady, DeadLetter)
+from service.contracts import (
+    DATASET_JUDGE,
+    TOPIC_ADAPTERS,
+    TOPIC_CANDIDATES,
+    TOPIC_DLQ,
+    TOPIC_PREFERENCES,
+    TOPIC_PROMPTS,
+    AdapterReady,
+    DeadLetter,
+    PreferencePair,
+)
 
 WATCHED = (TOPIC_CANDIDATES, TOPIC_PREFERENCES, TOPIC_ADAPTERS, TOPIC_DLQ)
+STORE_POLL_S = 5.0
+
+
+@dataclass(frozen=True)
+class StaleState:
+    """The recent sampled pairs against the newest published version."""
+
+    alarm: bool = False  # most recent pairs are too old to be trained
+    stale: int = 0  # pairs in the window older than newest - max_staleness
+    window: int = 0  # pairs in the window
+    newest: int = 0  # the newest published version (topic or store)
+    sampled_by: int | None = None  # the version most of the stale pairs were sampled by
+    max_staleness: int = 0
+    episodes: int = 0  # times the alarm went on
+    seen_stale: int = 0  # pairs that were stale when they arrived, in all
+
+
+class StalePairs:
+    """A window of the last `window` sampled pairs' policy versions (dataset pairs excluded: they are
+    off-policy by nature and the trainer does not hold their age against them)."""
+
+    def __init__(self, max_staleness: int, window: int = 30, min_pairs: int = 10, share: float = 0.5):
+        self.max_staleness, self.min_pairs, self.share = max_staleness, min_pairs, share
+        self._versions: deque[int] = deque(maxlen=window)
+        self.newest = 0
+        self._alarm, self._episodes, self._seen_stale = False, 0, 0
+
+    def pair(self, policy_version: int, judge: str) -> None:
+        if judge == DATASET_JUDGE:
+            return
+        self._versions.append(policy_version)
+        self._seen_stale += self._is_stale(policy_version)
+
+    def published(self, version: int) -> None:
+        """A version known to exist (AdapterReady on the topic, or the newest in the store)."""
+        self.newest = max(self.newest, version)
+
+    def _is_stale(self, version: int) -> bool:
+        return version < self.newest - self.max_staleness
+
+    def state(self) -> StaleState:
+        stale = [v for v in self._versions if self._is_stale(v)]
+        alarm = len(self._versions) >= self.min_pairs and len(stale) > self.share * len(self._versions)
+        if alarm and not self._alarm:
+            self._episodes += 1
+        self._alarm = alarm
+        sampled_by = Counter(stale).most_common(1)[0][0] if stale else None
+        return StaleState(alarm, len(stale), len(self._versions), self.newest, sampled_by, self.max_staleness,
+                          self._episodes, self._seen_stale)
 
 
 @dataclass
@@ -26,41 +95,78 @@ class LoopCounts:
     dead_letters: int = 0
     dead_prompts: int = 0
     adapters: list[AdapterReady] = field(default_factory=list)
+    stale: StaleState = field(default_factory=StaleState)
 
     @property
     def latest_version(self) -> int:
         return self.adapters[-1].version if self.adapters else 0
 
 
+class RewindableTail(TopicTail):
+    def rewind(self) -> None:
+        """Read every assigned partition from its beginning again (takes effect on the next poll)."""
+        consumer = self._consumer
+        consumer.seek_to_beginning(*consumer.assignment())
+
+
 class LoopWatcher(threading.Thread):
-    def __init__(self, bootstrap: str):
+    def __init__(self, bootstrap: str, store: Path | None = None, max_staleness: int = 4,
+                 tail: RewindableTail | None = None):
         super().__init__(name="odpo-loop-watch", daemon=True)
         self.counts = LoopCounts()
+        self.stale = StalePairs(max_staleness)
+        self.store = store
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
-        self._tail = TopicTail(bootstrap, WATCHED, client_id="odpo-up-watch")
+        self._rewind_done: threading.Event | None = None
+        self._store_checked = 0.0
+        self._tail = tail or RewindableTail(bootstrap, WATCHED, client_id="odpo-up-watch")
 
     def snapshot(self) -> LoopCounts:
         with self._lock:
-            c = self.counts
-            return LoopCounts(c.candidate_sets, c.pairs, c.dead_letters, c.dead_prompts, list(c.adapters))
+            self._check_store()
+            return replace(self.counts, adapters=list(self.counts.adapters), stale=self.stale.state())
+
+    def rewind(self, timeout_s: float = 10.0) -> bool:
+        """The broker restarted empty: read from the start of its new topics. Call it while the broker is down,
+        so nothing the new broker holds is read before the rewind (which would count it twice); returns once
+        the reader has rewound (False if it did not within `timeout_s`)."""
+        if not self.is_alive():
+            self._tail.rewind()
+            return True
+        done = threading.Event()
+        with self._lock:
+            self._rewind_done = done
+        return done.wait(timeout_s)
 
     def run(self) -> None:
         try:
             while not self._stop_event.is_set():
+                with self._lock:
+                    done, self._rewind_done = self._rewind_done, None
+                if done is not None:
+                    self._tail.rewind()
+                    done.set()
                 records = self._tail.poll()
                 with self._lock:
                     for rec in records:
-                        self._count(rec.topic, rec.value)
+                        self.count(rec.topic, rec.value)
         finally:
             self._tail.close()
 
-    def _count(self, topic: str, raw: bytes) -> None:
+    def count(self, topic: str, raw: bytes) -> None:
+        """Count one record (the caller holds the lock, or owns the watcher)."""
         c = self.counts
         if topic == TOPIC_CANDIDATES:
             c.candidate_sets += 1
         elif topic == TOPIC_PREFERENCES:
             c.pairs += 1
+            try:
+                pair = PreferencePair.from_bytes(raw)
+            except ValidationError:
+                return
+            self._check_store()
+            self.stale.pair(pair.policy_version, pair.judge)
         elif topic == TOPIC_DLQ:
             c.dead_letters += 1
             try:
@@ -69,9 +175,21 @@ class LoopWatcher(threading.Thread):
                 pass
         elif topic == TOPIC_ADAPTERS:
             try:
-                c.adapters.append(AdapterReady.from_bytes(raw))
+                ready = AdapterReady.from_bytes(raw)
             except ValidationError:
-                pass
+                return
+            self.stale.published(ready.version)
+            if all(a.version != ready.version for a in c.adapters):  # the trainer re-announces on start
+                c.adapters.append(ready)
+
+    def _check_store(self) -> None:
+        """The store is the record of versions: after a broker restart the topic no longer shows the newest."""
+        if self.store is None or time.monotonic() - self._store_checked < STORE_POLL_S:
+            return
+        self._store_checked = time.monotonic()
+        ready = newest_ready(self.store)
+        if ready is not None:
+            self.stale.published(ready.version)
 
     def stop(self) -> None:
         self._stop_event.set()

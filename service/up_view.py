@@ -2,7 +2,8 @@
 
 The versions and their held-out scores come from the gateway's admin API
 (`/admin/versions`): the promotion gate scores `base` and every version, so
-`odpo up` does not score anything itself. Counts come from the topics.
+`odpo up` does not score anything itself. Counts come from the topics; restarts from the supervisor (`service.launcher`).
+Lines that need someone's attention (stale pairs) start with `LOUD`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import httpx
 from rich import box
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
-from service.loop_watch import LoopCounts
+from service.loop_watch import LoopCounts, StaleState
 
 DECIDED = ("passed", "refused", "superseded", "failed", "rolled_back")
+LOUD = "!! "
 # The gate's signals per version (judge/signals.py) carried into rows, summary.json and versions.png.
 QUALITY_SIGNALS = ("score_ci", "strict_pass", "mean_words", "empty_share", "distinct2", "on_topic_share",
                    "ref_logprob", "guard_pass", "score_difference")
@@ -56,16 +59,19 @@ class PairRate:
 
 @dataclass
 class EventLog:
-    """Turns successive snapshots into one plain line per event (a version published, scored, promoted)."""
+    """Turns successive snapshots into one plain line per event (a version published, scored, promoted; most
+    recent pairs stale, once per episode). Versions up to `skip_through` (a resumed run's) are not repeated."""
 
     seen: dict[tuple[int, str], bool] = field(default_factory=dict)
     published: set[int] = field(default_factory=set)
     promoted: int | None = None
+    skip_through: int = -1
+    stale: bool = False
 
     def lines(self, counts: LoopCounts, view: dict | None) -> list[str]:
-        out = []
+        out = self._stale_lines(counts.stale)
         for a in counts.adapters:
-            if a.version not in self.published:
+            if a.version > self.skip_through and a.version not in self.published:
                 self.published.add(a.version)
                 m = a.metrics
                 out.append(f"v{a.version} published: {a.pairs_trained} pairs, loss {m.loss:.4f}, "
@@ -74,7 +80,7 @@ class EventLog:
             return out
         for v in sorted(view["versions"], key=lambda v: v["version"]):
             key = (v["version"], v["status"])
-            if v["status"] in DECIDED and key not in self.seen:
+            if v["status"] in DECIDED and key not in self.seen and v["version"] > self.skip_through:
                 self.seen[key] = True
                 score = f"held-out score {v['score']:.3f}" if v["score"] is not None else "not scored"
                 sig = v.get("signals") or {}
@@ -89,15 +95,42 @@ class EventLog:
             self.promoted = view["promoted"]
         return out
 
+    def _stale_lines(self, st: StaleState) -> list[str]:
+        if st.alarm == self.stale:
+            return []
+        self.stale = st.alarm
+        if st.alarm:
+            return [LOUD + stale_text(st)]
+        fresh = (f"recent pairs are fresh again: {st.stale} of the last {st.window} are older than "
+                 f"v{max(0, st.newest - st.max_staleness)}")
+        return [fresh]
+
+
+def stale_text(st: StaleState) -> str:
+    return (f"most recent pairs are stale: {st.stale} of the last {st.window} were sampled by v{st.sampled_by} "
+            f"while the trainer is at v{st.newest} (max staleness {st.max_staleness}) — the generator is behind "
+            "(pairs are dropped, not trained)")
+
+
+def restarts_text(restarts: dict[str, int] | None) -> str:
+    """`trainer 2, broker 1`, or `none`."""
+    done = {k: v for k, v in (restarts or {}).items() if v}
+    return ", ".join(f"{k} {v}" for k, v in done.items()) or "none"
+
 
 def progress_table(c: LoopCounts, view: dict | None, sent: int, rate: float, elapsed: float,
-                   rounds: int | None) -> Group:
+                   rounds: int | None, restarts: dict[str, int] | None = None,
+                   dropped_stale: int | None = None) -> Group:
     promoted = view["promoted_name"] if view else "-"
     title = f"odpo up · {elapsed:,.0f}s · policy = {promoted}" + (f" · until version {rounds}" if rounds else "")
     rows = version_rows(view, c)
-    return Group(versions_table(rows, title, f"prompts sent {sent} · candidate sets {c.candidate_sets} · pairs "
-                                             f"{c.pairs} ({rate:.2f}/s) · dead letters {c.dead_letters} · * promoted"),
-                 quality_table(rows))
+    dropped = f" · dropped as stale {dropped_stale}" if dropped_stale else ""
+    caption = (f"prompts sent {sent} · candidate sets {c.candidate_sets} · pairs {c.pairs} ({rate:.2f}/s){dropped}"
+               f" · dead letters {c.dead_letters} · restarts {restarts_text(restarts)} · * promoted")
+    parts = [versions_table(rows, title, caption), quality_table(rows)]
+    if c.stale.alarm:
+        parts.append(Text(LOUD + stale_text(c.stale), style="bold red"))
+    return Group(*parts)
 
 
 def versions_table(rows: list[dict], title: str, caption: str) -> Table:
@@ -167,7 +200,10 @@ def decided_through(view: dict | None, rounds: int) -> bool:
                                for v, r in by_version.items())
 
 
-def summary(c: LoopCounts, view: dict | None, sent: int, elapsed: float) -> dict:
+def summary(c: LoopCounts, view: dict | None, sent: int, elapsed: float, restarts: dict[str, int] | None = None,
+            resumed_from: int | None = None, dropped_stale: int | None = None) -> dict:
+    """What a run leaves in summary.json; counts are this run's (a resumed run's versions include the earlier
+    ones the gate decided on, `resumed_from` says where this run started)."""
     rows = version_rows(view, c)
     scored = [r for r in rows if r["score"] is not None]
     promoted = next((r for r in rows if r["promoted"]), None)
@@ -181,6 +217,12 @@ def summary(c: LoopCounts, view: dict | None, sent: int, elapsed: float) -> dict
         "candidate_sets": c.candidate_sets,
         "pairs": c.pairs,
         "dead_letters": c.dead_letters,
+        "restarts": dict(restarts or {}),
+        "resumed_from": resumed_from,
+        "stale": {"pairs_dropped_by_trainer": dropped_stale, "pairs_seen_stale": c.stale.seen_stale,
+                  "episodes": c.stale.episodes, "alarm_at_end": c.stale.alarm,
+                  "recent": {"stale": c.stale.stale, "window": c.stale.window, "newest_version": c.stale.newest,
+                             "max_staleness": c.stale.max_staleness}},
         "versions": rows,
         "heldout": {"base": rows[0]["score"] if rows else None,
                     "promoted_version": promoted["version"] if promoted else None,
@@ -202,10 +244,14 @@ def summary_table(s: dict) -> Table:
         v = q.get(k) or {}
         return f"{_num(v.get('base'), d)} -> {_num(v.get('promoted'), d)}"
 
+    restarts = s.get("restarts") or {}
+    extra = f"; restarts: {restarts_text(restarts)}" if any(restarts.values()) else ""
+    stale = (s.get("stale") or {}).get("pairs_dropped_by_trainer")
+    extra += f"; pairs dropped as stale: {stale}" if stale else ""
     return versions_table(s["versions"], f"odpo up: {len(s['versions']) - 1} version(s) in {s['elapsed_s']:.0f}s",
                           f"* promoted. Base -> {promoted}: held-out score {_num(h['base'], 3)} -> "
                           f"{_num(h['promoted'], 3)}; words {pair('mean_words', 1)}; on topic "
-                          f"{pair('on_topic_share', 2)}; ref lp {pair('ref_logprob', 2)}")
+                          f"{pair('on_topic_share', 2)}; ref lp {pair('ref_logprob', 2)}{extra}")
 
 
 def _name(version: int) -> str:
