@@ -17,7 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from service.adapter_store import published_versions
 from service.bus import Inbox, publish
 from service.cli import main
-from service.contracts import TOPIC_PREFERENCES, ChatMessage, PreferencePair, PromptEvent, pair_id
+from service.contracts import (
+    TOPIC_PREFERENCES,
+    PreferencePair,
+    PromptEvent,
+    pair_id,
+)
 from service.settings import CommonSettings, TrainerSettings
 from tests.test_trainer_crash import random_pairs
 from tests.test_trainer_service import end_offset, metric, start_group_at_end

@@ -25,10 +25,22 @@ import uuid
 
 from kafka import TopicPartition
 
-from service.adapter_store import (adapter_digest, announced_versions, published_version, published_versions,
-                                   version_path)
+from service.adapter_store import (
+    adapter_digest,
+    announced_versions,
+    published_version,
+    published_versions,
+    version_path,
+)
 from service.bus import publish
-from service.contracts import TOPIC_ADAPTERS, TOPIC_PREFERENCES, AdapterReady, PreferencePair, PromptEvent, pair_id
+from service.contracts import (
+    TOPIC_ADAPTERS,
+    TOPIC_PREFERENCES,
+    AdapterReady,
+    PreferencePair,
+    PromptEvent,
+    pair_id,
+)
 from tests.test_trainer_service import end_offset, read_from, start_group_at_end
 from trainer.checkpoint import STATE_FILE
 from trainer.export import archived_pairs

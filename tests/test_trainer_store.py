@@ -12,16 +12,26 @@ import uuid
 
 import torch
 
-from service.adapter_store import (announced_versions, hold_versions, newest_ready, published_versions,
-                                   version_path)
+from service.adapter_store import (
+    announced_versions,
+    hold_versions,
+    newest_ready,
+    published_versions,
+    version_path,
+)
 from service.bus import Inbox, publish
 from service.contracts import TOPIC_PREFERENCES, PreferencePair
 from service.settings import CommonSettings, TrainerSettings
 from tests.test_trainer_crash import random_pairs
 from tests.test_trainer_service import metric, start_group_at_end
 from trainer.archive import archive_files
-from trainer.checkpoint import (OPTIMIZER_DIR, OPTIMIZER_FILE, STATE_FILE, optimizer_path,
-                                remove_staging_leftovers)
+from trainer.checkpoint import (
+    OPTIMIZER_DIR,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    optimizer_path,
+    remove_staging_leftovers,
+)
 from trainer.ledger import append_trained, ledger_path, trained_ledger
 from trainer.recipe import Trainer
 from trainer.retention import store_usage, versions_to_delete

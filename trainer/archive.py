@@ -144,7 +144,7 @@ class PairArchive:
             self._index += 1
             path = self.folder / f"{PREFIX}{stamp}-{os.getpid()}-{self._index:04d}{SUFFIX}"
             try:
-                self._file = open(path, "xb")
+                self._file = open(path, "xb")  # noqa: SIM115 -- held open across syncs
                 break
             except FileExistsError:
                 continue

@@ -146,8 +146,7 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line + "\n")
+            f.writelines(line + "\n" for line in lines)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

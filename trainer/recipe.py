@@ -41,7 +41,12 @@ from trainer.losses import LossOutput, LossParams, PairLogps, dpo_loss, reward_m
 from trainer.model import Policy, autocast, load_policy
 from trainer.schedule import lr_at
 from trainer.tokenize import TokenizedPair, tokenize_pair
-from trainer.window import WindowResult, compare_with_sampler, merge_outputs, record_step
+from trainer.window import (
+    WindowResult,
+    compare_with_sampler,
+    merge_outputs,
+    record_step,
+)
 
 log = logging.getLogger(__name__)
 

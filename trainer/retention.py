@@ -23,7 +23,12 @@ import os
 import shutil
 from pathlib import Path
 
-from service.adapter_store import ANNOUNCED_DIR, held_versions, published_versions, version_path
+from service.adapter_store import (
+    ANNOUNCED_DIR,
+    held_versions,
+    published_versions,
+    version_path,
+)
 from service.contracts import version_name
 
 log = logging.getLogger(__name__)
