@@ -45,7 +45,7 @@ class StaleState:
     """The recent sampled pairs against the newest published version."""
 
     alarm: bool = False  # most recent pairs are too old to be trained
-    stale: int = 0  # pairs in the window older than newest - max_staleness
+    stale: int = 0  # pairs in the window that were older than newest - max_staleness when they arrived
     window: int = 0  # pairs in the window
     newest: int = 0  # the newest published version (topic or store)
     sampled_by: int | None = None  # the version most of the stale pairs were sampled by
@@ -55,20 +55,22 @@ class StaleState:
 
 
 class StalePairs:
-    """A window of the last `window` sampled pairs' policy versions (dataset pairs excluded: they are
-    off-policy by nature and the trainer does not hold their age against them)."""
+    """The last `window` sampled pairs, each judged stale or not when it arrived, against the newest version
+    known then, as the trainer judges it (dataset pairs excluded: they are off-policy by nature and the trainer
+    does not hold their age against them). A new version does not make pairs that already arrived stale."""
 
     def __init__(self, max_staleness: int, window: int = 30, min_pairs: int = 10, share: float = 0.5):
         self.max_staleness, self.min_pairs, self.share = max_staleness, min_pairs, share
-        self._versions: deque[int] = deque(maxlen=window)
+        self._pairs: deque[tuple[int, bool]] = deque(maxlen=window)  # (policy version, stale on arrival)
         self.newest = 0
         self._alarm, self._episodes, self._seen_stale = False, 0, 0
 
     def pair(self, policy_version: int, judge: str) -> None:
         if judge == DATASET_JUDGE:
             return
-        self._versions.append(policy_version)
-        self._seen_stale += self._is_stale(policy_version)
+        stale = self._is_stale(policy_version)
+        self._pairs.append((policy_version, stale))
+        self._seen_stale += stale
 
     def published(self, version: int) -> None:
         """A version known to exist (AdapterReady on the topic, or the newest in the store)."""
@@ -78,13 +80,13 @@ class StalePairs:
         return version < self.newest - self.max_staleness
 
     def state(self) -> StaleState:
-        stale = [v for v in self._versions if self._is_stale(v)]
-        alarm = len(self._versions) >= self.min_pairs and len(stale) > self.share * len(self._versions)
+        stale = [v for v, was_stale in self._pairs if was_stale]
+        alarm = len(self._pairs) >= self.min_pairs and len(stale) > self.share * len(self._pairs)
         if alarm and not self._alarm:
             self._episodes += 1
         self._alarm = alarm
         sampled_by = Counter(stale).most_common(1)[0][0] if stale else None
-        return StaleState(alarm, len(stale), len(self._versions), self.newest, sampled_by, self.max_staleness,
+        return StaleState(alarm, len(stale), len(self._pairs), self.newest, sampled_by, self.max_staleness,
                           self._episodes, self._seen_stale)
 
 

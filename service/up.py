@@ -246,6 +246,8 @@ def _child_env(bootstrap: str, run_dir: Path, opts: UpOptions, model_dir: Path, 
         "ODPO_GATEWAY_HELDOUT_PROMPTS": str(opts.heldout_prompts),
         "ODPO_GATEWAY_HELDOUT_PROMPTS_MAX": str(opts.heldout_prompts_max),
         "ODPO_GATEWAY_EVAL_MAX_TOKENS": str(gen.max_tokens),
+        # a dead vLLM ends the generator, so it is restarted and counted here like any component
+        "ODPO_GENERATOR_RESTART_SERVER": os.environ.get("ODPO_GENERATOR_RESTART_SERVER", "false"),
         # a fixed port (kept over restarts) so `odpo up` can read the trainer's stale-pair count
         "ODPO_TRAINER_METRICS_PORT": str(trainer.metrics_port or free_port()),
         "HF_HUB_OFFLINE": "1",

@@ -101,8 +101,7 @@ class EventLog:
         self.stale = st.alarm
         if st.alarm:
             return [LOUD + stale_text(st)]
-        fresh = (f"recent pairs are fresh again: {st.stale} of the last {st.window} are older than "
-                 f"v{max(0, st.newest - st.max_staleness)}")
+        fresh = f"recent pairs are fresh again: {st.stale} of the last {st.window} were too old to be trained"
         return [fresh]
 
 

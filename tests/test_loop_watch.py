@@ -84,18 +84,23 @@ def test_most_recent_pairs_stale_is_said_once_per_episode(store):
         watcher.count(TOPIC_PREFERENCES, _pair(100 + i, 10))
     c = watcher.snapshot()
     assert not c.stale.alarm and c.stale.stale == 10
-    assert events.lines(c, None) == ["recent pairs are fresh again: 10 of the last 30 are older than v6"]
+    assert events.lines(c, None) == ["recent pairs are fresh again: 10 of the last 30 were too old to be trained"]
 
-    watcher.count(TOPIC_ADAPTERS, _ready(16).to_bytes())  # the topic's fast path: v16 makes v10's pairs stale too
+    watcher.count(TOPIC_ADAPTERS, _ready(16).to_bytes())  # the topic's fast path
     watcher.count(TOPIC_ADAPTERS, _ready(16).to_bytes())  # a re-announcement is one version, not two
     c = watcher.snapshot()
-    assert c.stale.alarm and c.stale.newest == 16 and [a.version for a in c.adapters] == [16]
+    assert not c.stale.alarm, "pairs that arrived before v16 were trainable then: a new version alone is no alarm"
+    assert c.stale.newest == 16 and [a.version for a in c.adapters] == [16]
+    for i in range(30):  # the generator stays at v10 (16 - 4 = 12 is the oldest trainable)
+        watcher.count(TOPIC_PREFERENCES, _pair(200 + i, 10))
+    c = watcher.snapshot()
+    assert c.stale.alarm and c.stale.stale == 30
     assert events.lines(c, None)[0].startswith(LOUD + "most recent pairs are stale: 30 of the last 30 were sampled "
                                                "by v10 while the trainer is at v16")
     s = summary(c, None, sent=100, elapsed=60.0, restarts={"trainer": 1, "broker": 0}, resumed_from=10,
                 dropped_stale=57)
     assert s["stale"]["episodes"] == 2 and s["stale"]["pairs_dropped_by_trainer"] == 57
-    assert s["stale"]["pairs_seen_stale"] == 30 and s["restarts"] == {"trainer": 1, "broker": 0}
+    assert s["stale"]["pairs_seen_stale"] == 60 and s["restarts"] == {"trainer": 1, "broker": 0}
     assert s["resumed_from"] == 10
 
 
@@ -111,6 +116,8 @@ def test_a_few_stale_pairs_are_not_an_alarm():
     assert (st.alarm, st.stale, st.window) == (False, 9, 21), "9 of 21 is not most"
     stale.pair(3, "rules")  # 5 - 3 = 2: still trained
     assert stale.state().stale == 9
+    stale.published(7)
+    assert stale.state().stale == 9, "judged when they arrived, as the trainer judges them"
 
 
 def test_counts(store):
