@@ -9,6 +9,13 @@ crash loop (more exits than `RestartPolicy.max_restarts` within `window_s`).
 `stop()` sends SIGTERM (components shut down cleanly), then SIGKILL to the
 whole group after a grace period, which also reaps vLLM's worker processes.
 
+With `adopt_orphans` (odpo up) this process becomes a child subreaper: what a
+dead component leaves running in a session of its own (vLLM's API server and
+engine core, when the generator is killed) is re-parented here instead of to
+init, and is killed and reaped, so days of restarts do not pile up orphans.
+Any child of this process that is not a component (or in `keep_pids`, e.g.
+the broker) counts as such an orphan.
+
 With a `state_file` the launcher keeps `components.json` there, rewritten
 atomically on every (re)start and exit, so an outside tool (a chaos test, an
 operator) can find and kill a component by pid: name -> {pid, restarts,
@@ -19,6 +26,7 @@ exited process's), last_exit_code, log}.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import os
 import signal
@@ -120,9 +128,13 @@ class Launcher:
     state_file: Path | None = None  # components.json
     on_restart: Callable[[str], None] | None = None  # called with the name after every restart (a metric)
     extra_state: dict[str, dict] = field(default_factory=dict)  # more entries of components.json (the broker)
+    adopt_orphans: bool = False  # become a subreaper; kill and reap what dead components leave behind
+    keep_pids: Callable[[], set[int]] = set  # children of this process that are not orphans (the broker)
 
     def __post_init__(self):
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.adopt_orphans:
+            self.adopt_orphans = become_subreaper()
         atexit.register(self.stop)
 
     def start(self, component: str, extra_env: dict[str, str] | None = None, name: str | None = None) -> Child:
@@ -154,6 +166,7 @@ class Launcher:
 
         Raises `ComponentDied` (with the component's last log lines) on a crash loop."""
         lines = []
+        self.reap_orphans()
         for c in self.children:
             now = time.monotonic()
             if c.restart_at is None:
@@ -185,6 +198,24 @@ class Launcher:
             self.on_restart(c.name)
         return f"{c.name} restarted (restart {c.restarts}, pid {c.proc.pid})"
 
+    def reap_orphans(self) -> list[int]:
+        """Kill (with their process groups) and reap the processes re-parented to us; returns their pids."""
+        if not self.adopt_orphans:
+            return []
+        ours = {c.proc.pid for c in self.children} | set(self.keep_pids())
+        orphans = [pid for pid in child_pids(os.getpid()) if pid not in ours]
+        for pid in orphans:
+            for kill in (os.killpg, os.kill):  # the group, when it leads one (vLLM's server and engine)
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            try:
+                os.waitpid(pid, os.WNOHANG)  # reaped now if it is gone, else on a later call
+            except ChildProcessError:
+                pass
+        return orphans
+
     def restarts(self) -> dict[str, int]:
         return {c.name: c.restarts for c in self.children}
 
@@ -212,6 +243,34 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 pass
         self.children.clear()
+        deadline = time.monotonic() + 5
+        while self.reap_orphans() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def become_subreaper() -> bool:
+    """PR_SET_CHILD_SUBREAPER: orphaned descendants are re-parented to this process (Linux; False elsewhere)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+    except OSError:
+        return False
+
+
+def child_pids(parent: int) -> list[int]:
+    """The pids whose parent is `parent` (from /proc)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+        if len(fields) > 1 and int(fields[1]) == parent:
+            pids.append(int(entry.name))
+    return pids
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -134,7 +134,8 @@ def run_up(opts: UpOptions) -> int:
         token = _admin_token(run_dir)
         env = _child_env(broker.bootstrap, run_dir, opts, model_dir, token, gen, trainer)
         launcher = Launcher(run_dir / "logs", env, policy=opts.restart, state_file=run_dir / COMPONENTS_FILE,
-                            on_restart=metrics.restarted)
+                            on_restart=metrics.restarted, adopt_orphans=True,
+                            keep_pids=lambda: {broker.pid} - {None})
         sup = Supervision(launcher, keeper)
         for name, command, extra_env in COMPONENTS:
             launcher.start(command, extra_env, name=name)

@@ -135,3 +135,72 @@ def test_any_exit_code_is_restarted_and_check_stays_strict(tmp_path):
             launcher.check()  # tests that start components themselves want any exit to fail loudly
     finally:
         launcher.stop()
+
+
+ORPHANS_DRIVER = """
+import json, os, signal, sys, time
+from pathlib import Path
+from service.launcher import Launcher, RestartPolicy
+
+tmp = Path(sys.argv[1])
+component = tmp / "generator.py"
+component.write_text('''
+import subprocess, sys, time
+# a child in a session of its own that outlives its parent, as vLLM's server and engine core under the generator
+p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+open(sys.argv[2] + ".tmp", "w").write(str(p.pid))
+import os; os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+time.sleep(600)
+''')
+pid_file = tmp / "grandchild.pid"
+
+
+def grandchild():
+    deadline = time.monotonic() + 20
+    while not pid_file.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    pid_file.unlink()
+    return pid
+
+
+def gone(pid, timeout_s=10):
+    deadline = time.monotonic() + timeout_s
+    while os.path.exists(f"/proc/{pid}"):  # a zombie still has its /proc entry: gone means reaped too
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+launcher = Launcher(tmp / "logs", policy=RestartPolicy(backoff_initial_s=0.1), adopt_orphans=True,
+                    command=lambda c: [sys.executable, str(component), c, str(pid_file)])
+child = launcher.start("generator")
+first = grandchild()
+os.kill(child.proc.pid, signal.SIGKILL)
+lines = []
+while not any("restarted" in line for line in lines):
+    lines += launcher.supervise()
+    time.sleep(0.05)
+second = grandchild()
+first_gone = gone(first)
+second_alive = os.path.exists(f"/proc/{second}")
+launcher.stop()
+print(json.dumps({"subreaper": launcher.adopt_orphans, "first_gone": first_gone, "second_alive": second_alive,
+                  "second_gone_after_stop": gone(second)}))
+"""
+
+
+def test_what_a_killed_component_leaves_running_is_killed_and_reaped(tmp_path):
+    """Run in a process of its own: a subreaper adopts every orphan of its descendants, which a test process with
+    fixtures of its own must not."""
+    import subprocess
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(ORPHANS_DRIVER)
+    r = subprocess.run([sys.executable, str(driver), str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1]) == {"subreaper": True, "first_gone": True, "second_alive": True,
+                                                     "second_gone_after_stop": True}
