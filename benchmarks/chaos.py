@@ -7,7 +7,8 @@ Targets (`--targets`): trainer, generator, vllm-engine (vLLM's engine core proce
 generator), judge, gateway, broker (the embedded Tansu broker `odpo up` supervises). Clients use the
 official `openai` client on the gateway (`policy`, streaming and not). A kill is recovered once the
 component runs again under a new pid (for vllm-engine: the generator), a new preference pair has been
-published since the kill, and the gateway answers /readyz. After the last kill the loop runs
+published since the kill, and the gateway answers /readyz; a new generator must also have published a
+candidate set, a new trainer must have archived a pair. After the last kill the loop runs
 `--cooldown-s`, the clients stop, the trainer's archive is given time to catch up, and `odpo up` stops.
 
 Reported (chaos.json in `--out`, and a table): versions produced and whether they are consecutive; pairs
@@ -84,13 +85,13 @@ def run(opts: ChaosOptions) -> dict:
         tail.start()
         clients = _Clients(gateway, opts.clients, log).start()
         _wait(lambda: tail.count() > 0, opts.ready_timeout_s, up, "the first preference pair")
-        started = time.monotonic()
+        started = time.time()
         time.sleep(opts.warmup_s)
-        before = tail.seen_between(started, time.monotonic()) / max(1e-9, time.monotonic() - started)
+        before = tail.seen_between(started, time.time()) / max(1e-9, time.time() - started)
         _chaos(opts, up, gateway, tail, kills, broker_kills)
-        recovered = max((k.recovered_at or k.at for k in kills), default=time.monotonic())
+        recovered = max((k.recovered_at or k.at for k in kills), default=time.time())
         time.sleep(opts.cooldown_s)
-        after = tail.seen_between(recovered, time.monotonic()) / max(1e-9, time.monotonic() - recovered)
+        after = tail.seen_between(recovered, time.time()) / max(1e-9, time.time() - recovered)
         clients.stop()
         _drain(opts.out / "store", tail, up)
     finally:
@@ -112,7 +113,7 @@ def _chaos(opts: ChaosOptions, up, gateway: str, tail: PairTail, kills: list[Kil
     for i in range(opts.kills):
         target = opts.targets[i % len(opts.targets)] if opts.in_turn else rng.choice(opts.targets)
         pid = _pid_of(opts.out, target)
-        at = time.monotonic()
+        at = time.time()
         os.kill(pid, signal.SIGKILL)
         if target == "broker":
             broker_kills.append(at)
@@ -123,17 +124,24 @@ def _chaos(opts: ChaosOptions, up, gateway: str, tail: PairTail, kills: list[Kil
         owner_pid = pid if owner == target else _pid_of(opts.out, owner)
 
         def recovered(owner=owner, owner_pid=owner_pid, at=at) -> bool:
-            now = _pid_of(opts.out, owner, missing_ok=True)
-            return now not in (None, owner_pid) and tail.first_after(at) is not None and _ready(gateway)
+            entry = _components(opts.out).get(owner, {})
+            if _pid_of(opts.out, owner, missing_ok=True) in (None, owner_pid):
+                return False  # not running again yet
+            since = max(at, float(entry.get("started_at", at)))
+            if owner == "generator" and tail.last_candidates <= since:
+                return False  # the new generator has not sampled yet
+            if owner == "trainer" and _archive_mtime(opts.out / "store") <= since:
+                return False  # the new trainer has not taken a pair yet
+            return tail.first_after(at) is not None and _ready(gateway)
 
         try:
             _wait(recovered, opts.recover_timeout_s, up, f"recovery from killing {target}")
-            kill.recovered_at = time.monotonic()
+            kill.recovered_at = time.time()
             print(f"  recovered in {kill.recovery_s:.1f}s", flush=True)
         except TimeoutError as exc:
             print(f"  NOT recovered: {exc}", flush=True)
             break
-        time.sleep(max(0.0, opts.interval_s - (time.monotonic() - at)))
+        time.sleep(max(0.0, opts.interval_s - (time.time() - at)))
 
 
 def _pid_of(run_dir: Path, target: str, missing_ok: bool = False) -> int | None:
@@ -150,6 +158,11 @@ def _pid_of(run_dir: Path, target: str, missing_ok: bool = False) -> int | None:
             return None
         raise RuntimeError(f"{target} is not running (components.json: {entry})")
     return int(entry["pid"])
+
+
+def _archive_mtime(store: Path) -> float:
+    files = list((store / "pairs").glob("pairs-*.jsonl"))
+    return max((f.stat().st_mtime for f in files), default=0.0)
 
 
 def _components(run_dir: Path) -> dict:
@@ -207,8 +220,8 @@ def _drain(store: Path, tail: PairTail, up, timeout_s: float = 120.0) -> None:
     """Give the trainer time to archive the pairs published last (stops when nothing changed for 30 s)."""
     from trainer.export import ExportError, archived_pairs
 
-    deadline, last, still_since = time.monotonic() + timeout_s, -1, time.monotonic()
-    while time.monotonic() < deadline and up.poll() is None:
+    deadline, last, still_since = time.time() + timeout_s, -1, time.time()
+    while time.time() < deadline and up.poll() is None:
         try:
             archived = {p.id for p in archived_pairs(store)}
         except ExportError:
@@ -217,8 +230,8 @@ def _drain(store: Path, tail: PairTail, up, timeout_s: float = 120.0) -> None:
         if missing == 0:
             return
         if missing != last:
-            last, still_since = missing, time.monotonic()
-        elif time.monotonic() - still_since > 30:
+            last, still_since = missing, time.time()
+        elif time.time() - still_since > 30:
             return
         time.sleep(2)
 
@@ -238,8 +251,8 @@ def _bootstrap(up_out: Path) -> str:
 
 
 def _wait(cond, timeout_s: float, up, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
         if up.poll() is not None:
             raise RuntimeError(f"odpo up exited with code {up.returncode} while waiting for {what}")
         try:

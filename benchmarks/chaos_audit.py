@@ -19,18 +19,20 @@ from pydantic import ValidationError
 
 from service.adapter_store import announced_versions, published_versions
 from service.bus import TopicTail
-from service.contracts import TOPIC_PREFERENCES, PreferencePair
+from service.contracts import TOPIC_CANDIDATES, TOPIC_PREFERENCES, PreferencePair
 from trainer.export import ExportError, archived_pairs
 from trainer.ledger import trained_ledger
 
 
 class PairTail(threading.Thread):
-    """Every pair id published on odpo.preferences, with the monotonic time it was first seen."""
+    """Every pair id published on odpo.preferences with the (wall-clock) time it was first seen, and the time
+    of the newest candidate set on odpo.candidates (only a live generator publishes those)."""
 
     def __init__(self, bootstrap: str):
         super().__init__(name="chaos-pair-tail", daemon=True)
         self.bootstrap = bootstrap
         self.seen: dict[str, float] = {}
+        self.last_candidates = 0.0
         self._halt = threading.Event()
         self._lock = threading.Lock()
 
@@ -38,7 +40,8 @@ class PairTail(threading.Thread):
         tail = None
         while not self._halt.is_set():
             try:
-                tail = tail or TopicTail(self.bootstrap, [TOPIC_PREFERENCES], client_id="odpo-chaos-tail")
+                tail = tail or TopicTail(self.bootstrap, [TOPIC_PREFERENCES, TOPIC_CANDIDATES],
+                                         client_id="odpo-chaos-tail")
                 records = tail.poll(timeout_ms=500)
             except Exception:  # noqa: BLE001 - the broker is being killed on purpose: reconnect
                 if tail is not None:
@@ -49,9 +52,12 @@ class PairTail(threading.Thread):
                 tail = None
                 self._halt.wait(1)
                 continue
-            now = time.monotonic()
+            now = time.time()
             with self._lock:
                 for rec in records:
+                    if rec.topic == TOPIC_CANDIDATES:
+                        self.last_candidates = now
+                        continue
                     try:
                         self.seen.setdefault(PreferencePair.from_bytes(rec.value).id, now)
                     except (ValidationError, ValueError):
@@ -84,7 +90,7 @@ class PairTail(threading.Thread):
 @dataclass
 class Kill:
     component: str
-    at: float  # monotonic
+    at: float  # wall clock
     pid: int
     recovered_at: float | None = None
 

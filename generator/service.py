@@ -53,29 +53,31 @@ def run(common: CommonSettings, settings: GeneratorSettings, stop: threading.Eve
                               group_id=None)
         closers.append(adapter_inbox.close)
         watcher = AdapterWatcher(adapter_inbox, adapters, common.store_dir, settings.store_check_s)
-        watcher.catch_up(stop)
-        log.info("serving version %d before sampling", adapters.current_version)
-
         died: list[str] = []
 
         def exit_on_death(tail: str) -> None:
             died.append(tail)
             stop.set()
 
+        # Supervised from here on: a vLLM that dies during the catch-up must not leave it retrying forever.
         supervisor = Supervisor(server, adapters.resync, on_death=None if settings.restart_server else exit_on_death)
-        threads = [threading.Thread(target=watcher.run, args=(halt,), name="odpo-adapter-watcher", daemon=True),
-                   threading.Thread(target=supervisor.run, args=(halt,), name="odpo-vllm-supervisor", daemon=True)]
-        for t in threads:
-            t.start()
+        threads.append(threading.Thread(target=supervisor.run, args=(halt,), name="odpo-vllm-supervisor",
+                                        daemon=True))
+        threads[-1].start()
+        watcher.catch_up(stop)
+        log.info("serving version %d before sampling", adapters.current_version)
+        threads.append(threading.Thread(target=watcher.run, args=(halt,), name="odpo-adapter-watcher", daemon=True))
+        threads[-1].start()
 
-        from transformers import AutoTokenizer  # heavy import, only once vLLM is up
+        if not stop.is_set():
+            from transformers import AutoTokenizer  # heavy import, only once vLLM is up
 
-        sampler = Sampler(client, AutoTokenizer.from_pretrained(model_dir), adapters, settings)
-        prompt_inbox = Inbox(common.bootstrap_servers, TOPIC_PROMPTS, PromptEvent, COMPONENT, producer,
-                             group_id=settings.group_id, max_poll_records=settings.max_in_flight)
-        closers.append(prompt_inbox.close)
-        SamplerLoop(prompt_inbox, sampler, producer, settings.max_in_flight, settings.max_request_attempts,
-                    stop).run()
+            sampler = Sampler(client, AutoTokenizer.from_pretrained(model_dir), adapters, settings)
+            prompt_inbox = Inbox(common.bootstrap_servers, TOPIC_PROMPTS, PromptEvent, COMPONENT, producer,
+                                 group_id=settings.group_id, max_poll_records=settings.max_in_flight)
+            closers.append(prompt_inbox.close)
+            SamplerLoop(prompt_inbox, sampler, producer, settings.max_in_flight, settings.max_request_attempts,
+                        stop).run()
         if died:
             raise ServerError(f"vLLM died and restart_server is off: the generator exits so that its supervisor "
                               f"restarts it. vLLM's last log lines:\n{died[0]}")
