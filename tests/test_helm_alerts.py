@@ -112,6 +112,27 @@ def test_stale_pair_thresholds_come_from_values():
     behind = by_name["OdpoGeneratorBehindStore"]
     assert (behind["for"], behind["labels"]["severity"]) == ("20m", "critical")
 
+
+def test_store_thresholds_come_from_values():
+    values = {"metrics": {"prometheusRule": {"enabled": True, "alerts": {
+        "archiveFailing": {"severity": "warning"},
+        "storeGrowing": {"maxBytes": 50 * 2**30, "for": "2h", "severity": "critical"}}}}}
+    rule = one(render(values), "PrometheusRule")
+    by_name = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert by_name["OdpoPairArchiveFailing"]["labels"]["severity"] == "warning"
+    store = by_name["OdpoStoreGrowing"]
+    assert store["expr"].strip().endswith(f"> {50 * 2**30}")  # an integer, not Helm's 5.36870912e+10
+    assert (store["for"], store["labels"]["severity"]) == ("2h", "critical")
+    assert "more than 50 GiB" in store["annotations"]["description"]
+
+
+@pytest.mark.parametrize("max_bytes", ["20Gi", 0, 1.5])
+def test_store_threshold_must_be_whole_bytes(max_bytes):
+    import helm_python as helm
+
+    with pytest.raises(helm.HelmValuesError, match="maxBytes"):
+        render({"metrics": {"prometheusRule": {"enabled": True, "alerts": {"storeGrowing": {"maxBytes": max_bytes}}}}})
+
 def test_dashboard_queries_parse(promtool_bin, tmp_path):
     """Every dashboard query is valid PromQL: promtool checks them as recording rules (Grafana's variables
     filled in)."""
@@ -125,3 +146,27 @@ def test_dashboard_queries_parse(promtool_bin, tmp_path):
     (tmp_path / "dashboard.yaml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     out = _run(promtool_bin, "check", "rules", str(tmp_path / "dashboard.yaml"))
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dashboard_shows_the_store_and_archive_in_the_data_flow_row():
+    """The store's size by part (stacked, what OdpoStoreGrowing reads) and the archive's errors and pending pairs
+    sit in the Data flow row; no two panels overlap after the rows below moved down."""
+    dash = dashboard(render({"metrics": {"dashboard": {"enabled": True}}}))
+    rows = sorted((p for p in dash["panels"] if p["type"] == "row"), key=lambda r: r["gridPos"]["y"])
+    row = next(r for r in rows if r["title"] == "Data flow")
+    below = min((r["gridPos"]["y"] for r in rows if r["gridPos"]["y"] > row["gridPos"]["y"]), default=10**6)
+    in_row = [p for p in dash["panels"] if p["type"] != "row" and row["gridPos"]["y"] < p["gridPos"]["y"] < below]
+    store = next(p for p in in_row if p["title"] == "Adapter store size by part")
+    assert store["targets"][0]["expr"].startswith("sum by (part) (odpo_trainer_store_bytes{")
+    assert store["fieldConfig"]["defaults"]["unit"] == "bytes"
+    assert store["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
+    exprs = " ".join(t["expr"] for p in in_row for t in p["targets"])
+    for metric in ("odpo_trainer_archive_errors_total", "odpo_trainer_archive_pending_pairs"):
+        assert metric in exprs, metric
+    cells = {}
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, (p["title"], cells.get((x, y)))
+                cells[(x, y)] = p["title"]
