@@ -51,7 +51,11 @@ def ensure_topics(bootstrap: str, topics: Iterable[str] = ALL_TOPICS, partitions
 
 
 def make_producer(bootstrap: str) -> KafkaProducer:
-    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=5)
+    # Not idempotent: an idempotent producer holds a producer id the broker issued, and after a broker that
+    # lost its state (the memory-only embedded broker restarted, a recreated cluster) every send fails with a
+    # fatal UnknownProducerIdError until the process restarts. A retried send may write a message twice
+    # instead; every consumer here deduplicates by id (deterministic pair ids, the trainer's ledger).
+    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=5, enable_idempotence=False)
 
 
 def publish(producer: KafkaProducer, topic: str, key: str | None, message: _Message, flush: bool = True) -> None:

@@ -78,7 +78,8 @@ class Outbox:
                 # service.bus.make_producer's settings, plus a bound on how long send() may block for metadata.
                 wait_ms = int(self.publish_timeout_s * 1000)
                 self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5, retries=5,
-                                               max_block_ms=wait_ms, bootstrap_timeout_ms=wait_ms)
+                                               enable_idempotence=False, max_block_ms=wait_ms,
+                                               bootstrap_timeout_ms=wait_ms)
             return self._producer
 
     def _drop_producer(self) -> None:
