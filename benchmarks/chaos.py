@@ -117,6 +117,7 @@ def _chaos(opts: ChaosOptions, up, gateway: str, tail: PairTail, kills: list[Kil
         os.kill(pid, signal.SIGKILL)
         if target == "broker":
             broker_kills.append(at)
+            tail.rewind()
         kill = Kill(target, at, pid)
         kills.append(kill)
         print(f"kill {i + 1}/{opts.kills}: {target} (pid {pid})", flush=True)
@@ -137,6 +138,8 @@ def _chaos(opts: ChaosOptions, up, gateway: str, tail: PairTail, kills: list[Kil
         try:
             _wait(recovered, opts.recover_timeout_s, up, f"recovery from killing {target}")
             kill.recovered_at = time.time()
+            if target == "broker":
+                tail.rewind()
             print(f"  recovered in {kill.recovery_s:.1f}s", flush=True)
         except TimeoutError as exc:
             print(f"  NOT recovered: {exc}", flush=True)

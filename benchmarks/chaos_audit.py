@@ -34,6 +34,7 @@ class PairTail(threading.Thread):
         self.seen: dict[str, float] = {}
         self.last_candidates = 0.0
         self._halt = threading.Event()
+        self._rewind = threading.Event()
         self._lock = threading.Lock()
 
     def run(self) -> None:
@@ -42,6 +43,9 @@ class PairTail(threading.Thread):
             try:
                 tail = tail or TopicTail(self.bootstrap, [TOPIC_PREFERENCES, TOPIC_CANDIDATES],
                                          client_id="odpo-chaos-tail")
+                if self._rewind.is_set():
+                    self._rewind.clear()
+                    tail.rewind()
                 records = tail.poll(timeout_ms=500)
             except Exception:  # noqa: BLE001 - the broker is being killed on purpose: reconnect
                 if tail is not None:
@@ -64,6 +68,10 @@ class PairTail(threading.Thread):
                         pass
         if tail is not None:
             tail.close()
+
+    def rewind(self) -> None:
+        """The broker was killed: read its new, empty topics from the start (pairs seen twice count once)."""
+        self._rewind.set()
 
     def count(self) -> int:
         with self._lock:

@@ -187,6 +187,12 @@ class TopicTail:
         self._consumer.assign(tps)
         self._consumer.seek_to_beginning(*tps)
 
+    def rewind(self) -> None:
+        """Read every assigned partition from its beginning again (takes effect on the next poll). For a broker
+        that restarted empty: a fetch past its new end answers nothing on Tansu (no out-of-range reset), so
+        without a rewind the first records of the new topic would be skipped."""
+        self._consumer.seek_to_beginning(*self._consumer.assignment())
+
     def poll(self, timeout_ms: int = 500) -> list:
         """The records that arrived since the last poll (kafka-python ConsumerRecords), in order per partition."""
         return [r for recs in self._consumer.poll(timeout_ms=timeout_ms).values() for r in recs]

@@ -104,16 +104,9 @@ class LoopCounts:
         return self.adapters[-1].version if self.adapters else 0
 
 
-class RewindableTail(TopicTail):
-    def rewind(self) -> None:
-        """Read every assigned partition from its beginning again (takes effect on the next poll)."""
-        consumer = self._consumer
-        consumer.seek_to_beginning(*consumer.assignment())
-
-
 class LoopWatcher(threading.Thread):
     def __init__(self, bootstrap: str, store: Path | None = None, max_staleness: int = 4,
-                 tail: RewindableTail | None = None):
+                 tail: TopicTail | None = None):
         super().__init__(name="odpo-loop-watch", daemon=True)
         self.counts = LoopCounts()
         self.stale = StalePairs(max_staleness)
@@ -122,7 +115,7 @@ class LoopWatcher(threading.Thread):
         self._lock = threading.Lock()
         self._rewind_done: threading.Event | None = None
         self._store_checked = 0.0
-        self._tail = tail or RewindableTail(bootstrap, WATCHED, client_id="odpo-up-watch")
+        self._tail = tail or TopicTail(bootstrap, WATCHED, client_id="odpo-up-watch")
 
     def snapshot(self) -> LoopCounts:
         with self._lock:
