@@ -109,9 +109,13 @@ def run(opts: ChaosOptions) -> dict:
 
 
 def _chaos(opts: ChaosOptions, up, gateway: str, tail: PairTail, kills: list[Kill], broker_kills: list[float]):
-    rng = random.Random(opts.seed)
+    rng, bag = random.Random(opts.seed), []
     for i in range(opts.kills):
-        target = opts.targets[i % len(opts.targets)] if opts.in_turn else rng.choice(opts.targets)
+        if opts.in_turn:
+            target = opts.targets[i % len(opts.targets)]
+        else:  # random order, but every target once per round: each is killed equally often
+            bag = bag or rng.sample(opts.targets, len(opts.targets))
+            target = bag.pop()
         pid = _pid_of(opts.out, target)
         at = time.time()
         os.kill(pid, signal.SIGKILL)
@@ -283,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills", type=int, default=12)
     p.add_argument("--interval-s", type=float, default=60.0)
     p.add_argument("--targets", default=",".join(TARGETS), help=f"Comma-separated, of {', '.join(TARGETS)}.")
-    p.add_argument("--in-turn", action="store_true", help="Kill the targets in order instead of at random.")
+    p.add_argument("--in-turn", action="store_true",
+                   help="Kill the targets in order instead of in a random order (each once per round either way).")
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--warmup-s", type=float, default=120.0)
     p.add_argument("--cooldown-s", type=float, default=120.0)
