@@ -194,14 +194,35 @@ class Supervisor:
 
     def __init__(self, server: VllmServer, on_tick: Callable[[], object], check_every_s: float = 5.0,
                  backoff_s: float = 2.0, max_backoff_s: float = 120.0,
-                 on_death: Callable[[str], object] | None = None):
+                 on_death: Callable[[str], object] | None = None, hung_after_s: float = 45.0):
         self.server, self.on_tick, self.on_death = server, on_tick, on_death
         self.check_every_s, self.backoff_s, self.max_backoff_s = check_every_s, backoff_s, max_backoff_s
+        self.hung_after_s = hung_after_s
         self.restarts = 0
+        self._unhealthy_since: float | None = None
+
+    def _kill_if_hung(self) -> None:
+        """An owned server whose process lives but has not answered /health for `hung_after_s` is dead too:
+        seen in chaos runs, vLLM's API server waits forever in uvicorn's graceful shutdown ("Waiting for
+        connections to close") after its engine core died. Kill it, so it is handled as a death."""
+        if self.server.external or not self.server.running:
+            self._unhealthy_since = None
+            return
+        if self.server.healthy():
+            self._unhealthy_since = None
+            return
+        now = time.monotonic()
+        self._unhealthy_since = self._unhealthy_since or now
+        if now - self._unhealthy_since >= self.hung_after_s:
+            log.error("vLLM (pid %s) has not answered /health for %.0fs although its process runs: killing it",
+                      self.server.pid, now - self._unhealthy_since)
+            self.server.stop(grace_s=2)
+            self._unhealthy_since = None
 
     def run(self, halt: threading.Event) -> None:
         backoff = self.backoff_s
         while not halt.wait(self.check_every_s):
+            self._kill_if_hung()
             if not self.server.external and not self.server.running and self.on_death is not None:
                 self.on_death(self.server.log_tail(10))
                 return
