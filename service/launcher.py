@@ -226,16 +226,15 @@ class Launcher:
         state = {c.name: c.state() for c in self.children} | self.extra_state
         write_file_atomic(self.state_file, (json.dumps(state, indent=2) + "\n").encode())
 
-    def stop(self, grace_s: float = 20.0) -> None:
-        alive = [c for c in self.children if c.proc.poll() is None]
-        for c in alive:
-            _signal_group(c.proc, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for c in alive:
-            try:
-                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+    def stop(self, grace_s: float = 20.0, last: tuple[str, ...] = (), settle_s: float = 3.0) -> None:
+        """SIGTERM every component, those named in `last` only once the others have exited and `settle_s`
+        has passed (the trainer last: it takes and archives the pairs the judge published on its way out)."""
+        first = [c for c in self.children if c.proc.poll() is None and c.name not in last]
+        self._terminate(first, grace_s)
+        rest = [c for c in self.children if c.proc.poll() is None and c.name in last]
+        if first and rest:
+            time.sleep(settle_s)
+        self._terminate(rest, grace_s)
         for c in self.children:  # the group too: vLLM's engine and workers are grandchildren
             _signal_group(c.proc, signal.SIGKILL)
             try:
@@ -246,6 +245,18 @@ class Launcher:
         deadline = time.monotonic() + 5
         while self.reap_orphans() and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+    @staticmethod
+    def _terminate(children: list[Child], grace_s: float) -> None:
+        for c in children:
+            _signal_group(c.proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for c in children:
+            try:
+                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def become_subreaper() -> bool:

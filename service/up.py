@@ -176,7 +176,7 @@ def run_up(opts: UpOptions) -> int:
         if watcher:
             watcher.stop()
         if launcher:
-            launcher.stop()
+            launcher.stop(last=("trainer",))  # the trainer archives what the others published on their way out
         if broker:
             broker.stop()
         metrics.close()
