@@ -288,6 +288,10 @@ class TrainerSettings(_ComponentSettings):
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
     max_length: int = Field(default=512, ge=8, description="Prompt + completion tokens kept per sequence.")
     max_staleness: int = Field(default=4, ge=0, description="Drop pairs sampled more than this many versions behind.")
+    stuck_consumer_s: float = Field(
+        default=60, ge=0, description="Exit (so the supervisor restarts the trainer with a fresh consumer) when "
+        "offset commits have failed for this long, e.g. a consumer stuck in a rebalance after the broker "
+        "restarted; 0 = never.")
     stale_dataset_pairs: bool = Field(
         default=False, description="Apply max_staleness to pairs loaded from a dataset too (version 0, sampled by "
                                    "no version of this policy). Off: they are trained whenever they arrive.")

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
 def test_every_component_killed_in_turn_the_loop_goes_on(tmp_path, model_dir):
     report = run(ChaosOptions(out=tmp_path / "chaos", kills=len(TARGETS), interval_s=15, in_turn=True,
-                              warmup_s=20, cooldown_s=40, window_pairs=4, recover_timeout_s=420,
+                              warmup_s=20, cooldown_s=90, window_pairs=4, recover_timeout_s=420,
                               extra_env={"ODPO_BASE_MODEL": str(model_dir)}))
     print_report(report)
     assert [k["component"] for k in report["kills"]] == list(TARGETS)

@@ -91,6 +91,7 @@ class TrainerLoop:
         self.buffer: list[_Buffered] = []
         self.opened_at: float | None = None
         self._uncommitted = False
+        self._commit_failing_since: float | None = None
         self.archive = PairArchive(common.store_dir, int(settings.archive_rotate_mb * (1 << 20)))
         M.POLICY_VERSION.set(trainer.version)
 
@@ -291,8 +292,22 @@ class TrainerLoop:
         try:
             self.inbox.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
             self._uncommitted = False
+            self._commit_failing_since = None
         except KafkaError as exc:  # e.g. a rebalance: the ledger keeps a replay from training anything twice
             log.warning("offset commit failed (%s); replayed pairs will be deduplicated", exc)
+            now = time.monotonic()
+            self._commit_failing_since = self._commit_failing_since or now
+            stuck_s = self.settings.stuck_consumer_s
+            if stuck_s > 0 and now - self._commit_failing_since >= stuck_s:
+                raise ConsumerStuck(f"offset commits have failed for {now - self._commit_failing_since:.0f}s "
+                                    f"(last: {exc}); exiting so that the supervisor restarts the trainer with a "
+                                    "fresh consumer (pairs not committed are replayed; the ledger trains none "
+                                    "twice)") from exc
+
+
+class ConsumerStuck(RuntimeError):
+    """The consumer cannot commit for `stuck_consumer_s`: seen after the embedded broker restarted, a
+    kafka-python consumer stayed in 'rebalance in progress' for good and took no pair again."""
 
 
 def _stored_metrics(metrics: dict[str, float]) -> TrainMetrics:
