@@ -97,10 +97,11 @@ def run(opts: ChaosOptions) -> dict:
     finally:
         if clients is not None:
             clients.stop()
+        stopping_at = time.time()
         _stop(up)
         if tail is not None:
             tail.stop()
-    report = audit(opts.out / "store", tail.snapshot() if tail else {}, kills, broker_kills)
+    report = audit(opts.out / "store", tail.snapshot() if tail else {}, kills, broker_kills, stopping_at)
     report.update({"pairs_per_s_before": round(before, 3), "pairs_per_s_after": round(after, 3),
                    "client_requests_ok": log.ok, "client_errors": dict(log.errors),
                    "restarts": _components(opts.out), "options": {**asdict(opts), "out": str(opts.out)}})
@@ -315,7 +316,7 @@ def print_report(r: dict) -> None:
           f"{r['versions']})")
     print(f"pairs: published {r['pairs_published']}, archived {r['pairs_archived']}, trained {r['pairs_trained']}, "
           f"trained twice {r['pairs_trained_twice']}, lost with a killed broker {r['pairs_lost_with_broker']}, "
-          f"lost otherwise {r['pairs_lost_otherwise']}")
+          f"published while odpo up stopped {r['pairs_lost_at_stop']}, lost otherwise {r['pairs_lost_otherwise']}")
     print(f"clients: {r['client_requests_ok']} ok, errors: {errors}")
     print(f"pairs/s: {r['pairs_per_s_before']} before the first kill, {r['pairs_per_s_after']} after the last "
           f"recovery (ratio {r['pairs_per_s_after'] / max(1e-9, r['pairs_per_s_before']):.2f})")

@@ -124,9 +124,11 @@ class ClientLog:
             self.errors[kind] += 1
 
 
-def audit(store: Path, published: dict[str, float], kills: list[Kill], broker_kill_windows: list[float]) -> dict:
-    """The run's ledger. `broker_kill_windows`: monotonic times of broker kills; a published pair not in the
-    archive that was seen before one of them (and after the previous) was in the broker when it died."""
+def audit(store: Path, published: dict[str, float], kills: list[Kill], broker_kill_windows: list[float],
+          stopping_at: float | None = None) -> dict:
+    """The run's ledger. `broker_kill_windows`: times of broker kills; a published pair not in the archive
+    that was seen before one of them was in the broker when it died. One first seen after `stopping_at`
+    (when `odpo up` was told to stop) went into the embedded broker that stops with the run."""
     try:
         archived = {p.id for p in archived_pairs(store)}
     except ExportError:  # no archive at all: every published pair is missing
@@ -136,6 +138,7 @@ def audit(store: Path, published: dict[str, float], kills: list[Kill], broker_ki
     twice = sorted(pid for pid, n in times_trained.items() if n > 1)
     missing = {pid: t for pid, t in published.items() if pid not in archived}
     in_broker = {pid for pid, t in missing.items() if any(t <= k for k in broker_kill_windows)}
+    at_stop = {pid for pid, t in missing.items() if stopping_at is not None and t >= stopping_at} - in_broker
     versions = announced_versions(store) or published_versions(store)
     ledger_versions = sorted(ledger)
     recoveries = [k.recovery_s for k in kills if k.recovery_s is not None]
@@ -146,8 +149,9 @@ def audit(store: Path, published: dict[str, float], kills: list[Kill], broker_ki
         "pairs_trained_twice": len(twice),
         "trained_twice_ids": twice[:20],
         "pairs_lost_with_broker": len(in_broker),
-        "pairs_lost_otherwise": len(missing) - len(in_broker),
-        "lost_otherwise": sorted(((t, pid) for pid, t in missing.items() if pid not in in_broker))[:20],
+        "pairs_lost_at_stop": len(at_stop),
+        "pairs_lost_otherwise": len(missing) - len(in_broker) - len(at_stop),
+        "lost_otherwise": sorted((t, pid) for pid, t in missing.items() if pid not in in_broker | at_stop)[:20],
         "versions": ledger_versions,
         "versions_in_store": versions,
         "versions_consecutive": ledger_versions == list(range(1, len(ledger_versions) + 1)),

@@ -158,6 +158,8 @@ class TrainerLoop:
         result, late = self._train_while_polling([b.pair for b in window])
         if result is None or result.aborted:
             self.buffer = window + self.buffer  # stopping: leave them uncommitted for the next run
+            for env in late:  # ... and archive the pairs read meanwhile (a memory-only broker dies with the run)
+                self.admit(env)
             return result
         M.record_window(result)
         if result.publishable:
