@@ -36,6 +36,7 @@ import psutil
 
 from benchmarks.chaos_audit import ClientLog, Kill, PairTail, audit
 from service.broker import free_port
+from trainer.archive import archive_files
 
 TARGETS = ("trainer", "generator", "vllm-engine", "judge", "gateway", "broker")
 # Faster loop settings for a machine with 2 cores: a small window, a short answer, a gate on few prompts that
@@ -169,8 +170,7 @@ def _pid_of(run_dir: Path, target: str, missing_ok: bool = False) -> int | None:
 
 
 def _archive_mtime(store: Path) -> float:
-    files = list((store / "pairs").glob("pairs-*.jsonl"))
-    return max((f.stat().st_mtime for f in files), default=0.0)
+    return max((f.stat().st_mtime for f in archive_files(store)), default=0.0)
 
 
 def _components(run_dir: Path) -> dict:

@@ -21,8 +21,10 @@ memory-only broker), and a generator that never hears of it samples with an
 old version whose pairs are all stale. `odpo_trainer_adapters_republished_total`
 counts the restarts whose newest version had never been announced at all.
 
-Settings beyond the update itself: `keep_versions` (retention) and
-`archive_rotate_mb` (pair archive), in service/settings.py.
+Settings beyond the update itself: `keep_versions` (retention),
+`archive_rotate_mb` (pair archive) and `stuck_consumer_s` (exit when offset
+commits keep failing, so the supervisor restarts the trainer), in
+service/settings.py.
 
 Training runs in a worker thread while this thread keeps polling the paused
 consumer: a window takes longer than the group's max poll interval (10 s, the
