@@ -27,6 +27,7 @@ from typing import Callable
 
 import httpx
 
+from generator.lora_resolver import STORE_ENV
 from generator.metrics import SERVER_RESTARTS
 from service.broker import free_port, port_open
 from service.runtime import die_with_parent
@@ -49,11 +50,16 @@ def is_cpu_build() -> bool:
 
 
 class VllmServer:
-    """vLLM serving `model_dir` with runtime LoRA updating; attach-only when `settings.vllm_url` is set."""
+    """vLLM serving `model_dir` with runtime LoRA updating; attach-only when `settings.vllm_url` is set.
 
-    def __init__(self, model_dir: Path, settings: GeneratorSettings, log_file: Path | None = None):
+    With `lora_store`, the vLLM it starts also serves any announced version of that adapter store on first
+    request (generator/lora_resolver.py), so a replica that never loaded a version still serves it."""
+
+    def __init__(self, model_dir: Path, settings: GeneratorSettings, log_file: Path | None = None,
+                 lora_store: Path | None = None):
         self.model_dir = Path(model_dir)
         self.settings = settings
+        self.lora_store = Path(lora_store).expanduser().resolve() if lora_store else None
         self.external = settings.vllm_url is not None
         if self.external:
             self.url = settings.vllm_url.rstrip("/")
@@ -80,6 +86,8 @@ class VllmServer:
         s = self.settings
         env.update(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_CPU_KVCACHE_SPACE=str(s.kv_cache_gib),
                    VLLM_CPU_OMP_THREADS_BIND=s.cpu_threads_bind, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        if self.lora_store is not None:
+            env[STORE_ENV] = str(self.lora_store)
         if s.cpu_reserved_cores is not None:
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(s.cpu_reserved_cores)
         else:  # an inherited value would silently override the setting's "vLLM's default"

@@ -34,7 +34,7 @@ def run(common: CommonSettings, settings: GeneratorSettings, stop: threading.Eve
                     "versions instead of batching them together", settings.keep_versions, settings.max_loras)
     model_dir = base_model_dir(common.cache_dir, common.base_model)
     log_file = settings.log_file or common.cache_dir / "logs" / f"vllm-{os.getpid()}.log"
-    server = VllmServer(model_dir, settings, log_file=log_file).start()
+    server = VllmServer(model_dir, settings, log_file=log_file, lora_store=common.store_dir).start()
     log.info("vLLM's own metrics on %s/metrics", server.url)
     halt = threading.Event()  # ends the helper threads however the main loop ends
     threads: list[threading.Thread] = []

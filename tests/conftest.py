@@ -79,7 +79,8 @@ def vllm_server(model_dir, vllm_store, tmp_path_factory):
     from service.settings import GeneratorSettings
 
     log_file = tmp_path_factory.mktemp("vllm-log") / "vllm.log"
-    server = VllmServer(model_dir, GeneratorSettings(vllm_port=0, startup_timeout_s=400), log_file=log_file)
+    server = VllmServer(model_dir, GeneratorSettings(vllm_port=0, startup_timeout_s=400), log_file=log_file,
+                        lora_store=vllm_store)
     server.start()
     pgid = server.pid
     yield server
