@@ -311,6 +311,15 @@ class TrainerSettings(_ComponentSettings):
     archive_rotate_mb: float = Field(
         default=64, gt=0, description="Start a new file of the pair archive (<store>/pairs/) once one passes this "
         "many MiB (trainer/archive.py).")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="Under torchrun (WORLD_SIZE > 1; trainer/distributed.py): ddp = every rank holds "
+        "the whole model (DistributedDataParallel); fsdp = the frozen base model's weights are sharded over the "
+        "ranks (FSDP2, for a model that does not fit one device), the LoRA weights stay whole on every rank. "
+        "Ignored in a single process.")
+    dist_timeout_s: float = Field(
+        default=60, gt=0, description="Under torchrun: timeout of every collective (init_process_group's timeout). "
+        "A rank waiting this long for a dead or hung peer raises and exits non-zero, so torchrun (or the "
+        "supervisor) restarts the group; rank 0 sends a keepalive at least every quarter of it while idle.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainerSettings":
@@ -330,7 +339,16 @@ class GatewaySettings(_ComponentSettings):
 
     host: str = Field(default="127.0.0.1", description="Listen address.")
     port: int = Field(default=8000, description="Listen port.")
-    vllm_url: str = Field(default="http://127.0.0.1:8100", description="The generator's vLLM server.")
+    vllm_url: str = Field(
+        default="http://127.0.0.1:8100", description="The serving engine: the generator's vLLM, or several vLLM "
+        "replicas as comma-separated URLs (requests go round-robin; a version becomes `policy` only when every "
+        "one serves it).")
+    vllm_resolve_dns: bool = Field(
+        default=False, description="Each host name in `vllm_url` stands for all of its addresses, re-read every "
+        "10 s (a Kubernetes headless Service of the generator pods).")
+    engine_down_s: float = Field(
+        default=5, gt=0, description="How long an engine that refused a connection is skipped before it is "
+        "tried again.")
     models_refresh_s: float = Field(default=1.0, gt=0, description="How often loaded versions are re-read from vLLM.")
     request_timeout_s: float = Field(default=300, description="Timeout of one forwarded request.")
     served_capacity: int = Field(default=10_000, ge=1, description="Served responses kept for /v1/feedback (LRU).")

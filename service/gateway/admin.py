@@ -121,7 +121,7 @@ async def _servable(state: GatewayState, version: int) -> None:
     if state.book.record(version) is None:
         raise HTTPException(404, f"unknown version {version}")
     try:
-        await state.router.make_servable(version)
+        await state.router.make_servable(version, everywhere=True)  # `policy` moves only where all serve it
     except PolicyUnavailable as exc:
         raise HTTPException(409, str(exc)) from None
     except httpx.HTTPError:

@@ -10,7 +10,6 @@ import logging
 from contextlib import asynccontextmanager
 
 import anyio
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -18,7 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.adapter_store import hold_versions
 from service.gateway import admin, feedback, forwarding, health
 from service.gateway.book import VersionBook
-from service.gateway.engine import EngineAdapters, ModelRouter
+from service.gateway.endpoints import EnginePool, engine_urls
+from service.gateway.engine import EngineAdapters, EngineClients, ModelRouter
 from service.gateway.gate import PromotionGate
 from service.gateway.metrics import RequestMetrics, ScoreGauge, sync_promoted
 from service.gateway.outbox import Outbox
@@ -42,19 +42,19 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None, 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-        async with httpx.AsyncClient(base_url=settings.vllm_url, timeout=settings.request_timeout_s,
-                                     limits=limits) as client:
+        pool = EnginePool(engine_urls(settings.vllm_url), settings.vllm_resolve_dns, down_s=settings.engine_down_s)
+        clients = EngineClients(settings.request_timeout_s)
+        try:
             book = VersionBook(settings.promotion_tolerance)
             scores = ScoreGauge(settings.score_versions_kept)
             if settings.persist_registry:
                 _keep_in_file(book, settings, common, scores)
             _hold_in_store(book, settings, common)
-            adapters = EngineAdapters(settings.vllm_url, common.store_dir)
+            adapters = EngineAdapters(pool, common.store_dir)
             outbox = Outbox(common.bootstrap_servers, settings.mirror_queue_size, settings.publish_timeout_s).start()
             app.state.gateway = GatewayState(
-                settings=settings, common=common, client=client, book=book, adapters=adapters,
-                router=ModelRouter(client, book, adapters, settings.models_refresh_s),
+                settings=settings, common=common, clients=clients, book=book, adapters=adapters,
+                router=ModelRouter(clients, book, adapters, settings.models_refresh_s),
                 served=ServedStore(settings.served_capacity), outbox=outbox, scores=scores,
                 broker=BrokerCheck(common.bootstrap_servers, settings.broker_check_s))
             sync_promoted(book)
@@ -68,6 +68,8 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None, 
                 await anyio.to_thread.run_sync(outbox.close)
                 await anyio.to_thread.run_sync(adapters.release, set())
                 adapters.close()
+        finally:
+            await clients.aclose()
 
     app = FastAPI(title="odpo gateway", version="1", lifespan=lifespan,
                   description="OpenAI-compatible front door of odpo, feedback, and the policy promotion gate.")

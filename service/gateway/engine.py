@@ -1,13 +1,19 @@
-"""The serving engine as the gateway sees it: which versions it lists, what a model name resolves to.
+"""The serving engines as the gateway sees them: which versions they list, what a model name resolves to.
 
-The generator loads each new version into vLLM and unloads old ones beyond
-its `keep_versions`. The gateway may need a version the generator no longer
-keeps (the promoted one when newer ones were refused, a rollback target, one
-to score). `EngineAdapters` then loads it from the adapter store under its
-own name `policy-v<N>` after checking its sha256, and unloads it when it is
+The generator loads each new version into its vLLM and unloads old ones
+beyond its `keep_versions`; every vLLM replica also serves any announced
+version on first request (generator/lora_resolver.py). The gateway may need
+a version that an engine does not list: one to score, the promoted one, a
+rollback target. `EngineAdapters` then loads it into every engine that lacks
+it, from the adapter store under its own name `policy-v<N>` after checking
+its sha256 (also for a vLLM without the resolver), and unloads it when it is
 neither promoted nor being scored. It never touches names the generator
 loaded, so a version the generator samples from is never pulled away.
-`base` (the zero adapter) is registered by the generator only.
+`base` (the zero adapter) is registered by the generators only.
+
+A version becomes `policy` only once every routable engine serves it
+(`make_servable(..., everywhere=True)` before the gate scores it and before
+an operator's promote, pin or rollback).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import httpx
 from service.adapter_store import adapter_digest
 from service.contracts import BASE_MODEL_NAME, POLICY_ALIAS, parse_version_name, version_name
 from service.gateway.book import VersionBook, VersionRecord
+from service.gateway.endpoints import EnginePool
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +53,55 @@ def listed_versions(payload: dict) -> set[int]:
 
 
 class EngineAdapters:
-    """Loads versions the gateway needs and the generator does not serve (blocking; call from threads)."""
+    """Loads versions the gateway needs into every engine (blocking; call from threads)."""
 
-    def __init__(self, vllm_url: str, store_dir: Path, timeout_s: float = 30.0):
-        self.client = httpx.Client(base_url=vllm_url, timeout=timeout_s)
+    def __init__(self, pool: EnginePool, store_dir: Path, timeout_s: float = 30.0):
+        self.pool = pool
         self.store = Path(store_dir).expanduser().resolve()
-        self.owned: set[int] = set()
+        self.timeout_s = timeout_s
+        self.owned: dict[str, set[int]] = {}  # engine URL -> versions this gateway loaded there
         self.changes = 0  # bumped by every load/unload, so cached listings know they are stale
+        self._clients: dict[str, httpx.Client] = {}
         self._lock = threading.Lock()  # one load/unload at a time
 
-    def listed(self) -> set[int]:
-        resp = self.client.get("/v1/models")
+    def client(self, url: str) -> httpx.Client:
+        if url not in self._clients:
+            self._clients[url] = httpx.Client(base_url=url, timeout=self.timeout_s)
+        return self._clients[url]
+
+    def listed_at(self, url: str) -> set[int]:
+        try:
+            resp = self.client(url).get("/v1/models")
+        except httpx.TransportError as exc:
+            self.pool.mark_down(url, exc.__class__.__name__)
+            raise
         resp.raise_for_status()
+        self.pool.mark_up(url)
         return listed_versions(resp.json())
 
+    def listings(self) -> dict[str, set[int]]:
+        """What each reachable engine lists; raises the last transport error when none answers."""
+        found, error = {}, None
+        for url in self.pool.routable():
+            try:
+                found[url] = self.listed_at(url)
+            except httpx.TransportError as exc:
+                error = exc
+        if not found and error is not None:
+            raise error
+        return found
+
+    def listed(self) -> set[int]:
+        """Versions every reachable engine lists (0 = `base`)."""
+        listings = list(self.listings().values())
+        return set.intersection(*listings) if listings else set()
+
+    def scoring_url(self) -> str:
+        """An engine to score on (they all serve the same weights): the first that answers."""
+        return next(iter(self.listings()))
+
     def wait_listed(self, version: int, timeout_s: float, halt: threading.Event) -> bool:
-        """Wait for the generator to load `version`; True once the engine lists it."""
+        """Wait for the generators to load `version`; True once every reachable engine lists it."""
         deadline = time.monotonic() + timeout_s
         while True:
             if version in self.listed():
@@ -71,68 +111,123 @@ class EngineAdapters:
             halt.wait(0.5)
 
     def ensure(self, rec: VersionRecord) -> None:
-        """Make the engine serve `rec.version`; raises NotServable, or httpx errors when it is unreachable."""
+        """Make every reachable engine serve `rec.version`; raises NotServable, or httpx errors when none
+        is reachable. An engine that is down now serves it on first request when it is back (resolver)."""
         with self._lock:
-            if rec.version in self.listed():
+            listings = self.listings()
+            missing = [url for url, listed in listings.items() if rec.version not in listed]
+            if not missing:
                 return
             if rec.version == 0:
                 raise NotServable(f"`{BASE_MODEL_NAME}` is not loaded yet (the generator registers it)")
-            name = version_name(rec.version)
-            if not rec.path or not rec.sha256:
-                raise NotServable(f"{name} has no adapter path")
-            folder = (self.store / rec.path).resolve()
-            if not folder.is_relative_to(self.store):
-                raise NotServable(f"{rec.path} is outside the adapter store")
-            try:
-                digest = adapter_digest(folder)
-            except OSError as exc:
-                raise NotServable(f"cannot read {folder}: {exc}") from exc
-            if digest != rec.sha256:
-                raise NotServable(f"sha256 mismatch for {folder}")
-            resp = self.client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(folder)})
-            if resp.status_code != 200 and not (resp.status_code == 400 and "already been loaded" in resp.text):
-                raise NotServable(f"the engine refused to load {name}: HTTP {resp.status_code} {resp.text[:300]}")
-            self.owned.add(rec.version)
-            self.changes += 1
-            log.info("loaded %s from %s (the generator does not serve it)", name, folder)
+            folder = self._checked_folder(rec)
+            for url in missing:
+                self._load(url, rec.version, folder)
+
+    def ensure_at(self, url: str, rec: VersionRecord) -> None:
+        """Make the engine at `url` serve `rec.version` (it answered 404 for it)."""
+        with self._lock:
+            if rec.version not in self.listed_at(url):
+                if rec.version == 0:
+                    raise NotServable(f"`{BASE_MODEL_NAME}` is not loaded yet at {url}")
+                self._load(url, rec.version, self._checked_folder(rec))
+
+    def _checked_folder(self, rec: VersionRecord) -> Path:
+        name = version_name(rec.version)
+        if not rec.path or not rec.sha256:
+            raise NotServable(f"{name} has no adapter path")
+        folder = (self.store / rec.path).resolve()
+        if not folder.is_relative_to(self.store):
+            raise NotServable(f"{rec.path} is outside the adapter store")
+        try:
+            digest = adapter_digest(folder)
+        except OSError as exc:
+            raise NotServable(f"cannot read {folder}: {exc}") from exc
+        if digest != rec.sha256:
+            raise NotServable(f"sha256 mismatch for {folder}")
+        return folder
+
+    def _load(self, url: str, version: int, folder: Path) -> None:
+        name = version_name(version)
+        resp = self.client(url).post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(folder)})
+        if resp.status_code != 200 and not (resp.status_code == 400 and "already been loaded" in resp.text):
+            raise NotServable(f"{url} refused to load {name}: HTTP {resp.status_code} {resp.text[:300]}")
+        self.owned.setdefault(url, set()).add(version)
+        self.changes += 1
+        log.info("loaded %s into %s from %s (its generator does not serve it)", name, url, folder)
 
     def release(self, keep: set[int]) -> None:
         """Unload the versions this gateway loaded that are not in `keep`."""
         with self._lock:
-            for version in sorted(self.owned - keep):
-                self.owned.discard(version)
-                self.changes += 1
-                try:
-                    resp = self.client.post("/v1/unload_lora_adapter", json={"lora_name": version_name(version)})
-                    log.info("unloaded %s: HTTP %d", version_name(version), resp.status_code)
-                except httpx.HTTPError as exc:
-                    log.warning("unloading %s failed: %s", version_name(version), exc)
+            for url, owned in self.owned.items():
+                for version in sorted(owned - keep):
+                    owned.discard(version)
+                    self.changes += 1
+                    try:
+                        resp = self.client(url).post("/v1/unload_lora_adapter",
+                                                     json={"lora_name": version_name(version)})
+                        log.info("unloaded %s from %s: HTTP %d", version_name(version), url, resp.status_code)
+                    except httpx.HTTPError as exc:
+                        log.warning("unloading %s from %s failed: %s", version_name(version), url, exc)
 
     def close(self) -> None:
-        self.client.close()
+        for client in self._clients.values():
+            client.close()
 
 
 class ModelRouter:
-    """Resolves requested model names to served names, from a cached listing of the engine's models."""
+    """Resolves requested model names to served names, from cached listings of the engines' models."""
 
-    def __init__(self, client: httpx.AsyncClient, book: VersionBook, adapters: EngineAdapters, refresh_s: float):
-        self.client, self.book, self.adapters, self.refresh_s = client, book, adapters, refresh_s
-        self._listed: set[int] = set()
-        self._fetched_at = float("-inf")
+    def __init__(self, clients: EngineClients, book: VersionBook, adapters: EngineAdapters, refresh_s: float):
+        self.clients, self.book, self.adapters, self.refresh_s = clients, book, adapters, refresh_s
+        self.pool = adapters.pool
+        self._listed: dict[str, set[int]] = {}
+        self._fetched_at: dict[str, float] = {}
         self._seen_changes = -1
         self._lock = asyncio.Lock()
 
-    async def listed(self, force: bool = False) -> set[int]:
-        """Versions the engine serves (0 = `base`); raises httpx errors when it is unreachable."""
+    async def listings(self, force: bool = False) -> dict[str, set[int]]:
+        """What each routable engine lists; raises an httpx error when none answers."""
         async with self._lock:
-            expired = time.monotonic() - self._fetched_at > self.refresh_s
-            if force or expired or self._seen_changes != self.adapters.changes:
-                changes = self.adapters.changes
-                resp = await self.client.get("/v1/models")
-                resp.raise_for_status()
-                self._listed = listed_versions(resp.json())
-                self._fetched_at, self._seen_changes = time.monotonic(), changes
-            return set(self._listed)
+            changed = self._seen_changes != self.adapters.changes
+            self._seen_changes = self.adapters.changes
+            urls = await self.routable()
+            stale = [u for u in urls if force or changed or time.monotonic() - self._fetched_at.get(u, -1e9)
+                     > self.refresh_s]
+            errors = await asyncio.gather(*(self._fetch(u) for u in stale))
+            found = {u: set(self._listed[u]) for u in urls if u in self._fetched_at}
+            if not found:
+                raise next((e for e in errors if e is not None), httpx.ConnectError("no serving engine"))
+            return found
+
+    async def routable(self) -> list[str]:
+        """The pool's routable engines (name resolution, when due, off the event loop)."""
+        if self.pool.dns_due():
+            await anyio.to_thread.run_sync(self.pool.urls)
+        return self.pool.routable()
+
+    async def rotation(self) -> list[str]:
+        """The routable engines in the order one request tries them (round-robin)."""
+        if self.pool.dns_due():
+            await anyio.to_thread.run_sync(self.pool.urls)
+        return self.pool.rotation()
+
+    async def _fetch(self, url: str) -> Exception | None:
+        try:
+            resp = await self.clients.get(url).get("/v1/models")
+            resp.raise_for_status()
+        except httpx.HTTPError as exc:
+            if isinstance(exc, httpx.TransportError):
+                self.pool.mark_down(url, exc.__class__.__name__)
+            self._fetched_at.pop(url, None)
+            return exc
+        self.pool.mark_up(url)
+        self._listed[url], self._fetched_at[url] = listed_versions(resp.json()), time.monotonic()
+        return None
+
+    async def listed(self, force: bool = False) -> set[int]:
+        """Versions some engine serves (0 = `base`); raises httpx errors when none is reachable."""
+        return set().union(*(await self.listings(force)).values())
 
     async def resolve(self, requested: str) -> tuple[str, int]:
         """(served name, version) for `policy`, `base` or `policy-v<N>`."""
@@ -144,22 +239,51 @@ class ModelRouter:
         if version is None:
             raise UnknownModel(f"unknown model `{requested}`; use `{POLICY_ALIAS}`, `{BASE_MODEL_NAME}` or "
                                "`policy-v<N>`")
-        if version not in await self.listed() and version not in await self.listed(force=True):
+        if self.book.record(version) is None and version not in await self.listed() \
+                and version not in await self.listed(force=True):
             raise UnknownModel(f"model `{requested}` is not loaded")
         return requested, version
 
-    async def make_servable(self, version: int, force: bool = False) -> None:
-        """Load `version` if the engine lost it (the generator unloaded it); raises PolicyUnavailable if not.
-
-        `force` re-reads the listing first (the engine just answered 404 for it).
-        """
-        if version in await self.listed(force):
+    async def make_servable(self, version: int, force: bool = False, everywhere: bool = False) -> None:
+        """Load `version` if no engine lists it (or, `everywhere`, any routable engine lacks it); raises
+        PolicyUnavailable if it cannot be. `force` re-reads the listings first."""
+        listings = await self.listings(force)
+        lacking = [u for u, listed in listings.items() if version not in listed]
+        if not lacking or (not everywhere and len(lacking) < len(listings)):
             return
+        await self._ensure(version, None)
+
+    async def make_servable_at(self, url: str, version: int) -> None:
+        """The engine at `url` answered 404 for `version`: load it there."""
+        await self._ensure(version, url)
+
+    async def _ensure(self, version: int, url: str | None) -> None:
         rec = self.book.record(version)
         if rec is None:
             raise PolicyUnavailable(f"{version_name(version)} is unknown")
         try:
-            await anyio.to_thread.run_sync(self.adapters.ensure, rec)
+            if url is None:
+                await anyio.to_thread.run_sync(self.adapters.ensure, rec)
+            else:
+                await anyio.to_thread.run_sync(self.adapters.ensure_at, url, rec)
         except NotServable as exc:
-            raise PolicyUnavailable(f"the promoted version cannot be served: {exc}") from exc
-        await self.listed(force=True)
+            raise PolicyUnavailable(f"{version_name(version)} cannot be served: {exc}") from exc
+        await self.listings(force=True)
+
+
+class EngineClients:
+    """One pooled async HTTP client per engine URL (the request path)."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._clients: dict[str, httpx.AsyncClient] = {}
+
+    def get(self, url: str) -> httpx.AsyncClient:
+        if url not in self._clients:
+            limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+            self._clients[url] = httpx.AsyncClient(base_url=url, timeout=self.timeout_s, limits=limits)
+        return self._clients[url]
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()

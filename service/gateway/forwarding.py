@@ -18,7 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from service.contracts import POLICY_ALIAS, version_name
 from service.gateway.engine import PolicyUnavailable, UnknownModel
-from service.gateway.metrics import alias_label
+from service.gateway.metrics import ENGINE_REQUESTS, alias_label
 from service.gateway.protocol import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, SamplingRequest, error
 from service.gateway.served import StreamTap, chat_prompt, choices_of, completion_prompts, new_prompt_id, served_choices
 from service.gateway.state import GatewayState, state_of
@@ -88,7 +88,8 @@ async def _forward(request: Request, route: str, body: SamplingRequest, prompts:
     chat = route == "/v1/chat/completions"
     headers = {"x-odpo-policy-version": str(version)}
     try:
-        upstream = await _send(state, route, payload, body.model == POLICY_ALIAS, version)
+        upstream, engine = await _send(state, route, payload, version)
+        headers["x-odpo-engine"] = str(state.router.pool.index(engine))
         if body.stream and upstream.status_code == 200:
             return _relay(state, upstream, prompts, body.choices_per_prompt(), version, chat, headers)
         try:
@@ -105,15 +106,29 @@ async def _forward(request: Request, route: str, body: SamplingRequest, prompts:
                     media_type=upstream.headers.get("content-type", "application/json"))
 
 
-async def _send(state: GatewayState, route: str, payload: dict, is_alias: bool, version: int) -> httpx.Response:
-    """POST to the engine (the body unread); for `policy`, once more if the engine lost the version meanwhile."""
-    client = state.client
-    upstream = await client.send(client.build_request("POST", route, json=payload), stream=True)
-    if upstream.status_code == 404 and is_alias:  # unloaded since the last listing (the generator retired it)
-        await upstream.aclose()
-        await state.router.make_servable(version, force=True)
-        upstream = await client.send(client.build_request("POST", route, json=payload), stream=True)
-    return upstream
+async def _send(state: GatewayState, route: str, payload: dict, version: int) -> tuple[httpx.Response, str]:
+    """POST to a serving engine (the body unread) and say which one answered.
+
+    Engines are tried in round-robin order; one that refuses the connection (nothing was sent) is marked
+    down and the next one takes the request. An engine that answers 404 for a version the gateway knows
+    (it lost it, or has no resolver) gets it loaded and is asked once more.
+    """
+    failure: Exception = httpx.ConnectError("no serving engine")
+    for url in await state.router.rotation():
+        client = state.clients.get(url)
+        try:
+            upstream = await client.send(client.build_request("POST", route, json=payload), stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            state.router.pool.mark_down(url, exc.__class__.__name__)
+            failure = exc
+            continue
+        if upstream.status_code == 404 and state.book.record(version) is not None:
+            await upstream.aclose()
+            await state.router.make_servable_at(url, version)
+            upstream = await client.send(client.build_request("POST", route, json=payload), stream=True)
+        ENGINE_REQUESTS.labels(url).inc()
+        return upstream, url
+    raise failure
 
 
 def _mirror(state: GatewayState, prompts: list, no_learn: str | None) -> None:

@@ -170,6 +170,7 @@ class PromotionGate:
         """True once the engine serves `version`; False to try again later (`base` not registered yet)."""
         if version == 0:
             return 0 in self.adapters.listed()
+        # every engine serves it before it is scored, so a promotion moves `policy` only where all serve it
         if not self.adapters.wait_listed(version, self.settings.load_wait_s, self._halt):
             rec = self.book.record(version)
             if rec is None:
@@ -221,7 +222,7 @@ class PromotionGate:
         s, todo = self.settings, self.prompts[len(have):n]
         for attempt in (1, 2):
             try:
-                answers, _ = answer_prompts(s.vllm_url, version_name(version), todo, s.eval_max_tokens,
+                answers, _ = answer_prompts(self.adapters.scoring_url(), version_name(version), todo, s.eval_max_tokens,
                                             concurrency=s.eval_concurrency, timeout_s=s.request_timeout_s)
                 break
             except httpx.HTTPStatusError as exc:  # the generator unloaded it mid-way: load it and start over

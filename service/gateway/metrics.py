@@ -45,6 +45,10 @@ MIRRORED = Counter("odpo_gateway_mirrored_prompts_total", "Client prompts publis
 MIRROR_DROPPED = Counter("odpo_gateway_mirror_dropped_total", "Client prompts not mirrored, by reason.", ["reason"])
 FEEDBACK = Counter("odpo_gateway_feedback_total", "Feedback published to odpo.feedback, by kind.", ["kind"])
 ENQUEUED = Counter("odpo_gateway_enqueued_prompts_total", "Prompts published through /v1/prompts.")
+ENGINE_UP = Gauge("odpo_gateway_engine_up", "1 while a serving engine (vLLM replica) answers, 0 while it is "
+                  "skipped as down.", ["engine"])
+ENGINE_REQUESTS = Counter("odpo_gateway_engine_requests_total", "Requests forwarded to each serving engine.",
+                          ["engine"])
 SERVED_KEPT = Gauge("odpo_gateway_served_responses", "Served responses kept for feedback.")
 
 KNOWN_ALIASES = (POLICY_ALIAS, BASE_MODEL_NAME)

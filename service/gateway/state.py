@@ -6,11 +6,10 @@ import time
 from dataclasses import dataclass, field
 
 import anyio
-import httpx
 from fastapi import Request
 
 from service.gateway.book import VersionBook
-from service.gateway.engine import EngineAdapters, ModelRouter
+from service.gateway.engine import EngineAdapters, EngineClients, ModelRouter
 from service.gateway.metrics import ScoreGauge
 from service.gateway.outbox import Outbox
 from service.gateway.served import ServedStore
@@ -41,7 +40,7 @@ class BrokerCheck:
 class GatewayState:
     settings: GatewaySettings
     common: CommonSettings
-    client: httpx.AsyncClient
+    clients: EngineClients  # one pooled client per serving engine (router.pool says which exist)
     book: VersionBook
     adapters: EngineAdapters
     router: ModelRouter
