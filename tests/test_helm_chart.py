@@ -164,11 +164,15 @@ def test_rendered_settings_load_in_the_real_settings_classes(rendered, tmp_path,
     if generator.vllm_url is None:  # the gateway reaches the in-pod vLLM through the generator's Service
         assert generator.vllm_host == "0.0.0.0"
         assert ports[f"{RELEASE}-odpo-generator"]["http"] == generator.vllm_port
-        svc = one(docs, "Service", f"{RELEASE}-odpo-generator")
+        # every generator pod's vLLM, by address: a headless Service the gateway resolves to all of them
+        svc = one(docs, "Service", f"{RELEASE}-odpo-generator-engines")
+        assert svc["spec"]["clusterIP"] == "None"
+        assert svc["spec"]["selector"] == one(docs, "Deployment", f"{RELEASE}-odpo-generator")["spec"]["selector"][
+            "matchLabels"]
         http = next(p for p in svc["spec"]["ports"] if p["name"] == "http")
-        assert gateway.vllm_url == f"http://{svc['metadata']['name']}:{http['port']}"
+        assert gateway.vllm_url == f"http://{svc['metadata']['name']}:{http['port']}" and gateway.vllm_resolve_dns
     else:
-        assert gateway.vllm_url == generator.vllm_url
+        assert gateway.vllm_url == generator.vllm_url and not gateway.vllm_resolve_dns
     if find(docs, "Deployment", f"{RELEASE}-odpo-kafka"):
         kafka_svc = one(docs, "Service", f"{RELEASE}-odpo-kafka")
         assert common.bootstrap_servers == f"{kafka_svc['metadata']['name']}.{NAMESPACE}.svc:9092"

@@ -75,11 +75,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/* Where the gateway (and the generator's sampler) reach vLLM. */}}
+{{/* The gateway's serving engines: the vLLM you run (`generator.vllmUrl`), or every generator pod's vLLM
+through the headless `-engines` Service (the gateway resolves it to all addresses: `vllm_resolve_dns`). */}}
 {{- define "odpo.vllmUrl" -}}
 {{- if .Values.generator.vllmUrl }}
 {{- .Values.generator.vllmUrl }}
 {{- else }}
-{{- printf "http://%s:%d" (include "odpo.componentName" (dict "root" . "component" "generator")) (int .Values.generator.vllmPort) }}
+{{- printf "http://%s-engines:%d" (include "odpo.componentName" (dict "root" . "component" "generator")) (int .Values.generator.vllmPort) }}
 {{- end }}
 {{- end }}
 
