@@ -27,7 +27,7 @@ from pathlib import Path
 import anyio
 import httpx
 
-from service.adapter_store import adapter_digest
+from service.adapter_store import adapter_digest, read_manifest
 from service.contracts import BASE_MODEL_NAME, POLICY_ALIAS, parse_version_name, version_name
 from service.gateway.book import VersionBook, VersionRecord
 from service.gateway.endpoints import EnginePool
@@ -239,10 +239,19 @@ class ModelRouter:
         if version is None:
             raise UnknownModel(f"unknown model `{requested}`; use `{POLICY_ALIAS}`, `{BASE_MODEL_NAME}` or "
                                "`policy-v<N>`")
-        if self.book.record(version) is None and version not in await self.listed() \
+        if self.record(version) is None and version not in await self.listed() \
                 and version not in await self.listed(force=True):
             raise UnknownModel(f"model `{requested}` is not loaded")
         return requested, version
+
+    def record(self, version: int) -> VersionRecord | None:
+        """What the gateway knows of `version`: the book's record, or the store's announcement (the store is
+        the record of versions: a replica's gateway may not have read its AdapterReady yet)."""
+        rec = self.book.record(version)
+        if rec is not None or version < 1:
+            return rec
+        ready = read_manifest(self.adapters.store, version)
+        return VersionRecord(version, path=ready.path, sha256=ready.sha256) if ready else None
 
     async def make_servable(self, version: int, force: bool = False, everywhere: bool = False) -> None:
         """Load `version` if no engine lists it (or, `everywhere`, any routable engine lacks it); raises
@@ -258,7 +267,7 @@ class ModelRouter:
         await self._ensure(version, url)
 
     async def _ensure(self, version: int, url: str | None) -> None:
-        rec = self.book.record(version)
+        rec = self.record(version)
         if rec is None:
             raise PolicyUnavailable(f"{version_name(version)} is unknown")
         try:

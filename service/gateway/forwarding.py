@@ -122,7 +122,7 @@ async def _send(state: GatewayState, route: str, payload: dict, version: int) ->
             state.router.pool.mark_down(url, exc.__class__.__name__)
             failure = exc
             continue
-        if upstream.status_code == 404 and state.book.record(version) is not None:
+        if upstream.status_code == 404 and state.router.record(version) is not None:
             await upstream.aclose()
             await state.router.make_servable_at(url, version)
             upstream = await client.send(client.build_request("POST", route, json=payload), stream=True)
