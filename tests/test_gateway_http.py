@@ -19,7 +19,9 @@ ADMIN_ROUTES = [("GET", "/admin/versions", None), ("POST", "/admin/promote", {"v
 
 
 def _down_settings(**kw) -> tuple[GatewaySettings, CommonSettings]:
-    """Nothing listens on the engine's or the broker's port."""
+    """Nothing listens on the engine's or the broker's port; one replica alone (no control plane), unless
+    `control_plane=True`."""
+    kw.setdefault("control_plane", False)
     return (GatewaySettings(vllm_url=f"http://127.0.0.1:{free_port()}", publish_timeout_s=2, **kw),
             CommonSettings(bootstrap_servers=f"127.0.0.1:{free_port()}"))
 
@@ -39,8 +41,10 @@ def _is_error(resp: httpx.Response, status: int) -> dict:
 
 def test_health_ready_and_metrics(gateway):
     assert httpx.get(f"{gateway}/healthz").json() == {"status": "ok"}
-    message = _is_error(httpx.get(f"{gateway}/readyz", timeout=10), 503)["message"]
+    ready = httpx.get(f"{gateway}/readyz", timeout=10)
+    message = _is_error(ready, 503)["message"]
     assert "serving engine unreachable" in message and "broker" in message
+    assert ready.headers["retry-after"] == "2"  # clients back off instead of hammering a restarting engine
     metrics = httpx.get(f"{gateway}/metrics").text
     assert 'odpo_gateway_requests_total{alias="-",route="/readyz",status="503"}' in metrics
     assert "odpo_gateway_policy_version 0.0" in metrics
@@ -135,6 +139,22 @@ def test_admin_refuses_missing_or_wrong_tokens(tmp_path, source, monkeypatch):
         assert "nothing to roll back" in _is_error(nothing, 409)["message"]
         unknown = httpx.post(f"{url}/admin/promote", json={"version": 5}, headers={"authorization": f"Bearer {TOKEN}"})
         assert "unknown version" in _is_error(unknown, 404)["message"]
+
+
+def test_admin_changes_without_a_leader_are_503_with_retry_after():
+    """With the control plane on and no broker, no replica leads: reads answer from the local registry,
+    changes are refused with a JSON 503 and Retry-After (never made on one replica alone)."""
+    settings, common = _down_settings(control_plane=True, admin_token=TOKEN)
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    with running_gateway(settings, common, gate=False) as url:
+        assert httpx.get(f"{url}/admin/versions", headers=auth).json()["promoted"] == 0
+        leader = httpx.get(f"{url}/admin/leader", headers=auth).json()
+        assert leader["control_plane"] is True and leader["leading"] is False and leader["leader_url"] is None
+        for method, path, body in ADMIN_ROUTES[1:]:
+            resp = httpx.request(method, f"{url}{path}", json=body, headers=auth, timeout=30)
+            assert "no gateway replica leads" in _is_error(resp, 503)["message"]
+            assert int(resp.headers["retry-after"]) > 0
+        assert "odpo_gateway_leader 0.0" in httpx.get(f"{url}/metrics").text
 
 
 def test_the_gateway_never_imports_torch():

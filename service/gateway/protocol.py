@@ -23,8 +23,13 @@ Text = Annotated[str, Field(max_length=100_000)]
 ResponseId = Annotated[str, Field(min_length=1, max_length=200)]
 
 
+RETRY_AFTER_S = 2
+
+
 def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
           headers: dict[str, str] | None = None) -> JSONResponse:
+    if status == 503:  # unavailable for now (an engine or the broker restarting): say when to try again
+        headers = {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
     return JSONResponse({"error": {"message": message, "type": kind, "code": code or str(status)}},
                         status_code=status, headers=headers)
 
