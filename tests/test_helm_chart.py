@@ -219,6 +219,42 @@ def test_defaults_request_gpus_and_keep_one_trainer():
     assert not find(docs, "ServiceMonitor") and not find(docs, "PrometheusRule")
 
 
+@pytest.mark.parametrize("trainer, ranks, gpus", [
+    ({}, 1, 1),
+    ({"gpu": {"count": 4}}, 4, 4),
+    ({"gpu": {"count": 2}, "nprocPerNode": 2, "maxRestarts": 1}, 2, 2),
+    ({"gpu": {"enabled": False}, "nprocPerNode": 3}, 3, None),
+], ids=["one-gpu", "four-gpus", "two-explicit", "cpu-three"])
+def test_the_trainer_pod_runs_one_rank_per_gpu_under_torchrun(trainer, ranks, gpus):
+    """N GPUs: `torchrun --nproc-per-node N -m service.cli trainer` in the one trainer pod, N GPUs requested, a
+    /dev/shm volume for NCCL; one rank: the plain `odpo trainer`. A rank count that is not the GPU count fails."""
+    import helm_python as helm
+
+    docs = render({"trainer": trainer})
+    dep = one(docs, "Deployment", f"{RELEASE}-odpo-trainer")
+    pod = dep["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) not in CUSTOM_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    assert container["resources"]["limits"].get("nvidia.com/gpu") == gpus
+    shm = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    if ranks == 1:
+        assert (container["command"], container["args"]) == (["odpo"], ["trainer"]) and not shm
+    else:
+        restarts = str(trainer.get("maxRestarts", 3))
+        assert container["command"] == ["torchrun"]
+        assert container["args"] == ["--standalone", "--nproc-per-node", str(ranks), "--max-restarts", restarts,
+                                     "-m", "service.cli", "trainer"]
+        assert len(shm) == 1 and next(v for v in pod["volumes"] if v["name"] == shm[0]["name"])["emptyDir"][
+            "medium"] == "Memory"
+    assert {e["name"] for e in container["env"]} >= {"ODPO_CONFIG", "HOME"}  # the common container, unchanged
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]  # rank 0's
+    with pytest.raises(helm.HelmRenderError, match="one GPU per rank"):
+        render({"trainer": {"gpu": {"count": 2}, "nprocPerNode": 4}})
+
+
 MODEL_CLAIM = {"baseModel": {"existingClaim": "models", "path": "/models/my-model"}}
 
 

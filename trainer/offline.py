@@ -16,6 +16,11 @@ as in the service.
 Bad lines (file format: trainer/pairs_file.py) stop the command before any
 model work (`--on-error stop`, exit code 2), or are reported on stderr with
 their line number and left out (`--on-error skip`).
+
+Under torchrun (`torchrun --nproc-per-node N -m service.cli train ...`) every
+rank reads and tokenizes the file itself (the same pairs in the same order, no
+broadcast needed), each window is split over the ranks (trainer/distributed.py),
+and rank 0 alone writes the versions, applies retention and prints.
 """
 
 from __future__ import annotations
@@ -57,8 +62,8 @@ def trainer_settings(**overrides) -> TrainerSettings:
 
 
 def load_pairs(path: Path, tokenizer, settings: TrainerSettings, on_error: str, vocab_size: int | None = None,
-               skip_ids: set[str] | None = None) -> Loaded:
-    """Tokenize every pair of `path`; a bad line stops (BadInput) or is reported and left out."""
+               skip_ids: set[str] | None = None, report: bool = True) -> Loaded:
+    """Tokenize every pair of `path`; a bad line stops (BadInput) or is left out (reported when `report`)."""
     if not Path(path).is_file():
         raise BadInput(f"{path}: no such file")
     out, seen = Loaded([], [], 0), {}
@@ -79,7 +84,8 @@ def load_pairs(path: Path, tokenizer, settings: TrainerSettings, on_error: str, 
         except BadLine as bad:
             if on_error == "stop":
                 raise BadInput(f"{path}: {bad}") from None
-            print(f"odpo: skipped {path}: {bad}", file=sys.stderr)
+            if report:
+                print(f"odpo: skipped {path}: {bad}", file=sys.stderr)
             out.skipped += 1
             continue
         out.pairs.append(tokenized)
@@ -126,27 +132,49 @@ def eval_pairs(model_dir: Path, pairs_file: Path, adapter: Path | None, settings
 def train_pairs(model_dir: Path, pairs_file: Path, store: Path, settings: TrainerSettings,
                 on_error: str = "stop", out=None) -> list[dict]:
     """Rolling updates over the file's untrained pairs; one JSON line per version written."""
-    from tqdm import tqdm
-
     from trainer.checkpoint import remove_staging_leftovers
+    from trainer.distributed import Ranks
     from trainer.recipe import Trainer
-    from trainer.retention import prune_store
 
     out = out or sys.stdout
     if not Path(pairs_file).is_file():
         raise BadInput(f"{pairs_file}: no such file")
-    remove_staging_leftovers(store)
-    trainer = Trainer.open(model_dir, settings, store)
+    ranks = Ranks.from_env(settings)
+    clean = False
+    try:
+        if ranks.leader:
+            remove_staging_leftovers(store)
+        trainer = Trainer.open(model_dir, settings, store, ranks=ranks)
+        versions = _train_file(trainer, pairs_file, store, settings, on_error, out if ranks.leader else None)
+        clean = True
+    finally:
+        ranks.close(clean)
+    return versions
+
+
+def _train_file(trainer, pairs_file: Path, store: Path, settings: TrainerSettings, on_error: str,
+                out) -> list[dict]:
+    """The windows of `train_pairs`; `out` None: a rank > 0, which trains its shards and writes nothing."""
+    from tqdm import tqdm
+
+    from trainer.retention import prune_store
+
+    leader = out is not None
     loaded = load_pairs(pairs_file, trainer.policy.tokenizer, settings, on_error, trainer.policy.vocab_size,
-                        skip_ids=set(trainer.state.trained_ids))
+                        skip_ids=set(trainer.state.trained_ids), report=leader)
     size, versions = settings.window_pairs, []
     windows = [loaded.pairs[i : i + size] for i in range(0, len(loaded.pairs), size)]
-    for window in tqdm(windows, desc="odpo train", unit="window", disable=None, file=sys.stderr):
+    for window in tqdm(windows, desc="odpo train", unit="window", disable=None if leader else True,
+                       file=sys.stderr):
         result = trainer.train_window(window)
         if not result.publishable:
             why = "the weights went non-finite" if result.restored else \
                 f"non-finite loss/gradient in all {result.skipped} steps"
-            print(f"odpo: window of {len(window)} pairs not trained: {why}", file=sys.stderr)
+            if leader:
+                print(f"odpo: window of {len(window)} pairs not trained: {why}", file=sys.stderr)
+            continue
+        if not leader:
+            trainer.follow_version([p.pair_id for p in window], result)
             continue
         ckpt = trainer.publish_version(store, [p.pair_id for p in window], result)
         prune_store(store, settings.keep_versions)
@@ -156,7 +184,8 @@ def train_pairs(model_dir: Path, pairs_file: Path, store: Path, settings: Traine
                "reward_accuracy": result.reward_accuracy, "seconds": round(result.seconds, 3)}
         print(json.dumps(row), file=out, flush=True)
         versions.append(row)
-    print(json.dumps({"summary": {"versions": len(versions), "pairs_trained": sum(v["pairs"] for v in versions),
-                                  "skipped_lines": loaded.skipped, "version": trainer.version,
-                                  "store": str(store)}}), file=out, flush=True)
+    if leader:
+        print(json.dumps({"summary": {"versions": len(versions), "pairs_trained": sum(v["pairs"] for v in versions),
+                                      "skipped_lines": loaded.skipped, "version": trainer.version,
+                                      "store": str(store)}}), file=out, flush=True)
     return versions

@@ -12,6 +12,9 @@ Before the first update, the policy IS the version that sampled on-policy
 pairs: their per-token log-probs are compared with the sampler's then.
 `publish_version` writes version N+1 into the store. Kafka lives in
 `trainer.service`, files in `trainer.offline`; this module serves both.
+Under torchrun every rank runs `train_window` on the same window and takes its
+own shard of each step (`trainer.distributed`: the split, the loss scaling, the
+decisions the ranks share); rank 0 alone publishes, the others `follow_version`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from trainer.checkpoint import (
     new_state,
     save_checkpoint,
 )
+from trainer.distributed import SOLO, Ranks
 from trainer.logps import Scored, reference_logps, score_pairs
 from trainer.losses import LossOutput, LossParams, PairLogps, dpo_loss, reward_metrics
 from trainer.model import Policy, autocast, load_policy
@@ -44,6 +48,7 @@ from trainer.tokenize import TokenizedPair, tokenize_pair
 from trainer.window import (
     WindowResult,
     compare_with_sampler,
+    detached,
     merge_outputs,
     record_step,
 )
@@ -58,9 +63,12 @@ class NonFiniteWeights(RuntimeError):
 class Trainer:
     """The policy, its optimizer and the trainer state of the newest version; one rolling update at a time."""
 
-    def __init__(self, policy: Policy, settings: TrainerSettings, state: TrainerState | None = None):
-        self.policy, self.settings = policy, settings
+    def __init__(self, policy: Policy, settings: TrainerSettings, state: TrainerState | None = None,
+                 ranks: Ranks = SOLO):
+        self.policy, self.settings, self.ranks = policy, settings, ranks
         self.state = state or TrainerState(base_model=policy.base_model)
+        # under torchrun: (DDP/FSDP forward that trains, plain forward); None: call the model directly
+        self._wrapped = ranks.wrap(policy)
         self.loss_params = LossParams(settings.beta, settings.label_smoothing, settings.discopop_tau)
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=settings.learning_rate,
                                            weight_decay=settings.weight_decay)
@@ -69,13 +77,16 @@ class Trainer:
 
     @classmethod
     def open(cls, model_dir: Path, settings: TrainerSettings, store: Path | None = None,
-             device: torch.device | None = None) -> Trainer:
+             device: torch.device | None = None, ranks: Ranks = SOLO) -> Trainer:
         """A trainer resumed from the newest version in `store`, or a fresh LoRA (version 0)."""
         found = latest_checkpoint(store) if store is not None else None
+        device = device or ranks.load_device
+        ranks.same_everywhere("the version to resume at", found[1].version if found else 0)
         if found is None:
-            return cls(load_policy(model_dir, settings, device=device), settings)
+            return cls(load_policy(model_dir, settings, device=device), settings, ranks=ranks)
         ckpt, state = found
-        trainer = cls(load_policy(model_dir, settings, adapter_dir=ckpt.path, device=device), settings, state)
+        trainer = cls(load_policy(model_dir, settings, adapter_dir=ckpt.path, device=device), settings, state,
+                      ranks)
         if load_optimizer_state(store, ckpt.version, trainer.optimizer) is None:
             log.warning("%s has no optimizer state; AdamW restarts its moments", ckpt.path)
         log.info("resumed at version %d (%d pairs trained)", state.version, state.pairs_trained)
@@ -105,15 +116,22 @@ class Trainer:
     def reference(self, pairs: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
         """pair id -> [2] reference log-probs (chosen, rejected)."""
         with self._autocast():
-            ref = reference_logps(self.policy.model, pairs, self.policy.device, self.policy.pad_id,
-                                  self.forward_tokens).float()
+            if self._wrapped is not None:  # FSDP gathers its shards only in calls of the module it wraps
+                with torch.no_grad():
+                    ref = self._wrapped[1](pairs, self.forward_tokens, reference=True).float()
+            else:
+                ref = reference_logps(self.policy.model, pairs, self.policy.device, self.policy.pad_id,
+                                      self.forward_tokens).float()
         return {p.pair_id: ref[i] for i, p in enumerate(pairs)}
 
     def forward(self, batch: Sequence[TokenizedPair], ref: dict[str, torch.Tensor]) -> tuple[LossOutput, Scored]:
         """Policy log-probs of one micro-batch and its losses against the reference."""
         with self._autocast():
-            scored = score_pairs(self.policy.model, batch, self.policy.device, self.policy.pad_id,
-                                 self.forward_tokens)
+            if self._wrapped is not None:
+                scored = Scored(*self._wrapped[0](batch, self.forward_tokens))
+            else:
+                scored = score_pairs(self.policy.model, batch, self.policy.device, self.policy.pad_id,
+                                     self.forward_tokens)
         pol = scored.logps.float()
         rf = torch.stack([ref[p.pair_id] for p in batch])
         lengths = scored.lengths.to(pol.device).float()
@@ -148,11 +166,12 @@ class Trainer:
         params = self.policy.trainable_parameters()
         snapshot = [p.detach().clone() for p in params]
         opt_snapshot, steps_before = copy.deepcopy(self.optimizer.state_dict()), self.optimizer_steps
-        ref = self.reference(pairs)
+        steps = self.step_batches(pairs)
+        ref = self.reference(self._scored_here(pairs, steps))
         compared: set[str] = set()
         self.policy.model.train()
-        for step in self.step_batches(pairs):
-            if should_stop is not None and should_stop():
+        for step in steps:
+            if self.ranks.leaders_word(should_stop is not None and should_stop()):
                 result.aborted = True
                 break
             ts = time.perf_counter()
@@ -160,8 +179,10 @@ class Trainer:
             loss, outs = self._accumulate(step, ref)
             if result.steps == 0:  # no update yet: the weights are those of the version that sampled
                 compare_with_sampler(outs, self.version, result, compared)
-            norm = torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm) if outs else None
-            if norm is None or not (math.isfinite(loss) and bool(torch.isfinite(norm))):
+            # spread over ranks, every rank clips the same summed gradient (its own outs may be empty)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm) \
+                if outs or self.ranks.spread else None
+            if not self.ranks.all_agree(norm is not None and math.isfinite(loss) and bool(torch.isfinite(norm))):
                 self.optimizer.zero_grad(set_to_none=True)
                 result.skipped += 1
                 log.warning("non-finite loss or gradient at version %d: step skipped", self.version)
@@ -171,11 +192,13 @@ class Trainer:
                 group["lr"] = lr
             self.optimizer.step()
             self.optimizer_steps += 1
-            record_step(result, loss, outs, norm.item(), lr)
+            record_step(result, loss, self._everyones(outs), norm.item(), lr)
             result.step_seconds.append(time.perf_counter() - ts)
+        if self.ranks.spread:
+            result.logprob_mismatch = [m for part in self.ranks.gather(result.logprob_mismatch) for m in part]
         self.optimizer.zero_grad(set_to_none=True)
         self.policy.model.eval()
-        if result.aborted or not self.weights_finite():
+        if result.aborted or not self.ranks.all_agree(self.weights_finite()):
             with torch.no_grad():
                 for p, saved in zip(params, snapshot):
                     p.copy_(saved)
@@ -187,9 +210,23 @@ class Trainer:
         result.seconds = time.perf_counter() - t0
         return result
 
+    def _scored_here(self, pairs: Sequence[TokenizedPair], steps: list[list[TokenizedPair]]) -> list[TokenizedPair]:
+        """The pairs whose reference this rank needs: the window's in a single process, else those of its shards."""
+        if not self.ranks.spread:
+            return list(pairs)
+        return list({p.pair_id: p for s in steps for p in (self.ranks.shard(s) or s[:1])}.values())
+
+    def _everyones(self, outs):
+        """The step's outputs of every rank, in step order (this rank's own in a single process)."""
+        if not self.ranks.spread:
+            return outs
+        return [o for part in self.ranks.gather(detached(outs)) for o in part]
+
     def _accumulate(self, step: list[TokenizedPair], ref) -> tuple[float, list[tuple[LossOutput, Scored, list]]]:
         """Backward over the step's micro-batches; returns the step loss (inf/NaN stops early) and outputs."""
         n_pairs, n_chosen = len(step), sum(len(p.chosen_ids) for p in step)
+        if self.ranks.spread:
+            return self._accumulate_shard(step, ref, n_pairs, n_chosen)
         size, total, outs = self.settings.batch_pairs, 0.0, []
         for i in range(0, len(step), size):
             batch = step[i : i + size]
@@ -201,6 +238,28 @@ class Trainer:
             total += loss.item()
             outs.append((out, scored, batch))
         return total, outs
+
+    def _accumulate_shard(self, step: list[TokenizedPair], ref, n_pairs: int, n_chosen: int):
+        """This rank's shard of the step; the gradient, once reduced, and the loss returned are the whole step's.
+
+        No early stop on a non-finite loss here: every rank must join the same all-reduces; a NaN
+        reaches the summed loss and gradient on every rank, and the step is skipped everywhere.
+        """
+        mine, size, ranks = self.ranks.shard(step), self.settings.batch_pairs, self.ranks
+        batches = [mine[i : i + size] for i in range(0, len(mine), size)] or [[]]
+        total, outs = 0.0, []
+        for k, batch in enumerate(batches):
+            with ranks.accumulating(more=k < len(batches) - 1):
+                out, scored = self.forward(batch or step[:1], ref)
+                loss = out.objective(n_pairs, n_chosen, self.settings.rpo_alpha)
+                if not batch:  # nothing of this step here: join the gradient all-reduce with a zero
+                    loss = loss * 0.0
+                ranks.backward(loss)
+            if batch:
+                total += loss.item()
+                outs.append((out, scored, batch))
+        ranks.reduce_gradients(self.policy.trainable_parameters())
+        return ranks.total(total), outs
 
     def _lr(self) -> float:
         s = self.settings
@@ -236,6 +295,11 @@ class Trainer:
         self.state = state
         self._trained.update(pair_ids)
         return ckpt
+
+    def follow_version(self, pair_ids: Sequence[str], result: WindowResult) -> None:
+        """A rank > 0: take the state of the version rank 0 publishes for this window; write nothing."""
+        self.state = new_state(self.state, list(pair_ids), {}, result.metrics(), self.optimizer_steps)
+        self._trained.update(pair_ids)
 
 
 def train_window(trainer: Trainer, pairs: Sequence[TokenizedPair],

@@ -30,6 +30,12 @@ Training runs in a worker thread while this thread keeps polling the paused
 consumer: a window takes longer than the group's max poll interval (10 s, the
 setting that lets groups join on Tansu), and a consumer that stops polling is
 thrown out of its group and can no longer commit.
+
+Under torchrun (trainer/distributed.py) rank 0 runs all of the above alone
+(Kafka, archive, store, ledger, /metrics) and sends each window to the other
+ranks, which only train their shards of it (`follow`); a dead rank makes the
+others' collectives fail or time out (`dist_timeout_s`), every rank exits
+non-zero, and the restarted group resumes from the store as one trainer would.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ from service.settings import CommonSettings, TrainerSettings
 from trainer import metrics as M
 from trainer.archive import PairArchive
 from trainer.checkpoint import remove_staging_leftovers
+from trainer.distributed import SOLO, STOP, Ranks, follow, lead_window
 from trainer.recipe import Trainer, WindowResult
 from trainer.retention import prune_store, store_usage
 from trainer.tokenize import TokenizedPair, UntrainablePair
@@ -87,8 +94,8 @@ class TrainerLoop:
     """Buffers pairs from an Inbox and turns full windows into published versions."""
 
     def __init__(self, trainer: Trainer, inbox: Inbox[PreferencePair], producer, common: CommonSettings,
-                 settings: TrainerSettings, stop: threading.Event):
-        self.trainer, self.inbox, self.producer = trainer, inbox, producer
+                 settings: TrainerSettings, stop: threading.Event, ranks: Ranks = SOLO):
+        self.trainer, self.inbox, self.producer, self.ranks = trainer, inbox, producer, ranks
         self.common, self.settings, self.stop = common, settings, stop
         self.buffer: list[_Buffered] = []
         self.opened_at: float | None = None
@@ -152,6 +159,7 @@ class TrainerLoop:
             self.update()
         elif not self.buffer and self._uncommitted:
             self.commit()  # only drops and dead letters since the last commit: move past them
+        self.ranks.keepalive()
 
     def update(self) -> WindowResult | None:
         """Train the oldest `window_pairs` buffered pairs; publish and commit when the update is sound."""
@@ -245,7 +253,7 @@ class TrainerLoop:
 
         def work() -> None:
             try:
-                out["result"] = self.trainer.train_window(pairs, should_stop=self.stop.is_set)
+                out["result"] = lead_window(self.ranks, self.trainer, pairs, should_stop=self.stop.is_set)
             except BaseException as exc:  # noqa: BLE001 -- re-raised in the polling thread
                 out["error"] = exc
 
@@ -321,22 +329,38 @@ def _stored_metrics(metrics: dict[str, float]) -> TrainMetrics:
 
 
 def run(common: CommonSettings, settings: TrainerSettings, stop: threading.Event) -> None:
-    """Consume odpo.preferences and publish rolling LoRA updates until `stop` is set."""
+    """Consume odpo.preferences and publish rolling LoRA updates until `stop` is set (rank 0 decides, under torchrun)."""
     model_dir = base_model_dir(common.cache_dir, common.base_model)
-    if remove_staging_leftovers(common.store_dir):
-        log.warning("removed half-written versions a killed trainer left in %s", common.store_dir)
-    trainer = Trainer.open(model_dir, settings, common.store_dir)
+    ranks = Ranks.from_env(settings)
+    clean = False
+    try:
+        if ranks.leader and remove_staging_leftovers(common.store_dir):
+            log.warning("removed half-written versions a killed trainer left in %s", common.store_dir)
+        trainer = Trainer.open(model_dir, settings, common.store_dir, ranks=ranks)
+        if ranks.leader:
+            _lead(trainer, common, settings, stop, ranks)
+        else:
+            follow(ranks, trainer)  # until rank 0 says stop; this rank's own SIGTERM waits for that
+        clean = True
+    finally:
+        ranks.close(clean)
+
+
+def _lead(trainer: Trainer, common: CommonSettings, settings: TrainerSettings, stop: threading.Event,
+          ranks: Ranks) -> None:
+    """The trainer with Kafka: the only one of a single process, rank 0 of a torchrun group."""
     port = serve_metrics(settings.metrics_port, common.metrics_host)
     log.info("trainer at version %d, /metrics on %s:%d", trainer.version, common.metrics_host, port)
     ensure_topics(common.bootstrap_servers)
     producer = make_producer(common.bootstrap_servers)
     inbox = Inbox(common.bootstrap_servers, TOPIC_PREFERENCES, PreferencePair, COMPONENT, producer,
                   group_id=settings.group_id)
-    loop = TrainerLoop(trainer, inbox, producer, common, settings, stop)
+    loop = TrainerLoop(trainer, inbox, producer, common, settings, stop, ranks)
     loop.announce_newest()
     try:
         while not stop.is_set():
             loop.tick()
+        ranks.send(STOP)
     finally:
         loop.archive.close()
         inbox.close()

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from service.contracts import TrainMetrics
+from trainer.logps import Scored
 from trainer.losses import LossOutput, reward_metrics
 
 
@@ -92,6 +93,15 @@ def record_step(result: WindowResult, loss: float, outs, grad_norm: float, lr: f
     result.grad_norm, result.learning_rate = grad_norm, lr
     for k, v in reward_metrics(merged).items():
         setattr(result, k, v)
+
+
+def detached(outs) -> list:
+    """A step's outputs as `record_step` reads them, detached on the CPU, for gathering from other ranks."""
+    def cpu(t):
+        return t.detach().cpu() if isinstance(t, torch.Tensor) else t
+
+    return [(LossOutput(cpu(o.losses), cpu(o.nll_sum), cpu(o.chosen_rewards), cpu(o.rejected_rewards)),
+             Scored(cpu(s.logps), [], cpu(s.mean_logit_sums), cpu(s.lengths)), []) for o, s, _ in outs]
 
 
 def merge_outputs(outs: list[LossOutput]) -> LossOutput:
