@@ -79,6 +79,23 @@ def adapter(store: Path, version: int) -> dict:
     return load_file(store / f"policy-v{version}" / "adapter_model.safetensors")
 
 
+def test_without_torchrun_nothing_is_distributed_and_shards_cover_a_step(monkeypatch):
+    import torch.distributed as dist
+
+    from service.settings import TrainerSettings
+    from trainer.distributed import SOLO, Ranks
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert Ranks.from_env(TrainerSettings()) is SOLO and not dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: one process, as without it
+    assert Ranks.from_env(TrainerSettings()) is SOLO and not dist.is_initialized()
+    for n, size in ((7, 3), (8, 2), (1, 2), (5, 4)):
+        shards = [Ranks(rank=r, size=size).shard(list(range(n))) for r in range(size)]
+        assert [i for s in shards for i in s] == list(range(n))  # every pair once, in order
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
 # -- 1. odpo train: 2 ranks = 1 process --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
