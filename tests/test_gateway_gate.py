@@ -150,9 +150,17 @@ RESTARTED = 703  # names no other test of the session uses
 
 
 def _registry(url: str) -> dict:
-    """The admin view without what vLLM has loaded right now."""
-    view = _versions(url)
+    """The admin view without what vLLM has loaded right now, and without which replica answers (`control`)."""
+    view = {k: v for k, v in _versions(url).items() if k != "control"}
     return {**view, "versions": [{k: v for k, v in r.items() if k != "loaded"} for r in view["versions"]]}
+
+
+def _leading(url: str, timeout_s: float = 60) -> None:
+    """Wait until this (only) replica leads: its promotion gate runs from then on."""
+    deadline = time.monotonic() + timeout_s
+    while not httpx.get(f"{url}/admin/leader", headers=AUTH, timeout=30).json()["leading"]:
+        assert time.monotonic() < deadline, "the gateway did not become the leader"
+        time.sleep(0.2)
 
 
 def test_a_restarted_gateway_keeps_scores_promotions_and_the_pin(vllm_server, model_dir, vllm_store, tmp_path):
@@ -178,6 +186,7 @@ def test_a_restarted_gateway_keeps_scores_promotions_and_the_pin(vllm_server, mo
         assert (before["promoted"], before["pinned"]) == (0, True)
 
         with running_gateway(settings, common) as url:  # AdapterReady is read again from the topic's start
+            _leading(url)
             time.sleep(3)  # time for the gate to act, if it (wrongly) thought anything needed scoring
             assert _registry(url) == before, "the restarted gateway has the same registry"
             assert _greedy(url, "policy")[1] == "0"

@@ -219,6 +219,36 @@ def test_defaults_request_gpus_and_keep_one_trainer():
     assert not find(docs, "ServiceMonitor") and not find(docs, "PrometheusRule")
 
 
+@pytest.mark.parametrize("gateway, budget", [
+    ({}, 1),
+    ({"replicas": 3, "podDisruptionBudget": {"enabled": True, "minAvailable": "50%"}}, "50%"),
+    ({"replicas": 1}, None),
+    ({"podDisruptionBudget": {"enabled": False, "minAvailable": 1}}, None),
+], ids=["defaults", "three", "one", "budget-off"])
+def test_gateway_replicas_share_one_control_plane(gateway, budget, tmp_path, monkeypatch):
+    """Two gateway replicas by default, sharing the registry through Kafka (the control plane is on): a
+    PodDisruptionBudget keeps one of them up during drains (none for a single replica, which must stay
+    evictable), and each pod advertises its pod IP, where the others forward admin changes while it leads."""
+    docs = render({"gateway": gateway})
+    name = f"{RELEASE}-odpo-gateway"
+    dep = one(docs, "Deployment", name)
+    assert dep["spec"]["replicas"] == gateway.get("replicas", 2)
+    budgets = [d for d in find(docs, "PodDisruptionBudget") if d["metadata"]["name"] == name]
+    if budget is None:
+        assert not budgets
+    else:
+        (pdb,) = budgets
+        assert pdb["spec"]["minAvailable"] == budget and "maxUnavailable" not in pdb["spec"]
+        assert pdb["spec"]["selector"] == dep["spec"]["selector"]
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["ODPO_GATEWAY_ADVERTISE_URL"]["value"] == "http://$(POD_IP):8000"
+    names = [e["name"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]]
+    assert names.index("POD_IP") < names.index("ODPO_GATEWAY_ADVERTISE_URL"), "$(POD_IP) expands only if defined before"
+    settings = _load_settings(docs, tmp_path, monkeypatch)[-1]
+    assert settings.control_plane and settings.port == 8000
+
+
 @pytest.mark.parametrize("trainer, ranks, gpus", [
     ({}, 1, 1),
     ({"gpu": {"count": 4}}, 4, 4),

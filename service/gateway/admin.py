@@ -1,11 +1,16 @@
 """The admin API: list versions with their scores and metrics, read their held-out answers, promote, pin,
-unpin, roll back.
+unpin, roll back, and which replica leads.
 
 Every route needs `Authorization: Bearer <token>`; the token comes from
 `ODPO_GATEWAY_ADMIN_TOKEN` or the file `ODPO_GATEWAY_ADMIN_TOKEN_FILE` (a
 Kubernetes Secret mount, read on each request so a rotated secret applies
 without a restart) and is compared in constant time. With no token
 configured the admin routes answer 404, as if they did not exist.
+
+With several replicas (service/gateway/control.py) the reads answer from
+this replica's copy of the shared registry, and the changes are made by the
+leader: a follower forwards them (service/gateway/leader_forward.py) and
+answers once its own copy holds the result.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from service.contracts import version_name
 from service.gateway.book import BookError
 from service.gateway.engine import PolicyUnavailable
+from service.gateway.leader_forward import forward, published
 from service.gateway.metrics import PROMOTIONS, sync_promoted
 from service.gateway.protocol import PinRequest, VersionRequest
 from service.gateway.state import GatewayState, state_of
@@ -29,7 +35,8 @@ from service.settings import GatewaySettings
 log = logging.getLogger(__name__)
 
 ADMIN_ERRORS = {401: {"description": "Missing or wrong bearer token"}, 404: {"description": "Admin off, or unknown"},
-                409: {"description": "Not possible now"}}
+                409: {"description": "Not possible now"},
+                503: {"description": "No leader replica reachable, or the change not shared yet (see Retry-After)"}}
 
 
 def configured_token(settings: GatewaySettings) -> str | None:
@@ -70,7 +77,17 @@ async def versions(state: Admin):
         listed = set()
     for v in view["versions"]:
         v["loaded"] = v["version"] in listed
+    if state.control is not None:
+        view["control"] = state.control.view()
     return view
+
+
+@router.get("/leader")
+async def leader(state: Admin):
+    """Which replica leads (runs the promotion gate, makes admin changes) and what this one holds."""
+    if state.control is None:
+        return {"control_plane": False, "leading": True}
+    return {"control_plane": True, **state.control.view()}
 
 
 @router.get("/versions/{version}/answers")
@@ -86,34 +103,42 @@ async def answers(version: int, state: Admin):
 
 
 @router.post("/promote")
-async def promote(body: VersionRequest, state: Admin):
+async def promote(body: VersionRequest, request: Request, state: Admin):
+    if (answer := await forward(state, request, body.model_dump())) is not None:
+        return answer
     await _servable(state, body.version)
-    previous = _book(state.book.promote, body.version)
+    previous = await _book(state.book.promote, body.version)
     return await _changed(state, "operator", f"promoted {version_name(body.version)} (was {version_name(previous)})")
 
 
 @router.post("/pin")
-async def pin(state: Admin, body: PinRequest | None = None):
+async def pin(request: Request, state: Admin, body: PinRequest | None = None):
+    if (answer := await forward(state, request, body.model_dump() if body else None)) is not None:
+        return answer
     version = body.version if body and body.version is not None else state.book.promoted
     await _servable(state, version)
     before = state.book.promoted
-    _book(state.book.pin, version)
+    await _book(state.book.pin, version)
     trigger = "operator" if version != before else None
     return await _changed(state, trigger, f"pinned traffic to {version_name(version)}")
 
 
 @router.post("/unpin")
-async def unpin(state: Admin):
-    state.book.unpin()
+async def unpin(request: Request, state: Admin):
+    if (answer := await forward(state, request, None)) is not None:
+        return answer
+    await _book(state.book.unpin)
     return await _changed(state, None, "unpinned: the gate promotes again")
 
 
 @router.post("/rollback")
-async def rollback(state: Admin):
+async def rollback(request: Request, state: Admin):
+    if (answer := await forward(state, request, None)) is not None:
+        return answer
     history = state.book.snapshot()["history"]
     if len(history) >= 2:
         await _servable(state, history[-2])
-    current, now = _book(state.book.rollback)
+    current, now = await _book(state.book.rollback)
     return await _changed(state, "rollback", f"rolled back from {version_name(current)} to {version_name(now)}")
 
 
@@ -128,11 +153,16 @@ async def _servable(state: GatewayState, version: int) -> None:
         raise HTTPException(503, "serving engine unreachable") from None
 
 
-def _book(method, *args):
-    try:
-        return method(*args)
-    except BookError as exc:
-        raise HTTPException(exc.status, str(exc)) from None
+async def _book(method, *args):
+    """A change of the book, in a worker thread: with the control plane it is published to Kafka before
+    `on_change` returns."""
+    def change():
+        try:
+            return method(*args)
+        except BookError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+
+    return await anyio.to_thread.run_sync(change)
 
 
 async def _changed(state: GatewayState, trigger: str | None, what: str) -> dict:
@@ -143,4 +173,5 @@ async def _changed(state: GatewayState, trigger: str | None, what: str) -> dict:
     evaluating = state.book.evaluating
     keep = {state.book.promoted} | ({evaluating} if evaluating is not None else set())
     await anyio.to_thread.run_sync(state.adapters.release, keep)
-    return {"done": what, **state.book.snapshot()}
+    shared = await published(state)
+    return {"done": what, **state.book.snapshot(), **({"control": shared} if shared else {})}

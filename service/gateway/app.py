@@ -7,6 +7,7 @@ bodies (`{"error": {"message", "type", "code"}}`), never tracebacks.
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 import anyio
@@ -17,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.adapter_store import hold_versions
 from service.gateway import admin, feedback, forwarding, health
 from service.gateway.book import VersionBook
+from service.gateway.control import ControlPlane
 from service.gateway.endpoints import EnginePool, engine_urls
 from service.gateway.engine import EngineAdapters, EngineClients, ModelRouter
 from service.gateway.gate import PromotionGate
@@ -47,24 +49,31 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None, 
         try:
             book = VersionBook(settings.promotion_tolerance)
             scores = ScoreGauge(settings.score_versions_kept)
-            if settings.persist_registry:
-                _keep_in_file(book, settings, common, scores)
+            registry = _keep_in_file(book, settings, common, scores) if settings.persist_registry else None
             _hold_in_store(book, settings, common)
             adapters = EngineAdapters(pool, common.store_dir)
+            control = ControlPlane(book, settings, common.bootstrap_servers, scores, _evaluation(settings), registry,
+                                   after_apply=lambda: _release_in_background(book, adapters)).attach() \
+                if settings.control_plane else None
             outbox = Outbox(common.bootstrap_servers, settings.mirror_queue_size, settings.publish_timeout_s).start()
             app.state.gateway = GatewayState(
                 settings=settings, common=common, clients=clients, book=book, adapters=adapters,
                 router=ModelRouter(clients, book, adapters, settings.models_refresh_s),
                 served=ServedStore(settings.served_capacity), outbox=outbox, scores=scores,
-                broker=BrokerCheck(common.bootstrap_servers, settings.broker_check_s))
+                broker=BrokerCheck(common.bootstrap_servers, settings.broker_check_s), control=control)
             sync_promoted(book)
-            promotion = PromotionGate(book, adapters, settings, common.bootstrap_servers, scores, common).start() \
+            if control:
+                control.start()
+            promotion = PromotionGate(book, adapters, settings, common.bootstrap_servers, scores, common,
+                                      leading=(lambda: control.term) if control else None).start() \
                 if gate else None
             try:
                 yield
             finally:
                 if promotion:
                     await anyio.to_thread.run_sync(promotion.stop)
+                if control:
+                    await anyio.to_thread.run_sync(control.stop)
                 await anyio.to_thread.run_sync(outbox.close)
                 await anyio.to_thread.run_sync(adapters.release, set())
                 adapters.close()
@@ -97,18 +106,33 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None, 
     return app
 
 
-def _keep_in_file(book: VersionBook, settings: GatewaySettings, common: CommonSettings, scores: ScoreGauge) -> None:
-    path = settings.registry_file or common.store_dir / REGISTRY_FILE
+def _evaluation(settings: GatewaySettings) -> dict:
+    """How versions are scored: scores are comparable only under the same prompts, answer length and rows
+    (task version, fluency signal)."""
     from service.task import TASK_VERSION
 
-    # Scores are comparable only under the same prompts, answer length and rows (task version, fluency signal).
-    evaluation = {"heldout_prompts": settings.heldout_prompts, "heldout_prompts_max": settings.heldout_prompts_max,
-                  "eval_max_tokens": settings.eval_max_tokens, "task_version": TASK_VERSION,
-                  "reference_logprob": settings.gate_reference_logprob}
-    if RegistryFile(path, evaluation).attach(book):
+    return {"heldout_prompts": settings.heldout_prompts, "heldout_prompts_max": settings.heldout_prompts_max,
+            "eval_max_tokens": settings.eval_max_tokens, "task_version": TASK_VERSION,
+            "reference_logprob": settings.gate_reference_logprob}
+
+
+def _keep_in_file(book: VersionBook, settings: GatewaySettings, common: CommonSettings,
+                  scores: ScoreGauge) -> RegistryFile:
+    path = settings.registry_file or common.store_dir / REGISTRY_FILE
+    registry = RegistryFile(path, _evaluation(settings))
+    if registry.attach(book):
         for rec in book.snapshot()["versions"]:
             if rec["score"] is not None:
                 scores.set(rec["version"], rec["score"], rec.get("signals"))
+    return registry
+
+
+def _release_in_background(book: VersionBook, adapters: EngineAdapters) -> None:
+    """After the leader's state was applied here: unload what this replica loaded and no longer routes to (in
+    a thread of its own: an engine that hangs must not hold up the replication)."""
+    evaluating = book.evaluating
+    keep = {book.promoted} | ({evaluating} if evaluating is not None else set())
+    threading.Thread(target=adapters.release, args=(keep,), name="odpo-gateway-release", daemon=True).start()
 
 
 def _hold_in_store(book: VersionBook, settings: GatewaySettings, common: CommonSettings) -> None:

@@ -22,7 +22,9 @@ Rules:
 
 The book can be exported and restored (`export_state` / `restore_state`) and
 calls `on_change` after every change, so the gateway keeps it in a file
-(`service.gateway.registry_file`) and a restart forgets no decision.
+(`service.gateway.registry_file`) and a restart forgets no decision, and the
+leader replica publishes it to the other replicas, which take it over with
+`apply_replicated` (`service.gateway.control`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -316,6 +318,34 @@ class VersionBook:
             self._history = [v for v in state.get("history", [promoted]) if v in records] or [promoted]
             self._pinned = bool(state.get("pinned", False))
             self._evaluating = None
+
+    # -- replication (service/gateway/control.py) ----------------------------------------------------
+    def apply_replicated(self, records: Iterable[dict[str, Any]], removed: Iterable[int], head: dict[str, Any],
+                         full: bool = False) -> None:
+        """Take over what the leader replica published: these records (each replacing the record of its
+        version; with `full`, every record not given is dropped), the removed versions and the head (promoted
+        version, history, pin), all at once under the lock. Statuses stay as the leader set them, `evaluating`
+        included (it is scoring that version). No `on_change`: the caller is the replication itself, and a
+        change it made must not travel back to Kafka."""
+        known = {f.name for f in fields(VersionRecord)}
+        taken = {}
+        for raw in records:
+            rec = VersionRecord(**{k: v for k, v in raw.items() if k in known})
+            taken[rec.version] = rec
+        promoted = int(head["promoted"])
+        with self._lock:
+            merged = {} if full else dict(self._records)
+            for v in removed:
+                merged.pop(v, None)
+            merged.update(taken)
+            merged.setdefault(0, VersionRecord(0))
+            if promoted not in merged:
+                raise ValueError(f"the promoted version {promoted} has no record")
+            self._records = merged
+            self._promoted = promoted
+            self._history = [v for v in head.get("history", [promoted]) if v in merged] or [promoted]
+            self._pinned = bool(head.get("pinned", False))
+            self._evaluating = next((v for v, r in merged.items() if r.status == EVALUATING), None)
 
     # -- internals (lock held) -----------------------------------------------------------------------
     def _set_promoted(self, version: int) -> None:

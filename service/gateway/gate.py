@@ -1,8 +1,9 @@
 """The promotion gate: scores every published version on the held-out prompts before it may become `policy`.
 
-A thread follows `odpo.adapters` from the start (no consumer group: every
-gateway replica must see every version) and records each `AdapterReady` in
-the `VersionBook`. The adapter store is the record, the topic only the fast
+A thread follows `odpo.adapters` from the start (no consumer group) and
+records each `AdapterReady` in the `VersionBook`. With several gateway
+replicas it runs only on the elected leader (service/gateway/control.py),
+whose book the others copy. The adapter store is the record, the topic only the fast
 path: at start and every `store_check_s` the gate also records the store's
 newest announced version, so a topic that lost messages (a new broker,
 retention) does not hide versions from it. It scores `base` first, then the newest pending version:
@@ -25,6 +26,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -44,9 +46,15 @@ COMPONENT = "gateway"
 
 class PromotionGate:
     def __init__(self, book: VersionBook, adapters: EngineAdapters, settings: GatewaySettings, bootstrap: str,
-                 scores: ScoreGauge, common: CommonSettings | None = None):
+                 scores: ScoreGauge, common: CommonSettings | None = None,
+                 leading: Callable[[], object] | None = None):
         self.book, self.adapters, self.settings, self.bootstrap, self.scores = (
             book, adapters, settings, bootstrap, scores)
+        # With several replicas only the leader gates (service/gateway/control.py); the others wait here.
+        # `leading` returns the leader's term (falsy when not leading): a version is decided only in the term
+        # it was picked in, so one that leadership moved away from (and back) during its scoring is scored again.
+        self._leading = leading or (lambda: True)
+        self._term: object = None
         self.common = common or CommonSettings()
         self.prompts = make_prompts("heldout", settings.heldout_prompts_max)
         self._reference = None  # the base model for the fluency signal, loaded on first use
@@ -73,6 +81,10 @@ class PromotionGate:
     # -- the loop ------------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._halt.is_set():
+            self._term = self._leading()
+            if not self._term:
+                self._halt.wait(0.5)
+                continue
             try:
                 self._read_adapters()
                 version, superseded = self.book.next_evaluation()
@@ -145,7 +157,7 @@ class PromotionGate:
         except httpx.HTTPError as exc:
             self._failed(version, f"scoring failed: {exc}", "eval_failed")
             return
-        if self._halt.is_set():
+        if self._halt.is_set() or self._leading() != self._term:  # an ex-leader decides nothing: the leader scores it
             self.book.requeue(version)
             return
         score = verdict.signals["score"]

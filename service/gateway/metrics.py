@@ -50,6 +50,12 @@ ENGINE_UP = Gauge("odpo_gateway_engine_up", "1 while a serving engine (vLLM repl
 ENGINE_REQUESTS = Counter("odpo_gateway_engine_requests_total", "Requests forwarded to each serving engine.",
                           ["engine"])
 SERVED_KEPT = Gauge("odpo_gateway_served_responses", "Served responses kept for feedback.")
+LEADER = Gauge("odpo_gateway_leader", "1 while this replica leads the gateways (runs the promotion gate; admin "
+               "changes are made here), else 0.")
+CONTROL_SEQ = Gauge("odpo_gateway_control_seq", "Sequence number of the shared registry state this replica holds "
+                    "(replicas that agree show the same number).")
+CONTROL_EPOCH = Gauge("odpo_gateway_control_epoch", "Epoch of the newest leader this replica has read on the "
+                      "control topic (it rises with every change of leader).")
 
 KNOWN_ALIASES = (POLICY_ALIAS, BASE_MODEL_NAME)
 

@@ -6,17 +6,24 @@ answer length): scores from another evaluation are not comparable, so they
 are dropped on load and the promoted version is scored again.
 A file that cannot be read is moved aside and the gateway starts fresh
 rather than refusing to start.
+
+With the control plane (service/gateway/control.py) the shared state lives on
+Kafka and this file is its cache, written by every replica after each change
+it applies: read at start before the topic is, and the state the leader
+publishes again when the topic has lost it (a memory-only broker restarted).
+It then also keeps the control plane's epoch and sequence number (`control`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
-from service.adapter_store import write_file_atomic
 from service.contracts import version_name
 from service.gateway.book import VersionBook
 
@@ -29,12 +36,21 @@ class RegistryFile:
     def __init__(self, path: Path, evaluation: dict[str, Any]):
         self.path = Path(path)
         self.evaluation = evaluation
+        self.control: dict[str, Any] = {}  # the control plane's epoch and sequence number, saved with the state
         self._write_lock = threading.Lock()
 
     def attach(self, book: VersionBook) -> bool:
-        """Restore `book` from the file (True if there was one) and save it after every change from now on."""
+        """Restore `book` from the file (True if there was one) and save it after every change from now on
+        (before the hook that was there, if any)."""
         restored = self._restore(book)
-        book.on_change = lambda: self.save(book)
+        chained = book.on_change
+
+        def save() -> None:
+            self.save(book)
+            if chained is not None:
+                chained()
+
+        book.on_change = save
         self.save(book)
         return restored
 
@@ -42,9 +58,11 @@ class RegistryFile:
         # The state is taken under the write lock, so the last write always holds the newest state.
         with self._write_lock:
             state = {"format": FORMAT, "evaluation": self.evaluation, **book.export_state()}
+            if self.control:
+                state["control"] = dict(self.control)
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                write_file_atomic(self.path, json.dumps(state, indent=1).encode())
+                _write_atomic(self.path, json.dumps(state, indent=1).encode())
             except OSError as exc:  # the registry still works in memory; a later change tries again
                 log.error("could not save the policy registry to %s: %s", self.path, exc)
 
@@ -60,6 +78,7 @@ class RegistryFile:
             self._set_aside(f"format {state.get('format') if isinstance(state, dict) else '?'} is not {FORMAT}")
             return False
         same_eval = state.get("evaluation") == self.evaluation
+        self.control = dict(state.get("control") or {})
         try:
             book.restore_state(state, keep_scores=same_eval)
         except (KeyError, TypeError, ValueError) as exc:
@@ -77,3 +96,17 @@ class RegistryFile:
             self.path.replace(aside)
         except OSError:
             pass
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` at once. The temporary name is unique per writer, not only per process: gateway replicas
+    in several pods (each its own pid 1) write this file on the shared store."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ import anyio
 from fastapi import Request
 
 from service.gateway.book import VersionBook
+from service.gateway.control import ControlPlane
 from service.gateway.engine import EngineAdapters, EngineClients, ModelRouter
 from service.gateway.metrics import ScoreGauge
 from service.gateway.outbox import Outbox
@@ -48,6 +49,7 @@ class GatewayState:
     outbox: Outbox
     scores: ScoreGauge
     broker: BrokerCheck
+    control: ControlPlane | None = None  # None: the control plane is off (this replica decides alone)
 
 
 def state_of(request: Request) -> GatewayState:
