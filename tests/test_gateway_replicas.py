@@ -343,6 +343,8 @@ def test_killed_leader_fails_over_and_no_version_is_decided_twice(replicas, mode
     publish(producer, TOPIC_ADAPTERS, version_name(V3), noisy_adapter(vllm_store, model_dir, V3, 1e-5, seed=23,
                                                                       parent=V2))
     assert _decided(follower, V3)["promoted"]
+    _until(lambda: version_name(V3) in follower.decisions(), 10, "the decision in the log")  # logged just after
+    time.sleep(1)  # (a second decision, if there were one, would be logged by now)
     decided = Counter(leader.decisions() + follower.decisions())
     session_s = GatewaySettings.model_fields["leader_session_timeout_s"].default
     print(f"fail-over after kill -9 of the leader: {failover:.1f}s (session timeout {session_s:g}s); "

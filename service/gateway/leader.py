@@ -107,12 +107,16 @@ class LeaderElection:
             max_poll_interval_ms=max(30_000, 3 * self.session_timeout_ms))
         self._consumer = consumer
         consumer.subscribe([self.topic], listener=_Listener(self))
-        stable_at = time.monotonic()
+        stable_at = next_topic_check = time.monotonic()
         try:
             while not self._halt.is_set():
                 consumer.poll(timeout_ms=500)
                 if consumer.assignment():
                     consumer.pause(*consumer.assignment())  # membership only: nothing to read
+                elif time.monotonic() >= next_topic_check:  # a broker that restarted empty: no topic, no leader
+                    next_topic_check = time.monotonic() + 30
+                    if not consumer.partitions_for_topic(self.topic):
+                        ensure_topics(self.bootstrap, [self.topic])
                 if _stable(consumer):
                     stable_at = time.monotonic()
                 elif time.monotonic() - stable_at > self.stuck_s:

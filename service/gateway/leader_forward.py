@@ -33,6 +33,9 @@ async def forward(state: GatewayState, request: Request, body: dict | None) -> d
     control = state.control
     if control is None or control.leading:
         return None
+    if control.role == "leading":  # paused: the leader group rebalances (on Tansu about 5 s per join or leave)
+        raise unavailable("the gateway replicas are confirming their leader (a replica joined or left); "
+                          "try again in a few seconds")
     if request.headers.get(FORWARDED_BY):
         raise unavailable(f"this replica does not lead (any more); the leader is {control.leader_url or 'unknown'}")
     view = control.view()
