@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from service.contracts import AdapterReady, version_name
@@ -77,14 +78,18 @@ def publish_dir(staged: Path, store: Path, version: int) -> Path:
 
 
 def write_file_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` all at once: write `.<name>.tmp-<pid>` beside it, fsync, rename."""
+    """Replace `path` with `data` all at once: write a uniquely named temporary file beside it, fsync, rename.
+    (Not `.tmp-<pid>` alone: pods sharing the store all run as pid 1.)"""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; left only by a failed write
 
 
 def published_versions(store: Path) -> list[int]:

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
+from service.adapter_store import write_file_atomic
 from service.contracts import version_name
 from service.gateway.book import VersionBook
 
@@ -62,7 +61,7 @@ class RegistryFile:
                 state["control"] = dict(self.control)
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                _write_atomic(self.path, json.dumps(state, indent=1).encode())
+                write_file_atomic(self.path, json.dumps(state, indent=1).encode())
             except OSError as exc:  # the registry still works in memory; a later change tries again
                 log.error("could not save the policy registry to %s: %s", self.path, exc)
 
@@ -97,16 +96,3 @@ class RegistryFile:
         except OSError:
             pass
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` at once. The temporary name is unique per writer, not only per process: gateway replicas
-    in several pods (each its own pid 1) write this file on the shared store."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
