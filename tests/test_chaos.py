@@ -1,6 +1,9 @@
 """The short chaos run (benchmarks/chaos.py) on real parts: `odpo up` with clients on the gateway, and every
 component killed with SIGKILL in turn (trainer, generator, vLLM's engine core, judge, gateway, broker).
 
+The generator is not killed on its own here (the benchmark does it): under `odpo up` a killed vLLM engine
+ends its generator, which is then restarted, so the engine kill covers the generator's restart too.
+
 The loop must go on after each kill, versions stay consecutive, the trainer's ledger shows no pair trained
 twice, and the archive holds every pair the judge published except those the killed broker held.
 """
@@ -14,13 +17,17 @@ from benchmarks.chaos import TARGETS, ChaosOptions, print_report, run
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
 
+SHORT_TARGETS = tuple(t for t in TARGETS if t != "generator")
+
+
 def test_every_component_killed_in_turn_the_loop_goes_on(tmp_path, model_dir):
-    report = run(ChaosOptions(out=tmp_path / "chaos", kills=len(TARGETS), interval_s=15, in_turn=True,
+    report = run(ChaosOptions(out=tmp_path / "chaos", kills=len(SHORT_TARGETS), targets=SHORT_TARGETS,
+                              interval_s=15, in_turn=True,
                               warmup_s=20, cooldown_s=90, window_pairs=4, recover_timeout_s=420,
                               extra_env={"ODPO_BASE_MODEL": str(model_dir)}))
     print_report(report)
-    assert [k["component"] for k in report["kills"]] == list(TARGETS)
-    assert report["kills_recovered"] == len(TARGETS), report["kills"]
+    assert [k["component"] for k in report["kills"]] == list(SHORT_TARGETS)
+    assert report["kills_recovered"] == len(SHORT_TARGETS), report["kills"]
     assert len(report["versions"]) >= 2 and report["versions_consecutive"], report["versions"]
     assert report["pairs_trained_twice"] == 0, report["trained_twice_ids"]
     assert report["pairs_lost_otherwise"] == 0

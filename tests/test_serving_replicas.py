@@ -25,7 +25,9 @@ from tests.gateway_server import noisy_adapter, register_base, running_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
-PROMOTED, ANNOUNCED = 801, 802  # names no other test of the session uses
+# Names no other test of the session uses, and above every version other tests announce in the shared store:
+# the gate also takes the store's newest announced version, and scores the newest pending one.
+PROMOTED, ANNOUNCED = 9901, 9902
 PROBE = [{"role": "user", "content": "Name two things you can do at a lake."}]
 OPEN_GATE = dict(heldout_prompts=4, heldout_prompts_max=4, eval_max_tokens=8, promotion_tolerance=1.0,
                  gate_reference_logprob=False, load_wait_s=0, limit_mean_words=1, limit_empty_share=1,

@@ -31,7 +31,7 @@ from kafka import TopicPartition
 from safetensors.torch import load_file
 
 from service.adapter_store import adapter_digest, published_version, published_versions
-from service.bus import publish
+from service.bus import make_producer, publish
 from service.contracts import (
     TOPIC_ADAPTERS,
     TOPIC_PREFERENCES,
@@ -251,9 +251,10 @@ def single_process_replay(model: Path, store: Path, pairs: dict, ledger: dict[in
     return diffs
 
 
-def test_kafka_trainer_on_two_ranks_survives_kill_9_of_either_rank(broker, producer, group_id, tiny_model_dir,
-                                                                   tmp_path):
-    bootstrap, store = broker.bootstrap, tmp_path / "store"
+def test_kafka_trainer_on_two_ranks_survives_kill_9_of_either_rank(own_broker, group_id, tiny_model_dir, tmp_path):
+    # the module's own broker: on the session broker, pairs other modules' components still publish would join
+    bootstrap, store = own_broker.bootstrap, tmp_path / "store"
+    producer = make_producer(bootstrap)
     start_group_at_end(bootstrap, group_id)
     adapters_start = end_offset(bootstrap, TopicPartition(TOPIC_ADAPTERS, 0))
     pairs = long_pairs(N_PAIRS, uuid.uuid4().hex[:6])
@@ -317,6 +318,7 @@ def test_kafka_trainer_on_two_ranks_survives_kill_9_of_either_rank(broker, produ
         finally:
             os.killpg(run.pid, signal.SIGTERM)  # torchrun and its workers, as a pod's termination does
             rc_b = run.wait(timeout=90)
+    producer.close()
     text_b = log_b.read_text()
     print(f"rank 1 killed ({during(text_a)}): rank 0 exited {rc0} after {exit_s:.1f}s (versions on disk {after_a}); "
           f"rank 0 killed under torchrun ({during(text_b)}) at version {killed_at}, torchrun restarted the group; "
