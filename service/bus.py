@@ -32,7 +32,7 @@ GROUP_SETTINGS = dict(max_poll_interval_ms=10_000, session_timeout_ms=6_000, hea
 
 # odpo.adapters is compacted, not deleted by age: its keys are version names, so compaction keeps one message
 # per version and retention never empties it. (The adapter store stays the record; this is the fast path.)
-# odpo.gateway.control likewise: one message per version record plus the head (service/gateway/control.py), so
+# odpo.gateway.control likewise: one message per version record plus the head (service/gateway/control_log.py), so
 # compaction keeps the gateway replicas' whole state and nothing else.
 COMPACT = {"cleanup.policy": "compact"}
 TOPIC_CONFIGS = {TOPIC_ADAPTERS: COMPACT, TOPIC_GATEWAY_CONTROL: COMPACT}

@@ -24,7 +24,7 @@ The book can be exported and restored (`export_state` / `restore_state`) and
 calls `on_change` after every change, so the gateway keeps it in a file
 (`service.gateway.registry_file`) and a restart forgets no decision, and the
 leader replica publishes it to the other replicas, which take it over with
-`apply_replicated` (`service.gateway.control`).
+`apply_replicated` (`service.gateway.control_log`).
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ class VersionBook:
             self._pinned = bool(state.get("pinned", False))
             self._evaluating = None
 
-    # -- replication (service/gateway/control.py) ----------------------------------------------------
+    # -- replication (service/gateway/control_log.py) ------------------------------------------------
     def apply_replicated(self, records: Iterable[dict[str, Any]], removed: Iterable[int], head: dict[str, Any],
                          full: bool = False) -> None:
         """Take over what the leader replica published: these records (each replacing the record of its

@@ -1,0 +1,212 @@
+"""The gateway replicas' shared state as one replica reads it from the control topic, and its book kept equal to it.
+
+The shared state lives on the compacted, one-partition `control_topic`
+(`odpo.gateway.control`), one message per key so that compaction keeps the
+whole state and no message gets big:
+
+- `version-<N>`: that version's `VersionRecord` (evaluation rows included)
+  and its digest; a tombstone when the book forgot the version;
+- `head`: promoted version, history, pin, the held-out evaluation the scores
+  belong to, the digest of every record it is made of, a sequence number
+  `seq`, and the writer's `epoch`, id and URL;
+- `claim`: a replica that the leader election (leader.py) made the owner
+  claims epoch = (highest it has seen) + 1, with its URL.
+
+Every replica reads the topic from its start (no group) and, once it has read
+to the end, makes its book the state of the newest accepted head (the records
+it names by digest, all at once). Acceptance is decided by the log alone, so
+every replica reading it takes the same state: a claim is accepted if its
+epoch is higher than every epoch before it; a head if its epoch is higher, or
+equal and from the same writer. An older epoch's message (a paused ex-leader
+that woke up) is ignored, and the leader writes the key again after it, so
+compaction cannot leave it last.
+
+`ControlLog` is one reading pass of the topic (no thread, no Kafka client):
+the control plane (service/gateway/control.py) polls the topic, hands it each
+message and reacts to what `take` says the message was (its own claim read
+back, a higher epoch, a fenced write).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from service.contracts import version_name
+from service.gateway.book import VersionBook
+from service.gateway.metrics import CONTROL_EPOCH, CONTROL_SEQ, ScoreGauge
+
+log = logging.getLogger("service.gateway.control")  # the control plane's logger, as its lines always said
+
+SCHEMA = 1
+HEAD, CLAIM, RECORD_PREFIX = "head", "claim", "version-"
+RECORDS_KEPT = 2  # digests kept per version: the newest and the one before (a fenced write may follow a head)
+
+
+def canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def topic_id_of(consumer, topic: str):
+    """The topic's id in the consumer's metadata (None where this kafka-python does not say)."""
+    try:
+        return consumer._client.cluster.topic_id(topic)
+    except AttributeError:
+        return None
+
+
+class Taken(NamedTuple):
+    """What one message of the topic was: `kind` is RECORD_PREFIX (a version's record, `msg` None for a
+    tombstone), CLAIM or HEAD (with its `epoch` and `writer`, and whether the log `accepted` it)."""
+
+    kind: str
+    version: int | None = None
+    msg: dict[str, Any] | None = None
+    epoch: int = 0
+    writer: str = ""
+    accepted: bool = False
+
+
+class ControlLog:
+    """What this replica read of the control topic in the current pass, and the book made the newest accepted
+    head's state. `lock` guards what other threads read (the view, `wait_applied`)."""
+
+    def __init__(self, topic: str, book: VersionBook, scores: ScoreGauge, remembered: dict[str, Any],
+                 changed: Callable[[dict[str, Any]], None]):
+        self.topic, self.book, self.scores, self.changed = topic, book, scores, changed
+        self.memory_epoch = int(remembered.get("epoch", 0))  # highest epoch this replica ever saw (claims)
+        self.memory_seq = int(remembered.get("seq", 0))
+        self.lock = threading.RLock()
+        self.applied = threading.Condition(self.lock)
+        self.diverged = False  # the book changed here while not leading: take the shared state again
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was read from the topic (a new reading pass from its start); the book stays."""
+        self.store: dict[int, dict[str, bytes]] = {}  # version -> digest -> record JSON
+        self.in_log: dict[int, str | None] = {}  # version -> digest of its newest message (None: tombstone)
+        self.head: dict[str, Any] | None = None  # newest accepted head
+        self.epoch = 0  # highest accepted epoch in this pass
+        self.owner: str | None = None
+        self.leader_url: str | None = None
+        self.leader_id: str | None = None
+        self.applied_seq = 0  # seq of the head the book holds (this pass)
+        self.applied_digests: dict[int, str] | None = None  # None: apply in full next time
+        self.caught_up = False
+        self.end = 0
+        self.topic_id = None
+        self.seq = 0  # highest seq seen in this pass
+
+    # -- the topic -----------------------------------------------------------------------------------
+    def recreated(self, end: int, topic_id) -> bool:
+        """True when the topic has a new id, or its end went back: it was recreated (a memory-only broker
+        restarted). (Tansu answers the last batch's base offset + 1 as the end, a lower bound, so the end is
+        compared with earlier ends, not with the position.)"""
+        if end < self.end or (topic_id and self.topic_id and topic_id != self.topic_id):
+            return True
+        self.end, self.topic_id = end, self.topic_id or topic_id
+        return False
+
+    def read_to_end(self) -> None:
+        """The topic is read to its end (past the end offset read at the start, and a poll brought nothing
+        more): from now on the book takes the shared state."""
+        with self.lock:
+            self.caught_up = True
+        log.info("control plane: read %s to its end: %s", self.topic,
+                 "no shared state yet" if self.head is None else
+                 f"{version_name(self.head['promoted'])} promoted (seq {self.head['seq']}, leader "
+                 f"{self.head['writer']})")
+
+    def take(self, key: str, value: bytes | None) -> Taken | None:
+        """Fold one message into the pass (None: a message of no kind this log knows, or a tombstone of one)."""
+        if key.startswith(RECORD_PREFIX):
+            version = int(key[len(RECORD_PREFIX):])
+            if value is None:
+                self.in_log[version] = None
+                return Taken(RECORD_PREFIX, version)
+            msg = json.loads(value)
+            digest = msg["digest"]
+            kept = self.store.setdefault(version, {})
+            kept.pop(digest, None)
+            kept[digest] = canonical(msg["record"])
+            while len(kept) > RECORDS_KEPT:
+                kept.pop(next(iter(kept)))
+            self.in_log[version] = digest
+            return Taken(RECORD_PREFIX, version, msg)
+        if key not in (HEAD, CLAIM) or value is None:
+            return None
+        msg = json.loads(value)
+        epoch, writer = int(msg["epoch"]), msg["writer"]
+        newer = epoch > self.epoch
+        if key == CLAIM:
+            if newer:
+                self.accept(epoch, writer, msg["url"])
+            return Taken(CLAIM, None, msg, epoch, writer, newer)
+        if not (newer or (epoch == self.epoch and writer == self.owner)):
+            return Taken(HEAD, None, msg, epoch, writer, False)
+        self.accept(epoch, writer, msg["url"])
+        with self.lock:
+            self.head = msg
+            self.seq = max(self.seq, int(msg["seq"]))
+        return Taken(HEAD, None, msg, epoch, writer, True)
+
+    def accept(self, epoch: int, writer: str, url: str) -> None:
+        with self.lock:
+            self.epoch, self.owner = epoch, writer
+            self.leader_id, self.leader_url = writer, url
+            self.memory_epoch = max(self.memory_epoch, epoch)
+        CONTROL_EPOCH.set(epoch)
+
+    # -- the book ------------------------------------------------------------------------------------
+    def apply(self) -> None:
+        """Make the book the newest accepted head's state (the records that changed), if all are here."""
+        head = self.head
+        if head is None:
+            return
+        if self.diverged:
+            self.diverged, self.applied_digests = False, None
+        wanted = {int(v): d for v, d in head["versions"].items()}
+        if self.applied_digests == wanted and self.applied_seq >= int(head["seq"]):
+            return
+        missing = [v for v, d in wanted.items() if d not in self.store.get(v, {})]
+        if missing:  # its records come after it in a compacted log (written again by the leader)
+            return
+        full = self.applied_digests is None
+        have = self.applied_digests or {}
+        changed = [v for v, d in wanted.items() if full or have.get(v) != d]
+        try:
+            records = [json.loads(self.store[v][wanted[v]]) for v in changed]
+            self.book.apply_replicated(records, [v for v in have if v not in wanted], head, full=full)
+        except (ValueError, TypeError, KeyError) as exc:  # a head this book cannot hold: skipped, said once
+            log.error("control plane: cannot apply the shared state of seq %s (%s); keeping this replica's",
+                      head.get("seq"), exc)
+            self.head = None
+            return
+        self.applied_digests = wanted
+        for rec in records:
+            if rec.get("score") is not None:
+                self.scores.set(rec["version"], rec["score"], rec.get("signals"))
+        self.changed(head)
+        self.set_applied(int(head["seq"]))
+
+    def set_applied(self, seq: int) -> None:
+        with self.applied:
+            self.applied_seq = max(self.applied_seq, seq)
+            self.memory_seq = max(self.memory_seq, seq)
+            self.applied.notify_all()
+        CONTROL_SEQ.set(self.applied_seq)
+
+    def wait_applied(self, seq: int, timeout_s: float) -> bool:
+        """Wait until the book holds the shared state of sequence number `seq` or newer."""
+        deadline = time.monotonic() + timeout_s
+        with self.applied:
+            while self.applied_seq < seq:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.applied.wait(left)
+            return True
