@@ -22,7 +22,7 @@ import logging
 import os
 from pathlib import Path
 
-from service.adapter_store import adapter_digest, read_manifest
+from service.adapter_store import AdapterFolderError, read_manifest, verified_folder
 from service.contracts import parse_version_name
 
 log = logging.getLogger(__name__)
@@ -39,19 +39,11 @@ def store_lora_path(store: Path, lora_name: str) -> Path | None:
     ready = read_manifest(store, version)
     if ready is None:
         return None
-    folder = (store / ready.path).resolve()
-    if not folder.is_relative_to(store.resolve()):
-        log.error("odpo resolver: %s names %s, outside the store", lora_name, ready.path)
-        return None
     try:
-        digest = adapter_digest(folder)
-    except OSError as exc:
-        log.error("odpo resolver: cannot read %s: %s", folder, exc)
+        return verified_folder(store, ready.path, ready.sha256)
+    except AdapterFolderError as exc:
+        log.error("odpo resolver: not serving %s: %s", lora_name, exc)
         return None
-    if digest != ready.sha256:
-        log.error("odpo resolver: sha256 mismatch for %s; not serving it", folder)
-        return None
-    return folder
 
 
 def register() -> None:

@@ -77,6 +77,26 @@ def publish_dir(staged: Path, store: Path, version: int) -> Path:
     return final
 
 
+class AdapterFolderError(Exception):
+    """An adapter folder that must not be served: outside the store, unreadable, or not the announced bytes."""
+
+
+def verified_folder(store: Path, rel_path: str, sha256: str) -> Path:
+    """`rel_path` in the store, resolved, if it lies inside the store and its files' digest is `sha256`;
+    raises AdapterFolderError saying why not."""
+    root = Path(store).expanduser().resolve()
+    folder = (root / rel_path).resolve()
+    if not folder.is_relative_to(root):
+        raise AdapterFolderError(f"{rel_path} is outside the adapter store")
+    try:
+        digest = adapter_digest(folder)
+    except OSError as exc:
+        raise AdapterFolderError(f"cannot read {folder}: {exc}") from exc
+    if digest != sha256:
+        raise AdapterFolderError(f"sha256 mismatch for {folder}")
+    return folder
+
+
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` all at once: write a uniquely named temporary file beside it, fsync, rename.
     (Not `.tmp-<pid>` alone: pods sharing the store all run as pid 1.)"""

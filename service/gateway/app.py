@@ -130,9 +130,7 @@ def _keep_in_file(book: VersionBook, settings: GatewaySettings, common: CommonSe
 def _release_in_background(book: VersionBook, adapters: EngineAdapters) -> None:
     """After the leader's state was applied here: unload what this replica loaded and no longer routes to (in
     a thread of its own: an engine that hangs must not hold up the replication)."""
-    evaluating = book.evaluating
-    keep = {book.promoted} | ({evaluating} if evaluating is not None else set())
-    threading.Thread(target=adapters.release, args=(keep,), name="odpo-gateway-release", daemon=True).start()
+    threading.Thread(target=adapters.release, args=(book.in_use(),), name="odpo-gateway-release", daemon=True).start()
 
 
 def _hold_in_store(book: VersionBook, settings: GatewaySettings, common: CommonSettings) -> None:

@@ -68,6 +68,9 @@ class VersionRecord:
     rows: list[dict[str, Any]] = field(default_factory=list)  # per-prompt evaluation rows, prompt order
 
 
+_RECORD_FIELDS = frozenset(f.name for f in fields(VersionRecord))
+
+
 @dataclass(frozen=True)
 class Decision:
     """What the gate decided for one scored version."""
@@ -78,6 +81,11 @@ class Decision:
     status: str
     reason: str
     previous: int  # the version promoted before the decision
+
+
+def _record_from(raw: dict[str, Any]) -> VersionRecord:
+    """A record from its exported (or replicated) form; fields this version of odpo does not know are ignored."""
+    return VersionRecord(**{k: v for k, v in raw.items() if k in _RECORD_FIELDS})
 
 
 def _changes(changed: Callable[[Any], bool] = lambda result: True):
@@ -121,6 +129,11 @@ class VersionBook:
     @property
     def evaluating(self) -> int | None:
         return self._evaluating
+
+    def in_use(self) -> set[int]:
+        """The versions the gateway routes to or scores now: the promoted one and the one being scored."""
+        with self._lock:
+            return {self._promoted} | ({self._evaluating} if self._evaluating is not None else set())
 
     def record(self, version: int) -> VersionRecord | None:
         with self._lock:
@@ -299,10 +312,9 @@ class VersionBook:
         """Take over an exported state. A version being scored when it was saved is pending again;
         `keep_scores=False` (the held-out evaluation changed since) forgets every score, so the
         promoted version is scored again before a new version is compared with it."""
-        known = {f.name for f in fields(VersionRecord)}
         records = {}
         for raw in state["records"]:
-            rec = VersionRecord(**{k: v for k, v in raw.items() if k in known})
+            rec = _record_from(raw)
             if rec.status == EVALUATING:
                 rec.status = PENDING
             if not keep_scores:  # verdicts stay as they were given; only the numbers are not comparable
@@ -327,11 +339,7 @@ class VersionBook:
         version, history, pin), all at once under the lock. Statuses stay as the leader set them, `evaluating`
         included (it is scoring that version). No `on_change`: the caller is the replication itself, and a
         change it made must not travel back to Kafka."""
-        known = {f.name for f in fields(VersionRecord)}
-        taken = {}
-        for raw in records:
-            rec = VersionRecord(**{k: v for k, v in raw.items() if k in known})
-            taken[rec.version] = rec
+        taken = {rec.version: rec for rec in map(_record_from, records)}
         promoted = int(head["promoted"])
         with self._lock:
             merged = {} if full else dict(self._records)

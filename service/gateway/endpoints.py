@@ -66,8 +66,7 @@ class EnginePool:
     def urls(self) -> list[str]:
         """Every endpoint, up or down (DNS re-read when due; a blocking call, cheap and rare)."""
         with self._lock:
-            due = self.resolve_dns and time.monotonic() - self._resolved_at > self.dns_refresh_s
-            if self._urls and not due:
+            if self._urls and not self.dns_due():
                 return list(self._urls)
         urls = [u for c in self.configured for u in (expand_dns(c) if self.resolve_dns else [c])]
         urls = list(dict.fromkeys(urls))

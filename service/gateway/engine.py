@@ -27,7 +27,7 @@ from pathlib import Path
 import anyio
 import httpx
 
-from service.adapter_store import adapter_digest, read_manifest
+from service.adapter_store import AdapterFolderError, read_manifest, verified_folder
 from service.contracts import BASE_MODEL_NAME, POLICY_ALIAS, parse_version_name, version_name
 from service.gateway.book import VersionBook, VersionRecord
 from service.gateway.endpoints import EnginePool
@@ -133,19 +133,12 @@ class EngineAdapters:
                 self._load(url, rec.version, self._checked_folder(rec))
 
     def _checked_folder(self, rec: VersionRecord) -> Path:
-        name = version_name(rec.version)
         if not rec.path or not rec.sha256:
-            raise NotServable(f"{name} has no adapter path")
-        folder = (self.store / rec.path).resolve()
-        if not folder.is_relative_to(self.store):
-            raise NotServable(f"{rec.path} is outside the adapter store")
+            raise NotServable(f"{version_name(rec.version)} has no adapter path")
         try:
-            digest = adapter_digest(folder)
-        except OSError as exc:
-            raise NotServable(f"cannot read {folder}: {exc}") from exc
-        if digest != rec.sha256:
-            raise NotServable(f"sha256 mismatch for {folder}")
-        return folder
+            return verified_folder(self.store, rec.path, rec.sha256)
+        except AdapterFolderError as exc:
+            raise NotServable(str(exc)) from exc
 
     def _load(self, url: str, version: int, folder: Path) -> None:
         name = version_name(version)
@@ -201,16 +194,19 @@ class ModelRouter:
             return found
 
     async def routable(self) -> list[str]:
-        """The pool's routable engines (name resolution, when due, off the event loop)."""
-        if self.pool.dns_due():
-            await anyio.to_thread.run_sync(self.pool.urls)
+        """The pool's routable engines."""
+        await self._resolve_names()
         return self.pool.routable()
 
     async def rotation(self) -> list[str]:
         """The routable engines in the order one request tries them (round-robin)."""
+        await self._resolve_names()
+        return self.pool.rotation()
+
+    async def _resolve_names(self) -> None:
+        """Re-read the engines' addresses when due, off the event loop (a blocking DNS call)."""
         if self.pool.dns_due():
             await anyio.to_thread.run_sync(self.pool.urls)
-        return self.pool.rotation()
 
     async def _fetch(self, url: str) -> Exception | None:
         try:
@@ -239,7 +235,7 @@ class ModelRouter:
         if version is None:
             raise UnknownModel(f"unknown model `{requested}`; use `{POLICY_ALIAS}`, `{BASE_MODEL_NAME}` or "
                                "`policy-v<N>`")
-        if self.record(version) is None and version not in await self.listed() \
+        if version not in await self.listed() and self.record(version) is None \
                 and version not in await self.listed(force=True):
             raise UnknownModel(f"model `{requested}` is not loaded")
         return requested, version

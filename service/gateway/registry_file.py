@@ -95,4 +95,3 @@ class RegistryFile:
             self.path.replace(aside)
         except OSError:
             pass
-
