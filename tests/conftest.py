@@ -96,6 +96,19 @@ def vllm_server(model_dir, vllm_store, tmp_path_factory):
 
 
 @pytest.fixture()
+def announce(vllm_store):
+    """Announce versions in the shared vLLM store for one test (`announce(ready)`); the announcements are
+    removed at its end, so the gates of later tests, which take the store's newest announced version, never
+    see them."""
+    from service.adapter_store import write_manifest
+
+    written = []
+    yield lambda ready: written.append(write_manifest(vllm_store, ready))
+    for path in written:
+        path.unlink(missing_ok=True)
+
+
+@pytest.fixture()
 def manager(vllm_server, vllm_store, model_dir):
     """A fresh AdapterManager (its own view) on the shared vLLM server; `base` is adopted if already loaded."""
     import httpx

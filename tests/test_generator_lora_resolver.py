@@ -11,7 +11,6 @@ import json
 
 import httpx
 
-from service.adapter_store import write_manifest
 from tests.gateway_server import noisy_adapter, register_base
 
 PROMPT = [{"role": "user", "content": "Write one sentence about the sea."}]
@@ -26,11 +25,11 @@ def _listed(url: str) -> set[str]:
     return {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
 
 
-def test_announced_version_is_served_on_first_request(vllm_server, vllm_store, model_dir):
+def test_announced_version_is_served_on_first_request(vllm_server, vllm_store, model_dir, announce):
     url = vllm_server.url
     register_base(url, model_dir, vllm_store)
     ready = noisy_adapter(vllm_store, model_dir, 9101, scale=0.05, seed=3)
-    write_manifest(vllm_store, ready)
+    announce(ready)
     assert "policy-v9101" not in _listed(url)
 
     lazy = _ask(url, "policy-v9101")
@@ -47,14 +46,14 @@ def test_announced_version_is_served_on_first_request(vllm_server, vllm_store, m
     assert _ask(url, "base").json()["choices"][0]["message"]["content"] != text
 
 
-def test_unannounced_or_altered_folders_are_not_served(vllm_server, vllm_store, model_dir):
+def test_unannounced_or_altered_folders_are_not_served(vllm_server, vllm_store, model_dir, announce):
     url = vllm_server.url
     noisy_adapter(vllm_store, model_dir, 9102, scale=0.05, seed=4)  # in the store, never announced
     resp = _ask(url, "policy-v9102")
     assert resp.status_code == 404, resp.text
 
     ready = noisy_adapter(vllm_store, model_dir, 9103, scale=0.05, seed=5)
-    write_manifest(vllm_store, ready.model_copy(update={"sha256": "0" * 64}))
+    announce(ready.model_copy(update={"sha256": "0" * 64}))
     resp = _ask(url, "policy-v9103")
     assert resp.status_code == 404, resp.text
     assert "policy-v9103" not in _listed(url)

@@ -17,7 +17,6 @@ import httpx
 import pytest
 
 from generator.server import VllmServer
-from service.adapter_store import write_manifest
 from service.bus import make_producer, publish
 from service.contracts import TOPIC_ADAPTERS, version_name
 from service.settings import CommonSettings, GatewaySettings, GeneratorSettings
@@ -25,8 +24,8 @@ from tests.gateway_server import noisy_adapter, register_base, running_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
-# Names no other test of the session uses, and above every version other tests announce in the shared store:
-# the gate also takes the store's newest announced version, and scores the newest pending one.
+# Names no other test of the session uses. (The gate also takes the store's newest announced version and
+# scores the newest pending one: tests announce through the `announce` fixture, which removes them after.)
 PROMOTED, ANNOUNCED = 9901, 9902
 PROBE = [{"role": "user", "content": "Name two things you can do at a lake."}]
 OPEN_GATE = dict(heldout_prompts=4, heldout_prompts_max=4, eval_max_tokens=8, promotion_tolerance=1.0,
@@ -65,7 +64,7 @@ def _answers(gateway: str, model: str, n: int) -> dict[str, set[str]]:
     return by_engine
 
 
-def test_two_replicas_serve_every_version(vllm_server, plain_vllm, own_broker, model_dir, vllm_store):
+def test_two_replicas_serve_every_version(vllm_server, plain_vllm, own_broker, model_dir, vllm_store, announce):
     register_base(vllm_server.url, model_dir, vllm_store)
     engines = [vllm_server.url, plain_vllm.url]
     settings = GatewaySettings(vllm_url=",".join(engines), **OPEN_GATE)
@@ -73,7 +72,7 @@ def test_two_replicas_serve_every_version(vllm_server, plain_vllm, own_broker, m
     with running_gateway(settings, common) as gateway:
         # the gate promotes a published version only after loading it into both replicas
         ready = noisy_adapter(vllm_store, model_dir, PROMOTED, scale=0.02, seed=11)
-        write_manifest(vllm_store, ready)
+        announce(ready)
         producer = make_producer(own_broker.bootstrap)
         publish(producer, TOPIC_ADAPTERS, version_name(PROMOTED), ready)
         producer.close()
@@ -92,7 +91,7 @@ def test_two_replicas_serve_every_version(vllm_server, plain_vllm, own_broker, m
         # a version only announced in the store: the resolver serves it on one replica, the gateway loads it
         # into the other when that one answers 404
         announced = noisy_adapter(vllm_store, model_dir, ANNOUNCED, scale=0.05, seed=12)
-        write_manifest(vllm_store, announced)
+        announce(announced)
         assert _ask(plain_vllm.url, version_name(ANNOUNCED)).status_code == 404
         by_engine = _answers(gateway, version_name(ANNOUNCED), 4)
         assert set(by_engine) == {"0", "1"} and by_engine["0"] == by_engine["1"], by_engine
