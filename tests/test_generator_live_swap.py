@@ -117,26 +117,33 @@ def test_requests_in_flight_across_a_swap_finish_on_their_version(client, vllm_s
     # flight together even on a slow, loaded machine; only the first `tokens` are checked against HF.
     in_flight_tokens = 192
     busy = lambda: vllm_gauge(url, "vllm:num_requests_running") + vllm_gauge(url, "vllm:num_requests_waiting")
+    # When each request was sent and answered, on the client's clock. The overlap of the two groups is judged
+    # from these, not from polling vLLM's gauges: on a loaded machine one /metrics call can take longer than
+    # the 16 requests (CI once polled peak 0 while all 8 older requests were still running at the swap).
+    timed = lambda *args: (time.monotonic(), complete(*args), time.monotonic())
     with ThreadPoolExecutor(16) as pool:
-        before = [pool.submit(complete, manager, None, ids[i % 2], in_flight_tokens, True) for i in range(8)]
+        before = [pool.submit(timed, manager, None, ids[i % 2], in_flight_tokens, True) for i in range(8)]
         deadline = time.monotonic() + 120
         while busy() < 8:
             assert not any(f.done() for f in before), f"a request finished before all 8 reached vLLM: " \
-                                                      f"{[f.result()[1:] for f in before if f.done()]}"
+                                                      f"{[f.result()[1][1:] for f in before if f.done()]}"
             assert time.monotonic() < deadline, f"the first 8 requests never ran together (busy={busy()})"
             time.sleep(0.05)
         manager.apply(ready52)
         running_at_swap = sum(not f.done() for f in before)
-        after = [pool.submit(complete, manager, None, ids[i % 2], in_flight_tokens, True) for i in range(8)]
-        peak = 0
+        after = [pool.submit(timed, manager, None, ids[i % 2], in_flight_tokens, True) for i in range(8)]
         while not all(f.done() for f in before + after):
-            peak = max(peak, busy())
             old_running = any(not f.done() for f in before)  # looked at first: a request unloads v51 before it is done
             if not old_running:
                 assert "policy-v51" not in served(url), "v51 is unloaded once its last request is done"
             time.sleep(0.05)
-        results = [f.result() for f in before + after]
-    assert running_at_swap == 8 and peak == 16, "all 16 requests were in flight across the swap"
+        spans = [f.result() for f in before + after]
+    results = [result for _, result, _ in spans]
+    assert running_at_swap == 8, "the 8 older requests were still running when v52 was applied"
+    last_sent = max(sent for sent, _, _ in spans[8:])
+    first_done = min(done for _, _, done in spans[:8])
+    assert last_sent < first_done, f"all 16 requests were in flight together: the last newer one was sent " \
+                                   f"{last_sent - first_done:.2f} s after the first older one was answered"
     assert [r[1:] for r in results] == [("policy-v51", 51)] * 8 + [("policy-v52", 52)] * 8
     expected = {}
     for v in (51, 52):
