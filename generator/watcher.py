@@ -4,8 +4,8 @@ The topic is the fast path: it is read without a consumer group, from the
 beginning, because every generator replica must serve the newest version
 whatever it missed. The store is the record (a topic can lose old messages:
 retention, a recreated topic, a new or restarted broker), so the watcher also
-reads the store's newest announced version (`newest_ready`) at start and every
-`store_check_s`, and loads it when the topic did not bring it. A generator
+reads the store's announced versions at start and every `store_check_s`, and
+loads the newest one that passes its checks when the topic did not bring it. A generator
 that learned versions only from the topic would sample with `base` while the
 trainer is at v10, and every pair it made would be dropped as stale.
 
@@ -24,7 +24,7 @@ import httpx
 
 from generator.adapters import AdapterManager, AdapterRejected
 from generator.metrics import STORE_CATCH_UPS, VERSIONS_BEHIND
-from service.adapter_store import newest_ready
+from service.adapter_store import announced_versions, read_manifest
 from service.bus import Envelope, Inbox
 from service.contracts import AdapterReady, version_name
 
@@ -68,26 +68,31 @@ class AdapterWatcher:
         return None
 
     def check_store(self, halt: threading.Event) -> int | None:
-        """Serve the store's newest announced version if it is newer than the current one; returns it if loaded."""
+        """Serve the store's newest announced version newer than the current one that passes its checks
+        (a damaged newest version does not leave a restarted generator on `base`); returns it if loaded."""
         self._next_store_check = time.monotonic() + self.store_check_s
         if self.store is None:
             return None
         try:
-            ready = newest_ready(self.store)
+            versions = announced_versions(self.store)
         except OSError as exc:  # a volume that went away: the topic still works; try again later
             log.warning("cannot read the adapter store %s: %s", self.store, exc)
             return None
         current = self.adapters.current_version
-        VERSIONS_BEHIND.set(max(0, (ready.version if ready else 0) - max(current, 0)))
-        if ready is None or ready.version <= current or (ready.version, ready.sha256) in self._refused_store:
-            return None
-        log.warning("the adapter store holds %s but odpo.adapters did not bring it (serving version %d): "
-                    "loading it from the store", version_name(ready.version), current)
-        STORE_CATCH_UPS.inc()
-        if not self._apply(ready, halt, None):
-            return None
-        VERSIONS_BEHIND.set(0)
-        return ready.version
+        VERSIONS_BEHIND.set(max(0, (versions[-1] if versions else 0) - max(current, 0)))
+        for version in reversed(versions):
+            if version <= current or halt.is_set():
+                return None
+            ready = read_manifest(self.store, version)
+            if ready is None or (ready.version, ready.sha256) in self._refused_store:
+                continue
+            log.warning("the adapter store holds %s but odpo.adapters did not bring it (serving version %d): "
+                        "loading it from the store", version_name(ready.version), current)
+            STORE_CATCH_UPS.inc()
+            if self._apply(ready, halt, None):
+                VERSIONS_BEHIND.set(max(0, versions[-1] - version))
+                return version
+        return None
 
     def run(self, halt: threading.Event, poll_ms: int = 500) -> None:
         while not halt.is_set():

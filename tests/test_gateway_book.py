@@ -58,6 +58,27 @@ def test_newest_pending_version_supersedes_older_ones():
     assert [book.record(v).status for v in (1, 2, 3)] == ["superseded", "superseded", "evaluating"]
 
 
+def test_versions_a_failed_one_superseded_wait_again():
+    book = scored_base()
+    for v in (1, 2, 3):
+        book.add(ready(v))
+    assert book.next_evaluation() == (3, [1, 2])
+    book.decide(3, 0.6)
+    book.add(ready(4))
+    assert book.next_evaluation() == (4, [])
+    assert book.fail(4, "cannot be served: sha256 mismatch") == [], "1 and 2 were superseded by 3, which was scored"
+    for v in (5, 6):
+        book.add(ready(v))
+    assert book.next_evaluation() == (6, [5])
+    assert book.fail(6, "cannot be served: sha256 mismatch") == [5]
+    assert (book.record(5).status, book.record(5).reason, book.record(5).superseded_by) == ("pending", "", None)
+    assert book.next_evaluation() == (5, [])
+    assert [book.record(v).status for v in (1, 2, 6)] == ["superseded", "superseded", "failed"]
+    restored = VersionBook(0.05)
+    restored.restore_state(json.loads(json.dumps(book.export_state())))
+    assert restored.record(1).superseded_by == 3 and restored.newest() == 6
+
+
 def test_pin_holds_traffic_and_unpin_releases_it():
     book = scored_base()
     book.pin()

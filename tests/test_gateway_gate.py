@@ -146,6 +146,34 @@ def test_bad_adapter_is_not_promoted_and_rollback_restores_traffic(gated, vllm_s
     assert _metric(url, BY_ROLLBACK) == before[BY_ROLLBACK] + 2
 
 
+SUPERSEDED = 'odpo_gateway_promotion_refusals_total{reason="superseded"}'
+NOT_SERVABLE = 'odpo_gateway_promotion_refusals_total{reason="not_servable"}'
+SOUND, DAMAGED = 704, 705  # names no other test of the session uses
+
+
+def test_a_damaged_newest_version_does_not_void_the_sound_one_before_it(gated, vllm_server, model_dir, vllm_store,
+                                                                        announce):
+    """Two versions announced in the store at once (the topic brought neither), the newer one damaged (its
+    files do not match its sha256): the gate takes the newest, which supersedes the older, cannot serve it,
+    and then scores and promotes the older one instead of leaving `policy` where it was."""
+    _, url = gated
+    _wait_decided(url, 0)
+    before = {m: _metric(url, m) for m in (SUPERSEDED, NOT_SERVABLE, BY_GATE)}
+    sound = noisy_adapter(vllm_store, model_dir, SOUND, scale=1e-5, seed=4, parent=0)
+    damaged = noisy_adapter(vllm_store, model_dir, DAMAGED, scale=1e-5, seed=5, parent=SOUND)
+    announce(sound)
+    announce(damaged.model_copy(update={"sha256": "0" * 64}))
+    rec = _wait_decided(url, DAMAGED)
+    assert rec["status"] == "failed" and "sha256" in rec["reason"], rec
+    rec = _wait_decided(url, SOUND)
+    assert rec["status"] == "passed" and rec["promoted"], rec
+    assert _greedy(url, "policy")[1] == str(SOUND)
+    # Both came from one look at the store: the damaged one superseded the sound one, which then came back.
+    assert _metric(url, SUPERSEDED) == before[SUPERSEDED] + 1
+    assert _metric(url, NOT_SERVABLE) == before[NOT_SERVABLE] + 1 and _metric(url, BY_GATE) == before[BY_GATE] + 1
+    assert f"policy-v{DAMAGED}" not in _listed(vllm_server.url)
+
+
 RESTARTED = 703  # names no other test of the session uses
 
 

@@ -7,7 +7,8 @@ Rules:
 - Version 0 (`base`) is promoted at start; the gate scores it first.
 - A new version waits as `pending`; the gate scores the newest pending one
   and marks older pending ones `superseded` (a backlog never delays the
-  newest version behind stale ones).
+  newest version behind stale ones). When the newest one cannot be scored
+  (`failed`: damaged files, engine errors), those wait again.
 - A scored version is promoted unless the gate's verdict
   (service/gateway/verdict.py: the paired score difference against the
   promoted version and the quality signals) refuses it, naming the signal
@@ -65,6 +66,7 @@ class VersionRecord:
     evaluated_at: float | None = None
     signals: dict[str, Any] = field(default_factory=dict)  # judge/signals.py summary of its held-out answers
     refused_by: str = ""  # the signal that refused it ("score", "mean_words", ...)
+    superseded_by: int | None = None  # the newer version chosen over it; pending again if that one fails
     rows: list[dict[str, Any]] = field(default_factory=list)  # per-prompt evaluation rows, prompt order
 
 
@@ -135,6 +137,11 @@ class VersionBook:
         with self._lock:
             return {self._promoted} | ({self._evaluating} if self._evaluating is not None else set())
 
+    def newest(self) -> int:
+        """The newest version the book knows."""
+        with self._lock:
+            return max(self._records)
+
     def record(self, version: int) -> VersionRecord | None:
         with self._lock:
             rec = self._records.get(version)
@@ -184,8 +191,9 @@ class VersionBook:
                     return None, []
                 chosen, superseded = pending[-1], pending[:-1]
                 for v in superseded:
-                    self._records[v].status = SUPERSEDED
-                    self._records[v].reason = f"v{chosen} was published before it was scored"
+                    rec = self._records[v]
+                    rec.status, rec.superseded_by = SUPERSEDED, chosen
+                    rec.reason = f"v{chosen} was published before it was scored"
             self._records[chosen].status = EVALUATING
             self._evaluating = chosen
             return chosen, superseded
@@ -245,12 +253,20 @@ class VersionBook:
             return Decision(version, score, promote, rec.status, rec.reason, previous)
 
     @_changes()
-    def fail(self, version: int, reason: str) -> None:
-        """The gate could not score `version` (not loadable, engine errors): it is not promoted."""
+    def fail(self, version: int, reason: str) -> list[int]:
+        """The gate could not score `version` (not loadable, engine errors): it is not promoted. The versions
+        it superseded wait to be scored again (a damaged newest version does not void the good ones before
+        it); returns them."""
         with self._lock:
             self._evaluating = None
             rec = self._records[version]
             rec.status, rec.reason, rec.evaluated_at = FAILED, reason, time.time()
+            revived = sorted(v for v, r in self._records.items()
+                             if r.status == SUPERSEDED and r.superseded_by == version)
+            for v in revived:
+                r = self._records[v]
+                r.status, r.reason, r.superseded_by = PENDING, "", None
+            return revived
 
     @_changes()
     def requeue(self, version: int) -> None:

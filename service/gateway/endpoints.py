@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-from service.gateway.metrics import ENGINE_UP
+from service.gateway.metrics import ENGINE_REQUESTS, ENGINE_UP
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,19 @@ class EnginePool:
         urls = [u for c in self.configured for u in (expand_dns(c) if self.resolve_dns else [c])]
         urls = list(dict.fromkeys(urls))
         with self._lock:
+            gone = [u for u in self._urls if u not in urls]
             if urls != self._urls and self._urls:
                 log.info("serving engines now: %s", ", ".join(urls))
+            for url in gone:  # a pod that left: its state and its metric series go with it
+                self._down_until.pop(url, None)
             self._urls, self._resolved_at = urls, time.monotonic()
-            return list(urls)
+        for url in gone:
+            for metric in (ENGINE_UP, ENGINE_REQUESTS):
+                try:
+                    metric.remove(url)
+                except KeyError:  # never had a sample
+                    pass
+        return list(urls)
 
     def dns_due(self) -> bool:
         """True when `urls()` would resolve names now (a blocking call: run it in a thread)."""

@@ -5,8 +5,10 @@ records each `AdapterReady` in the `VersionBook`. With several gateway
 replicas it runs only on the elected leader (service/gateway/control.py),
 whose book the others copy. The adapter store is the record, the topic only the fast
 path: at start and every `store_check_s` the gate also records the store's
-newest announced version, so a topic that lost messages (a new broker,
-retention) does not hide versions from it. It scores `base` first, then the newest pending version:
+announced versions newer than any it knows, so a topic that lost messages (a
+new broker, retention) does not hide versions from it. It scores `base` first,
+then the newest pending version (if that one cannot be scored, the ones it
+superseded wait again):
 greedy answers from the serving engine for `policy-v<N>` (once vLLM lists it;
 loaded from the store if the generator does not), one evaluation row per
 prompt (judge/signals.py: task score, strict pass, length, topic, the base
@@ -30,7 +32,7 @@ from collections.abc import Callable
 
 import httpx
 
-from service.adapter_store import newest_ready
+from service.adapter_store import announced_versions, read_manifest
 from service.bus import Inbox, make_producer
 from service.contracts import TOPIC_ADAPTERS, AdapterReady, version_name
 from service.gateway.book import VersionBook
@@ -120,15 +122,19 @@ class PromotionGate:
                          version_name(env.value.version), env.value.parent_version, env.value.pairs_trained)
 
     def _read_store(self) -> None:
+        """Take every announced version newer than the book's newest (not only the store's newest: if that
+        one turns out damaged, the good ones before it are still scored)."""
         self._next_store_check = time.monotonic() + self.settings.store_check_s
+        store, newest = self.common.store_dir, self.book.newest()
         try:
-            ready = newest_ready(self.common.store_dir)
+            found = [read_manifest(store, v) for v in announced_versions(store) if v > newest]
         except OSError as exc:  # the volume went away: the topic still works; try again later
-            log.warning("gate: cannot read the adapter store %s: %s", self.common.store_dir, exc)
+            log.warning("gate: cannot read the adapter store %s: %s", store, exc)
             return
-        if ready is not None and self.book.add(ready):
-            log.info("gate: %s found in the adapter store (odpo.adapters did not bring it); waiting to be scored",
-                     version_name(ready.version))
+        for ready in found:
+            if ready is not None and self.book.add(ready):
+                log.info("gate: %s found in the adapter store (odpo.adapters did not bring it); waiting to be "
+                         "scored", version_name(ready.version))
 
     # -- scoring one version -------------------------------------------------------------------------
     def _evaluate(self, version: int) -> None:
@@ -263,10 +269,12 @@ class PromotionGate:
         return self._reference
 
     def _failed(self, version: int, reason: str, kind: str) -> None:
-        self.book.fail(version, reason)
+        revived = self.book.fail(version, reason)
         if version != self.book.promoted:
             REFUSALS.labels(kind).inc()
         log.warning("gate: %s not promoted: %s", version_name(version), reason)
+        if revived:
+            log.info("gate: %s, which it superseded, will be scored", ", ".join(map(version_name, revived)))
         sync_promoted(self.book)
         self.adapters.release({self.book.promoted})
         if version == self.book.promoted:
