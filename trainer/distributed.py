@@ -149,14 +149,16 @@ class Ranks:
         """Where the policy is loaded: FSDP shards it from host memory onto the rank's device."""
         return torch.device("cpu") if self.spread and self.parallel == "fsdp" else self.device
 
-    def wrap(self, policy) -> tuple | None:
-        """(training forward, plain forward) over `policy.model`; None in a single process (call it directly).
+    def wrap(self, policy) -> tuple[torch.nn.Module, PairScorer]:
+        """(training forward, plain forward) over `policy.model`: one plain `PairScorer` for both in a single
+        process, DDP or FSDP around it under torchrun.
 
         FSDP moves the policy to this rank's device as it shards it (`policy.device` follows).
         """
-        if not self.spread:
-            return None
         model = policy.model
+        if not self.spread:
+            scorer = PairScorer(model, policy.device, policy.pad_id)
+            return scorer, scorer
         lora = [p for p in model.parameters() if p.requires_grad]
         if self.parallel == "fsdp":
             policy.device = self.device

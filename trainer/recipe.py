@@ -40,7 +40,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.distributed import SOLO, Ranks
-from trainer.logps import Scored, reference_logps, score_pairs
+from trainer.logps import Scored
 from trainer.losses import LossOutput, LossParams, PairLogps, dpo_loss, reward_metrics
 from trainer.model import Policy, autocast, load_policy
 from trainer.schedule import lr_at
@@ -67,8 +67,8 @@ class Trainer:
                  ranks: Ranks = SOLO):
         self.policy, self.settings, self.ranks = policy, settings, ranks
         self.state = state or TrainerState(base_model=policy.base_model)
-        # under torchrun: (DDP/FSDP forward that trains, plain forward); None: call the model directly
-        self._wrapped = ranks.wrap(policy)
+        # the forward that trains (DDP/FSDP under torchrun) and the plain one (reference log-probs)
+        self._train_forward, self._plain_forward = ranks.wrap(policy)
         self.loss_params = LossParams(settings.beta, settings.label_smoothing, settings.discopop_tau)
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=settings.learning_rate,
                                            weight_decay=settings.weight_decay)
@@ -115,23 +115,15 @@ class Trainer:
 
     def reference(self, pairs: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
         """pair id -> [2] reference log-probs (chosen, rejected)."""
-        with self._autocast():
-            if self._wrapped is not None:  # FSDP gathers its shards only in calls of the module it wraps
-                with torch.no_grad():
-                    ref = self._wrapped[1](pairs, self.forward_tokens, reference=True).float()
-            else:
-                ref = reference_logps(self.policy.model, pairs, self.policy.device, self.policy.pad_id,
-                                      self.forward_tokens).float()
+        # through the module's call, not reference_logps: FSDP gathers its shards only in calls of what it wraps
+        with self._autocast(), torch.no_grad():
+            ref = self._plain_forward(pairs, self.forward_tokens, reference=True).float()
         return {p.pair_id: ref[i] for i, p in enumerate(pairs)}
 
     def forward(self, batch: Sequence[TokenizedPair], ref: dict[str, torch.Tensor]) -> tuple[LossOutput, Scored]:
         """Policy log-probs of one micro-batch and its losses against the reference."""
         with self._autocast():
-            if self._wrapped is not None:
-                scored = Scored(*self._wrapped[0](batch, self.forward_tokens))
-            else:
-                scored = score_pairs(self.policy.model, batch, self.policy.device, self.policy.pad_id,
-                                     self.forward_tokens)
+            scored = Scored(*self._train_forward(batch, self.forward_tokens))
         pol = scored.logps.float()
         rf = torch.stack([ref[p.pair_id] for p in batch])
         lengths = scored.lengths.to(pol.device).float()
