@@ -322,6 +322,8 @@ def test_admin_changes_through_either_replica_reach_both(replicas):
 def test_killed_leader_fails_over_and_no_version_is_decided_twice(replicas, model_dir, vllm_store):
     (a, b), producer = replicas
     leader, follower = _roles([a, b])
+    if leader.get("/admin/versions")["pinned"]:  # left by a test before that failed half-way
+        leader.admin("unpin")
     # The leader starts scoring V2; it is killed before it decides.
     publish(producer, TOPIC_ADAPTERS, version_name(V2), noisy_adapter(vllm_store, model_dir, V2, 1e-5, seed=22,
                                                                       parent=V1))

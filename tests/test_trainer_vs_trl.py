@@ -24,9 +24,11 @@ trl = pytest.importorskip("trl", minversion="1.16.0")
 datasets = pytest.importorskip("datasets")
 
 TOL = 1e-4
-# Summed float32 log-probs of ~-200 nats round at ~1.5e-5 (one ulp), on TRL's side as on ours; squared losses
-# (sppo_hard, ipo) multiply that by up to ~10, so losses may also differ by this relative amount.
-LOSS_REL = 2e-5
+# Summed float32 log-probs of ~-200 nats round at ~1.5e-5 (one ulp), on TRL's side as on ours, and a pair's
+# log-ratios add up to four such sums (policy and reference, chosen and rejected); squared losses (sppo_hard,
+# ipo) multiply a log-ratio's error by 2|x - 1/(2 beta)| (~5 at a loss of ~6), so a loss may differ by ~3e-4
+# in ~6: a relative 5e-5 (one CI machine measured 2.6e-5 on sppo_hard). A wrong formula is off by far more.
+LOSS_REL = 5e-5
 CHAT = [
     ("Name a colour.", "Blue.", "I cannot answer that, sorry, it is far too hard for me."),
     ("Say hi in five words.", "Hi there, how are you?", "No."),

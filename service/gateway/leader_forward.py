@@ -6,8 +6,13 @@ its client only once its own book has applied that state, so a client that
 reads either replica right after sees the same `policy`. The forwarded call
 carries the client's bearer token and a header naming the replica it came
 from; a replica that gets a forwarded call and does not lead answers 503
-rather than forwarding it again. With no leader reachable: 503 with a JSON
-body and `Retry-After`.
+rather than forwarding it again.
+
+While the leader changes hands (the group rebalances as a replica joins or
+leaves, a new leader claims its epoch) a call first waits for a leader to be
+known, up to twice the election's session timeout: a rolling update of the
+gateway costs an admin client some seconds, not an error. With no leader
+known after that, or none reachable: 503 with a JSON body and `Retry-After`.
 """
 
 from __future__ import annotations
@@ -16,25 +21,48 @@ import anyio
 import httpx
 from fastapi import HTTPException, Request
 
-from service.gateway.control import NotReplicated
+from service.gateway.control import FOLLOWING, NotReplicated
 from service.gateway.protocol import RETRY_AFTER_S
 from service.gateway.state import GatewayState
 
 FORWARDED_BY = "x-odpo-forwarded-by"
+SETTLE_POLL_S = 0.1
 
 
 def unavailable(message: str) -> HTTPException:
     return HTTPException(503, message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+def _unsettled(control) -> bool:
+    """True while no replica is known to lead: this one owns the partition but its group rebalances or its
+    claim is not read back yet, or it follows a head that names no leader or names this replica itself."""
+    if control.leading:
+        return False
+    if control.role != FOLLOWING:
+        return True
+    return control.leader_url in (None, "", control.url)
+
+
+async def _settle(state: GatewayState) -> None:
+    """Wait (at most twice the session timeout, within the forward timeout) for a leader to be known."""
+    settings = state.settings
+    wait_s = min(2 * settings.leader_session_timeout_s, settings.admin_forward_timeout_s)
+    with anyio.move_on_after(wait_s):
+        while _unsettled(state.control):
+            await anyio.sleep(SETTLE_POLL_S)
+
+
 async def forward(state: GatewayState, request: Request, body: dict | None) -> dict | None:
     """None when this replica makes the change itself (it leads, or there is no control plane); otherwise the
     leader's answer, once this replica's book holds the state it names."""
     control = state.control
-    if control is None or control.leading:
+    if control is None:
         return None
-    if control.role == "leading":  # paused: the leader group rebalances (on Tansu about 5 s per join or leave)
-        raise unavailable("the gateway replicas are confirming their leader (a replica joined or left); "
+    await _settle(state)
+    if control.leading:
+        return None
+    if control.role != FOLLOWING:  # still paused in a rebalance (on Tansu about 5 s per join or leave) or claiming
+        raise unavailable("the gateway replicas are still confirming their leader (a replica joined or left); "
                           "try again in a few seconds")
     if request.headers.get(FORWARDED_BY):
         raise unavailable(f"this replica does not lead (any more); the leader is {control.leader_url or 'unknown'}")
