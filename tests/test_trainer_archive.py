@@ -136,6 +136,33 @@ def test_a_loop_whose_archive_fails_commits_nothing_until_it_works(broker, produ
     assert {p.id for p in archived_pairs(store)} >= {p.id for p in pairs}
 
 
+def test_a_stopping_trainer_archives_the_pairs_still_on_the_topic_and_commits_none(broker, producer, group_id,
+                                                                                    tiny_model_dir, tmp_path):
+    """odpo up's broker keeps messages in memory and stops with the run: pairs published while the last window
+    trained would be lost unless the trainer archives them on its way out (untrained, uncommitted)."""
+    store = tmp_path / "store"
+    start_group_at_end(broker.bootstrap, group_id)
+    start = end_offset(broker.bootstrap, PREFS)
+    common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=store, base_model=tiny_model_dir)
+    settings = TrainerSettings(group_id=group_id, max_staleness=100, window_pairs=50, window_seconds=0)
+    inbox = Inbox(broker.bootstrap, TOPIC_PREFERENCES, PreferencePair, "trainer", producer, group_id=group_id)
+    loop = TrainerLoop(Trainer.open(tiny_model_dir, settings, store), inbox, producer, common, settings,
+                       threading.Event())
+    pairs = random_pairs(3, uuid.uuid4().hex[:6])
+    try:
+        deadline = time.monotonic() + 30
+        while not inbox.consumer.assignment() and time.monotonic() < deadline:  # a member, as a running trainer is
+            loop.tick(timeout_ms=200)
+        for p in pairs:
+            publish(producer, TOPIC_PREFERENCES, p.prompt.id, p)
+        assert loop.archive_backlog() >= len(pairs)
+        assert loop.trainer.version == 0 and _committed(inbox) in (None, start)  # nothing trained or committed
+    finally:
+        loop.archive.close()
+        inbox.close()
+    assert {p.id for p in archived_pairs(store)} >= {p.id for p in pairs}
+
+
 def _committed(inbox):
     return inbox.consumer.committed(PREFS)
 

@@ -12,6 +12,12 @@ per-partition high-water marks, so what is committed is the lowest offset
 still buffered (or the read position when nothing is), i.e. the window's
 pairs and everything dropped before them, never a pair that is still waiting.
 
+Stopping (SIGTERM): the window under way finishes (or is abandoned,
+uncommitted), then whatever the topic still holds for the group is archived,
+untrained and uncommitted, for up to `STOP_ARCHIVE_S`: odpo up's memory-only
+broker stops with the run, and the pairs published during the last window
+would be lost with it. The next run reads them again.
+
 Crashes: a killed trainer resumes from the newest complete version; replayed
 pairs already in its ledger are dropped as duplicates, so none trains twice.
 At start the trainer always announces its newest version again (writing its
@@ -82,6 +88,7 @@ from trainer.tokenize import TokenizedPair, UntrainablePair
 log = logging.getLogger(__name__)
 
 COMPONENT = "trainer"
+STOP_ARCHIVE_S = 10.0  # how long a stopping trainer reads the topic on to archive what is still there
 
 
 @dataclass
@@ -186,6 +193,25 @@ class TrainerLoop:
             self.admit(env)
         M.BUFFERED.set(len(self.buffer))
         return result
+
+    def archive_backlog(self, budget_s: float = STOP_ARCHIVE_S) -> int:
+        """On the way out: archive what the topic still holds for this group (read until a poll comes back empty,
+        within `budget_s`) without training or committing it, so the next run reads it again. A memory-only broker
+        (odpo up's) ends with the run: without this, pairs published during the last window would be lost.
+        Returns how many pairs were read."""
+        deadline, read = time.monotonic() + budget_s, 0
+        while time.monotonic() < deadline:
+            envs = self.inbox.poll(timeout_ms=500)
+            if not envs:
+                break
+            for env in envs:
+                self.archive.add(env.value)
+            read += len(envs)
+        if read:
+            synced = self.archive.sync()
+            log.info("stopping: archived %d pair(s) still on %s, untrained and uncommitted%s", read,
+                     TOPIC_PREFERENCES, "" if synced else " (the archive's write failed: they stay on the topic only)")
+        return read
 
     def _publish(self, window: list[_Buffered], result: WindowResult) -> None:
         t0 = time.perf_counter()
@@ -361,6 +387,7 @@ def _lead(trainer: Trainer, common: CommonSettings, settings: TrainerSettings, s
         while not stop.is_set():
             loop.tick()
         ranks.send(STOP)
+        loop.archive_backlog()
     finally:
         loop.archive.close()
         inbox.close()
