@@ -58,6 +58,7 @@ class ChaosOptions:
     clients: int = 2
     warmup_s: float = 60.0
     cooldown_s: float = 60.0
+    drain_s: float = 120.0  # at most this long for the trainer to archive the last pairs before odpo up stops
     window_pairs: int = 8
     recover_timeout_s: float = 600.0
     ready_timeout_s: float = 900.0
@@ -94,7 +95,7 @@ def run(opts: ChaosOptions) -> dict:
         time.sleep(opts.cooldown_s)
         after = tail.seen_between(recovered, time.time()) / max(1e-9, time.time() - recovered)
         clients.stop()
-        _drain(opts.out / "store", tail, up)
+        _drain(opts.out / "store", tail, up, opts.drain_s)
     finally:
         if clients is not None:
             clients.stop()
@@ -225,7 +226,8 @@ class _Clients:
 
 
 def _drain(store: Path, tail: PairTail, up, timeout_s: float = 120.0) -> None:
-    """Give the trainer time to archive the pairs published last (stops when nothing changed for 30 s)."""
+    """Give the trainer time to archive the pairs published last (stops when nothing changed for 30 s); a
+    stopping trainer also archives what is still on the topic, this only keeps that short."""
     from trainer.export import ExportError, archived_pairs
 
     deadline, last, still_since = time.time() + timeout_s, -1, time.time()

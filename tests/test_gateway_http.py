@@ -6,6 +6,8 @@ admin API refuses missing or wrong tokens and is absent without one.
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -143,15 +145,18 @@ def test_admin_refuses_missing_or_wrong_tokens(tmp_path, source, monkeypatch):
 
 def test_admin_changes_without_a_leader_are_503_with_retry_after():
     """With the control plane on and no broker, no replica leads: reads answer from the local registry,
-    changes are refused with a JSON 503 and Retry-After (never made on one replica alone)."""
-    settings, common = _down_settings(control_plane=True, admin_token=TOKEN)
+    changes are refused with a JSON 503 and Retry-After (never made on one replica alone), once they have
+    waited twice the session timeout for a leader."""
+    settings, common = _down_settings(control_plane=True, admin_token=TOKEN, leader_session_timeout_s=1)
     auth = {"authorization": f"Bearer {TOKEN}"}
     with running_gateway(settings, common, gate=False) as url:
         assert httpx.get(f"{url}/admin/versions", headers=auth).json()["promoted"] == 0
         leader = httpx.get(f"{url}/admin/leader", headers=auth).json()
         assert leader["control_plane"] is True and leader["leading"] is False and leader["leader_url"] is None
         for method, path, body in ADMIN_ROUTES[1:]:
+            started = time.monotonic()
             resp = httpx.request(method, f"{url}{path}", json=body, headers=auth, timeout=30)
+            assert 1.9 < time.monotonic() - started < 10
             assert "no gateway replica leads" in _is_error(resp, 503)["message"]
             assert int(resp.headers["retry-after"]) > 0
         assert "odpo_gateway_leader 0.0" in httpx.get(f"{url}/metrics").text

@@ -192,7 +192,7 @@ def test_new_tokens_are_capped(vllm_server, own_broker, vllm_store):
 
     # The default cap (1024) with a prompt that leaves only a few hundred tokens of the 2048 context.
     with running_gateway(GatewaySettings(vllm_url=vllm_server.url), common, gate=False) as url:
-        long_prompt = "one two three four five six seven eight nine ten " * 160  # about 1,760 tokens
+        long_prompt = "one two three four five six seven eight nine ten " * 180  # about 1,980 tokens: ~68 left
         resp = httpx.post(f"{url}/v1/completions", timeout=300, json={
             "model": "base", "prompt": long_prompt, "temperature": 0})
         assert resp.status_code == 200, resp.text

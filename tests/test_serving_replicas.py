@@ -87,6 +87,7 @@ def test_two_replicas_serve_every_version(vllm_server, plain_vllm, own_broker, m
             by_engine = _answers(gateway, model, 6)
             assert set(by_engine) == {"0", "1"}, by_engine
             assert by_engine["0"] == by_engine["1"] and len(by_engine["0"]) == 1, by_engine
+            print(f"{model}: both replicas answer {next(iter(by_engine['0']))!r}")
 
         # a version only announced in the store: the resolver serves it on one replica, the gateway loads it
         # into the other when that one answers 404
