@@ -100,16 +100,24 @@ def test_a_failing_disk_keeps_the_pairs_pending_and_says_so(tmp_path, monkeypatc
     assert list(archived_pairs(tmp_path)) == pairs  # nothing lost; a line written twice is read once
 
 
-def test_a_loop_whose_archive_fails_commits_nothing_until_it_works(broker, producer, group_id, tiny_model_dir,
-                                                                   tmp_path):
+def _kafka_loop(broker, producer, group_id, tiny_model_dir, tmp_path, **settings):
+    """A trainer loop on the session broker whose group starts at the topic's end: (store, start offset, loop)."""
     store = tmp_path / "store"
     start_group_at_end(broker.bootstrap, group_id)
     start = end_offset(broker.bootstrap, PREFS)
     common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=store, base_model=tiny_model_dir)
-    settings = TrainerSettings(group_id=group_id, max_staleness=100, window_pairs=2, steps_per_window=1)
+    trainer_settings = TrainerSettings(group_id=group_id, max_staleness=100, **settings)
     inbox = Inbox(broker.bootstrap, TOPIC_PREFERENCES, PreferencePair, "trainer", producer, group_id=group_id)
-    loop = TrainerLoop(Trainer.open(tiny_model_dir, settings, store), inbox, producer, common, settings,
-                       threading.Event())
+    loop = TrainerLoop(Trainer.open(tiny_model_dir, trainer_settings, store), inbox, producer, common,
+                       trainer_settings, threading.Event())
+    return store, start, loop
+
+
+def test_a_loop_whose_archive_fails_commits_nothing_until_it_works(broker, producer, group_id, tiny_model_dir,
+                                                                   tmp_path):
+    store, start, loop = _kafka_loop(broker, producer, group_id, tiny_model_dir, tmp_path, window_pairs=2,
+                                     steps_per_window=1)
+    inbox = loop.inbox
     loop.archive.retry_s = 0
     real_write = loop.archive._write_pending
 
@@ -140,14 +148,8 @@ def test_a_stopping_trainer_archives_the_pairs_still_on_the_topic_and_commits_no
                                                                                     tiny_model_dir, tmp_path):
     """odpo up's broker keeps messages in memory and stops with the run: pairs published while the last window
     trained would be lost unless the trainer archives them on its way out (untrained, uncommitted)."""
-    store = tmp_path / "store"
-    start_group_at_end(broker.bootstrap, group_id)
-    start = end_offset(broker.bootstrap, PREFS)
-    common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=store, base_model=tiny_model_dir)
-    settings = TrainerSettings(group_id=group_id, max_staleness=100, window_pairs=50, window_seconds=0)
-    inbox = Inbox(broker.bootstrap, TOPIC_PREFERENCES, PreferencePair, "trainer", producer, group_id=group_id)
-    loop = TrainerLoop(Trainer.open(tiny_model_dir, settings, store), inbox, producer, common, settings,
-                       threading.Event())
+    store, start, loop = _kafka_loop(broker, producer, group_id, tiny_model_dir, tmp_path, window_pairs=50)
+    inbox = loop.inbox
     pairs = random_pairs(3, uuid.uuid4().hex[:6])
     try:
         deadline = time.monotonic() + 30
