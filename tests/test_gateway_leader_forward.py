@@ -29,7 +29,7 @@ class _Control:
         return self.role == LEADING and self.elected
 
     def view(self) -> dict:
-        return {"role": self.role, "leading": self.leading, "leader_url": self.leader_url}
+        return {"role": self.role, "leading": self.leading, "leader_url": self.leader_url, "url": self.url}
 
 
 def _state(control: _Control, session_s: float = 1.0) -> SimpleNamespace:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import threading
 import time
 import uuid
 
@@ -15,7 +14,7 @@ from kafka import TopicPartition
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.adapter_store import published_versions
-from service.bus import Inbox, publish
+from service.bus import publish
 from service.cli import main
 from service.contracts import (
     TOPIC_PREFERENCES,
@@ -23,16 +22,15 @@ from service.contracts import (
     PromptEvent,
     pair_id,
 )
-from service.settings import CommonSettings, TrainerSettings
+from service.settings import TrainerSettings
 from tests.test_trainer_crash import random_pairs
+from tests.test_trainer_guards import kafka_loop
 from tests.test_trainer_service import end_offset, metric, start_group_at_end
 from tests.test_trainer_train import make_pairs
 from trainer.archive import PairArchive, archive_files
 from trainer.export import archived_pairs, export_pairs
 from trainer.model import lora_config
 from trainer.pairs_file import pair_from_record
-from trainer.recipe import Trainer
-from trainer.service import TrainerLoop
 from trainer.tokenize import tokenize_pair
 
 PREFS = TopicPartition(TOPIC_PREFERENCES, 0)
@@ -100,23 +98,18 @@ def test_a_failing_disk_keeps_the_pairs_pending_and_says_so(tmp_path, monkeypatc
     assert list(archived_pairs(tmp_path)) == pairs  # nothing lost; a line written twice is read once
 
 
-def _kafka_loop(broker, producer, group_id, tiny_model_dir, tmp_path, **settings):
-    """A trainer loop on the session broker whose group starts at the topic's end: (store, start offset, loop)."""
+def _loop_from_end(broker, producer, group_id, tiny_model_dir, tmp_path, **settings):
+    """A trainer loop whose group starts at the topic's end: (store, start offset, loop)."""
     store = tmp_path / "store"
     start_group_at_end(broker.bootstrap, group_id)
     start = end_offset(broker.bootstrap, PREFS)
-    common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=store, base_model=tiny_model_dir)
-    trainer_settings = TrainerSettings(group_id=group_id, max_staleness=100, **settings)
-    inbox = Inbox(broker.bootstrap, TOPIC_PREFERENCES, PreferencePair, "trainer", producer, group_id=group_id)
-    loop = TrainerLoop(Trainer.open(tiny_model_dir, trainer_settings, store), inbox, producer, common,
-                       trainer_settings, threading.Event())
-    return store, start, loop
+    return store, start, kafka_loop(broker, producer, group_id, tiny_model_dir, store, **settings)
 
 
 def test_a_loop_whose_archive_fails_commits_nothing_until_it_works(broker, producer, group_id, tiny_model_dir,
                                                                    tmp_path):
-    store, start, loop = _kafka_loop(broker, producer, group_id, tiny_model_dir, tmp_path, window_pairs=2,
-                                     steps_per_window=1)
+    store, start, loop = _loop_from_end(broker, producer, group_id, tiny_model_dir, tmp_path, window_pairs=2,
+                                        steps_per_window=1)
     inbox = loop.inbox
     loop.archive.retry_s = 0
     real_write = loop.archive._write_pending
@@ -148,7 +141,7 @@ def test_a_stopping_trainer_archives_the_pairs_still_on_the_topic_and_commits_no
                                                                                     tiny_model_dir, tmp_path):
     """odpo up's broker keeps messages in memory and stops with the run: pairs published while the last window
     trained would be lost unless the trainer archives them on its way out (untrained, uncommitted)."""
-    store, start, loop = _kafka_loop(broker, producer, group_id, tiny_model_dir, tmp_path, window_pairs=50)
+    store, start, loop = _loop_from_end(broker, producer, group_id, tiny_model_dir, tmp_path, window_pairs=50)
     inbox = loop.inbox
     pairs = random_pairs(3, uuid.uuid4().hex[:6])
     try:

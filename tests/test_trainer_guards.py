@@ -35,7 +35,8 @@ from trainer.recipe import Trainer
 from trainer.service import TrainerLoop
 
 
-def _loop(broker, producer, group_id, tiny_model_dir, store, **settings):
+def kafka_loop(broker, producer, group_id, tiny_model_dir, store, **settings):
+    """A trainer loop with its own Kafka inbox on `broker` (group `group_id`), storing in `store`."""
     common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=store, base_model=tiny_model_dir)
     ts = TrainerSettings(group_id=group_id, max_staleness=100, **settings)
     trainer = Trainer.open(tiny_model_dir, ts, store)
@@ -53,7 +54,7 @@ def test_poisoned_logits_skip_the_step_count_it_and_publish_a_finite_adapter(
         broker, producer, group_id, tiny_model_dir, tmp_path):
     store = tmp_path / "store"
     start_group_at_end(broker.bootstrap, group_id)
-    loop = _loop(broker, producer, group_id, tiny_model_dir, store, window_pairs=4, steps_per_window=3)
+    loop = kafka_loop(broker, producer, group_id, tiny_model_dir, store, window_pairs=4, steps_per_window=3)
     head = loop.trainer.policy.model.get_base_model().get_output_embeddings()
     calls = {"n": 0}
 
@@ -101,7 +102,7 @@ def test_the_newest_version_is_announced_at_every_start_and_counted_only_when_it
     assert published_versions(store) == [1, 2] and published_version(store) == 1 and newest_ready(store) is None
     start = end_offset(broker.bootstrap, TopicPartition(TOPIC_ADAPTERS, 0))
     before = metric("odpo_trainer_adapters_republished_total")
-    loop = _loop(broker, producer, group_id, tiny_model_dir, store)
+    loop = kafka_loop(broker, producer, group_id, tiny_model_dir, store)
     try:
         assert loop.trainer.version == 2
         first = loop.announce_newest()
@@ -119,7 +120,7 @@ def test_the_newest_version_is_announced_at_every_start_and_counted_only_when_it
 
 
 def test_a_fresh_store_announces_nothing(broker, producer, group_id, tiny_model_dir, tmp_path):
-    loop = _loop(broker, producer, group_id, tiny_model_dir, tmp_path / "store")
+    loop = kafka_loop(broker, producer, group_id, tiny_model_dir, tmp_path / "store")
     try:
         assert loop.announce_newest() is None and newest_ready(tmp_path / "store") is None
     finally:

@@ -33,23 +33,26 @@ def unavailable(message: str) -> HTTPException:
     return HTTPException(503, message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def _unsettled(control) -> bool:
-    """True while no replica is known to lead: this one owns the partition but its group rebalances or its
-    claim is not read back yet, or it follows a head that names no leader or names this replica itself."""
-    if control.leading:
+def _unsettled(view: dict) -> bool:
+    """True while no replica is known to lead (from a control-plane `view()`): this one owns the partition but
+    its group rebalances or its claim is not read back yet, or it follows a head that names no leader or names
+    this replica itself."""
+    if view["leading"]:
         return False
-    if control.role != FOLLOWING:
+    if view["role"] != FOLLOWING:
         return True
-    return control.leader_url in (None, "", control.url)
+    return view["leader_url"] in (None, "", view["url"])
 
 
-async def _settle(state: GatewayState) -> None:
-    """Wait (at most twice the session timeout, within the forward timeout) for a leader to be known."""
+async def _settled_view(state: GatewayState) -> dict:
+    """The control plane's view once a leader is known, or after twice the session timeout (within the
+    forward timeout) without one."""
     settings = state.settings
     wait_s = min(2 * settings.leader_session_timeout_s, settings.admin_forward_timeout_s)
     with anyio.move_on_after(wait_s):
-        while _unsettled(state.control):
+        while _unsettled(state.control.view()):
             await anyio.sleep(SETTLE_POLL_S)
+    return state.control.view()
 
 
 async def forward(state: GatewayState, request: Request, body: dict | None) -> dict | None:
@@ -58,16 +61,15 @@ async def forward(state: GatewayState, request: Request, body: dict | None) -> d
     control = state.control
     if control is None:
         return None
-    await _settle(state)
-    if control.leading:
+    view = await _settled_view(state)
+    if view["leading"]:
         return None
-    if control.role != FOLLOWING:  # still paused in a rebalance (on Tansu about 5 s per join or leave) or claiming
+    if view["role"] != FOLLOWING:  # still paused in a rebalance (on Tansu about 5 s per join or leave) or claiming
         raise unavailable("the gateway replicas are still confirming their leader (a replica joined or left); "
                           "try again in a few seconds")
     if request.headers.get(FORWARDED_BY):
-        raise unavailable(f"this replica does not lead (any more); the leader is {control.leader_url or 'unknown'}")
-    view = control.view()
-    if view["role"] != "following" or not view["leader_url"] or view["leader_url"] == control.url:
+        raise unavailable(f"this replica does not lead (any more); the leader is {view['leader_url'] or 'unknown'}")
+    if _unsettled(view):
         raise unavailable("no gateway replica leads right now (an election is under way); try again shortly")
     headers = {"authorization": request.headers.get("authorization", ""), FORWARDED_BY: control.replica}
     timeout = state.settings.admin_forward_timeout_s
