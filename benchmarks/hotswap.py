@@ -53,7 +53,7 @@ class FullWeightServer(VllmServer):
     def command(self) -> list[str]:
         cmd = super().command()
         i = cmd.index("--enable-lora")
-        del cmd[i:i + 5]  # --enable-lora --max-lora-rank R --max-loras N
+        del cmd[i:i + 7]  # --enable-lora --max-lora-rank R --max-loras N --max-cpu-loras M
         return cmd + ["--served-model-name", SERVED_NAME] + ([] if self.compile else
                                                              ["--compilation-config", '{"mode": 0}'])
 
@@ -102,7 +102,7 @@ def bench_hot_swap(base: Path, work: Path, readies: list[AdapterReady], ids: lis
         stop = threading.Event()
         common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=store, cache_dir=work, base_model=base)
         gen = threading.Thread(target=run_generator, name="generator",
-                               args=(common, GeneratorSettings(vllm_url=server.url, keep_versions=2), stop))
+                               args=(common, GeneratorSettings(vllm_url=server.url), stop))
         gen.start()
         producer = make_producer(broker.bootstrap)
         client = httpx.Client(base_url=server.url, timeout=120)

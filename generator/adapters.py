@@ -1,11 +1,28 @@
-"""Hot swap of policy versions in a running vLLM server.
+"""Hot swap of policy versions in a running vLLM server, and which names it keeps registered.
 
 Each version N is loaded under its own name `policy-vN` (never in place:
 vLLM can serve stale prefix-cache blocks for a reused name) after its sha256
-and base model are checked. New samples go to the newest version at once;
-versions beyond `keep_versions` are unloaded as soon as no request in flight
-uses them (`using`). `base` is the zero adapter, never the plain model
-(notes/vllm-cpu.md). A failed swap leaves the previous version serving.
+and base model are checked. New samples go to the newest version at once.
+`base` is the zero adapter, never the plain model (vLLM's CPU LoRA path
+computes plain-model requests batched with LoRA ones with a LoRA applied).
+A failed swap leaves the previous version serving.
+
+No name is unloaded while it can still be asked for. vLLM 0.32 hashes a
+LoRARequest by its name: a name unloaded while a request on it runs and then
+registered again (the store resolver on the next request for it, or a
+gateway's load) gets a second int id; a batch that holds both ids activates
+one of them (the set drops the other), and once vLLM's LRU moves the other out
+of its slot the worker dies with `KeyError` in `convert_mapping`
+(tests/test_generator_unload_race.py reproduces it). Counting requests in
+flight cannot prevent it: the gateway, the gate and the resolver use the same
+engine. So a name keeps its one id for as long as a load of it could succeed,
+and the only unload is of a version whose folder has left the store
+(`forget_deleted`: retention deleted it, and version numbers never come back,
+so no later load can register that name again). What vLLM holds in memory is
+bounded by its own LRU: `--max-loras` adapters in a batch, `--max-cpu-loras`
+in memory. Each engine step activates the adapters its batch uses; one that
+a load between steps pushed out of memory is read from disk again, so
+`max_cpu_loras` above `max_loras` leaves room for loads without that.
 """
 
 from __future__ import annotations
@@ -20,10 +37,10 @@ from typing import Iterator
 
 import httpx
 
-from generator.metrics import LOADED_VERSIONS, POLICY_VERSION, SWAP_FAILURES, SWAP_LATENCY
-from service.adapter_store import adapter_digest
+from generator.metrics import LOADED_VERSIONS, POLICY_VERSION, SWAP_FAILURES, SWAP_LATENCY, UNLOADS
+from service.adapter_store import adapter_digest, published_versions
 from service.assets import base_model_name
-from service.contracts import BASE_MODEL_NAME, AdapterReady, version_name
+from service.contracts import BASE_MODEL_NAME, AdapterReady, parse_version_name, version_name
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +58,19 @@ class _Served:
     name: str
     version: int
     path: str
-    in_flight: int = 0
-    retired: bool = False
 
 
 class AdapterManager:
-    """Which adapters vLLM serves, which one is current, and when old ones may go."""
+    """Which adapters this generator registered in vLLM, which one is current, and which names may go."""
 
-    def __init__(self, client: httpx.Client, store: Path, model_dir: Path, keep_versions: int = 2):
+    def __init__(self, client: httpx.Client, store: Path, model_dir: Path):
         self.client = client
         self.store = Path(store).resolve()
         self.base_model = base_model_name(Path(model_dir))
-        self.keep_versions = keep_versions
         self._served: dict[str, _Served] = {}
         self._current: _Served | None = None
-        self._state = threading.Lock()  # guards _served/_current/in-flight counts; never held over HTTP
-        self._swap = threading.Lock()  # one load at a time
+        self._state = threading.Lock()  # guards _served/_current; never held over HTTP
+        self._swap = threading.Lock()  # one load or unload at a time
 
     # -- state ---------------------------------------------------------------------------------------
     @property
@@ -68,26 +82,18 @@ class AdapterManager:
         return self._current.name if self._current else None
 
     def loaded_versions(self) -> list[int]:
-        """Versions loaded in vLLM by this manager (0 = base), ascending."""
+        """Versions this manager registered in vLLM and has not unloaded (0 = base), ascending."""
         with self._state:
             return sorted(s.version for s in self._served.values())
 
     @contextmanager
     def using(self, name: str | None = None) -> Iterator[tuple[str, int]]:
-        """Hold a version (default: the current one) for one request; yields (name, version)."""
+        """The version (default: the current one) one request goes to; yields (name, version)."""
         with self._state:
             served = self._current if name is None else self._served.get(name)
-            if served is None or (name is not None and served.retired):
-                raise KeyError(f"{name or 'no version'} is not being served")
-            served.in_flight += 1
-        try:
-            yield served.name, served.version
-        finally:
-            with self._state:
-                served.in_flight -= 1
-                idle = served.retired and served.in_flight == 0
-            if idle:
-                self._unload_idle()
+        if served is None:
+            raise KeyError(f"{name or 'no version'} is not being served")
+        yield served.name, served.version
 
     # -- loading -------------------------------------------------------------------------------------
     def register_base(self, zero_dir: Path) -> None:
@@ -128,22 +134,19 @@ class AdapterManager:
             with self._state:
                 self._served[name] = served
                 self._current = served
-                policies = sorted((s for s in self._served.values() if s.version > 0), key=lambda s: -s.version)
-                for old in policies[self.keep_versions:]:
-                    old.retired = True
             latency = max(0.0, time.time() - ready.created_at)
             SWAP_LATENCY.observe(latency)
             POLICY_VERSION.set(ready.version)
             log.info("serving %s (%.3fs after it was published)", name, latency)
-        self._unload_idle()
         return True
 
     def resync(self) -> list[str]:
-        """Load again every name the server has lost (it restarted); returns those names."""
+        """Load again every name the server has lost (it restarted); returns those names. A name whose files
+        are gone is forgotten (the resolver does not serve it either); the current one is kept and retried."""
         with self._swap:
             present = self._served_models()
             with self._state:
-                missing = [s for s in self._served.values() if s.name not in present and not s.retired]
+                missing = [s for s in self._served.values() if s.name not in present]
             done = []
             for s in missing:
                 try:
@@ -151,10 +154,38 @@ class AdapterManager:
                 except AdapterRejected as exc:
                     SWAP_FAILURES.labels(exc.kind).inc()
                     log.error("could not re-register %s: %s", s.name, exc.reason)
+                    with self._state:
+                        if s is not self._current and s.version > 0:
+                            self._served.pop(s.name, None)
                     continue
                 log.warning("re-registered %s after a vLLM restart", s.name)
                 done.append(s.name)
             return done
+
+    def forget_deleted(self) -> list[str]:
+        """Unload every `policy-v<N>` vLLM lists whose folder the store no longer holds; returns those names.
+
+        Only such a name is safe to unload (module docstring): no load of it can succeed again, so it never
+        comes back under a second id beside requests still running on the first. A store that lists no
+        version (unmounted, emptied) is not read as "everything was deleted", and the store's newest version
+        and newer ones are never unloaded. Sets the loaded-versions gauge from vLLM's own list.
+        """
+        with self._swap:
+            listed = self._served_models()
+            try:
+                stored = set(published_versions(self.store))
+            except OSError as exc:
+                log.warning("not unloading deleted versions: cannot read the adapter store %s: %s", self.store, exc)
+                return []
+            policies = {n: v for n, v in ((n, parse_version_name(n)) for n in listed) if v is not None and v > 0}
+            gone = sorted((n for n, v in policies.items() if stored and v < max(stored) and v not in stored),
+                          key=policies.__getitem__)
+            for name in gone:
+                self._unload(name)
+                with self._state:
+                    self._served.pop(name, None)
+            LOADED_VERSIONS.set(len(policies) - len(gone))
+            return gone
 
     def _verify(self, ready: AdapterReady) -> Path:
         if ready.base_model != self.base_model:
@@ -199,18 +230,15 @@ class AdapterManager:
         resp.raise_for_status()
         return {m["id"]: m.get("root") for m in resp.json().get("data", [])}
 
-    def _unload_idle(self) -> None:
-        with self._state:
-            idle = [s for s in self._served.values() if s.retired and s.in_flight == 0]
-            for s in idle:
-                del self._served[s.name]
-            LOADED_VERSIONS.set(sum(1 for s in self._served.values() if s.version > 0))
-        for s in idle:
-            try:
-                resp = self.client.post("/v1/unload_lora_adapter", json={"lora_name": s.name})
-                if resp.status_code not in (200, 404):
-                    log.warning("unloading %s: HTTP %d %s", s.name, resp.status_code, resp.text[:200])
-                else:
-                    log.info("unloaded %s", s.name)
-            except httpx.HTTPError as exc:  # a restarted server has lost it anyway
-                log.warning("unloading %s failed: %s", s.name, exc)
+
+    def _unload(self, name: str) -> None:
+        try:
+            resp = self.client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+        except httpx.HTTPError as exc:  # a restarted server has lost it anyway; the next check tries again
+            log.warning("unloading %s failed: %s", name, exc)
+            return
+        if resp.status_code in (200, 404):
+            UNLOADS.inc()
+            log.info("unloaded %s: its folder left the adapter store", name)
+        else:
+            log.warning("unloading %s: HTTP %d %s", name, resp.status_code, resp.text[:200])

@@ -27,8 +27,9 @@ from typing import Callable
 
 import httpx
 
+from generator.crash_cause import KILLED, CrashCause, crash_cause
 from generator.lora_resolver import STORE_ENV
-from generator.metrics import SERVER_RESTARTS
+from generator.metrics import ENGINE_CRASHES, SERVER_RESTARTS
 from service.broker import free_port, port_open
 from service.runtime import die_with_parent
 from service.settings import GeneratorSettings
@@ -70,12 +71,14 @@ class VllmServer:
         self.log_file = Path(log_file) if log_file else Path(tempfile.gettempdir()) / f"odpo-vllm-{os.getpid()}.log"
         self.startup_s: float | None = None
         self._proc: subprocess.Popen | None = None
+        self._log_start = 0  # where this start's lines begin in the (appended) log
 
     def command(self) -> list[str]:
         s = self.settings
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
                "--host", s.vllm_host, "--port", str(self.port), "--dtype", s.dtype,
                "--enable-lora", "--max-lora-rank", str(s.max_lora_rank), "--max-loras", str(s.max_loras),
+               "--max-cpu-loras", str(max(s.max_loras, s.max_cpu_loras or 2 * s.max_loras)),
                "--max-model-len", str(s.max_model_len)]
         if not is_cpu_build():
             cmd += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
@@ -105,6 +108,7 @@ class VllmServer:
                 raise ServerError(f"{self.url}: the port is taken by another process; set vllm_port=0 or vllm_url")
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_file, "ab")
+            self._log_start = out.tell()
             try:
                 self._proc = subprocess.Popen(self.command(), env=self.environment(), stdout=out,
                                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -175,6 +179,15 @@ class VllmServer:
         except OSError:
             return "(no log)"
 
+    def crash_cause(self) -> CrashCause:
+        """What killed the server, read from its log since it last started (generator/crash_cause.py)."""
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(max(self._log_start, f.seek(0, os.SEEK_END) - 4_000_000))
+                return crash_cause(f.read().decode(errors="replace"))
+        except OSError:
+            return KILLED
+
     def __enter__(self) -> "VllmServer":
         return self.start()
 
@@ -194,15 +207,16 @@ class Supervisor:
 
     `on_tick` re-registers adapters a restarted server lost, which also covers
     an external server that restarted behind its URL. With `on_death` set, a
-    dead server is not restarted here: `on_death` is called instead (the
-    generator then exits and its own supervisor, `odpo up` or the kubelet,
-    restarts and counts it). vLLM's API server exits a few seconds after its
+    dead server is not restarted here: `on_death(cause, log tail)` is called
+    instead (the generator then exits and its own supervisor, `odpo up` or the
+    kubelet, restarts and counts it). Every death is counted by the cause
+    vLLM's log names (`odpo_generator_engine_crashes_total{cause}`). vLLM's API server exits a few seconds after its
     engine core dies, so an engine that dies is seen here too.
     """
 
     def __init__(self, server: VllmServer, on_tick: Callable[[], object], check_every_s: float = 5.0,
                  backoff_s: float = 2.0, max_backoff_s: float = 120.0,
-                 on_death: Callable[[str], object] | None = None, hung_after_s: float = 45.0):
+                 on_death: Callable[[CrashCause, str], object] | None = None, hung_after_s: float = 45.0):
         self.server, self.on_tick, self.on_death = server, on_tick, on_death
         self.check_every_s, self.backoff_s, self.max_backoff_s = check_every_s, backoff_s, max_backoff_s
         self.hung_after_s = hung_after_s
@@ -227,15 +241,23 @@ class Supervisor:
             self.server.stop(grace_s=2)
             self._unhealthy_since = None
 
+    def died(self) -> CrashCause:
+        """Count and log a death of the owned server, with the cause its log names."""
+        cause = self.server.crash_cause()
+        ENGINE_CRASHES.labels(cause.kind).inc()
+        log.error("vLLM died (%s): %s", cause.kind, cause)
+        return cause
+
     def run(self, halt: threading.Event) -> None:
         backoff = self.backoff_s
         while not halt.wait(self.check_every_s):
             self._kill_if_hung()
             if not self.server.external and not self.server.running and self.on_death is not None:
-                self.on_death(self.server.log_tail(10))
+                self.on_death(self.died(), self.server.log_tail(10))
                 return
             if not self.server.external and not self.server.running:
-                log.error("vLLM died; restarting in %.1fs. Last log lines:\n%s", backoff, self.server.log_tail(10))
+                self.died()
+                log.error("restarting vLLM in %.1fs. Last log lines:\n%s", backoff, self.server.log_tail(10))
                 if halt.wait(backoff):
                     return
                 try:

@@ -9,6 +9,7 @@ import threading
 import httpx
 
 from generator.adapters import AdapterManager
+from generator.crash_cause import CrashCause
 from generator.loop import SamplerLoop
 from generator.sampler import Sampler
 from generator.server import ServerError, Supervisor, VllmServer
@@ -17,7 +18,7 @@ from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
 from service.assets import base_model_dir
 from service.bus import Inbox, ensure_topics, make_producer
 from service.contracts import TOPIC_ADAPTERS, TOPIC_PROMPTS, AdapterReady, PromptEvent
-from service.runtime import serve_metrics
+from service.runtime import EXIT_CAUSE, serve_metrics
 from service.settings import CommonSettings, GeneratorSettings
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,6 @@ def run(common: CommonSettings, settings: GeneratorSettings, stop: threading.Eve
     """Serve the newest policy and sample every prompt until `stop` is set; stops vLLM on exit."""
     metrics_port = serve_metrics(settings.metrics_port, common.metrics_host)
     log.info("generator metrics on %s:%d/metrics", common.metrics_host, metrics_port)
-    if settings.keep_versions + 1 > settings.max_loras:
-        log.warning("keep_versions=%d plus base exceeds max_loras=%d: vLLM will queue requests of the extra "
-                    "versions instead of batching them together", settings.keep_versions, settings.max_loras)
     model_dir = base_model_dir(common.cache_dir, common.base_model)
     log_file = settings.log_file or common.cache_dir / "logs" / f"vllm-{os.getpid()}.log"
     server = VllmServer(model_dir, settings, log_file=log_file, lora_store=common.store_dir).start()
@@ -42,7 +40,7 @@ def run(common: CommonSettings, settings: GeneratorSettings, stop: threading.Eve
     try:
         client = httpx.Client(base_url=server.url, timeout=30.0)
         closers.append(client.close)
-        adapters = AdapterManager(client, common.store_dir, model_dir, settings.keep_versions)
+        adapters = AdapterManager(client, common.store_dir, model_dir)
         adapters.register_base(write_zero_adapter(model_dir, common.store_dir / ZERO_ADAPTER_DIR,
                                                   r=min(8, settings.max_lora_rank)))
 
@@ -53,10 +51,10 @@ def run(common: CommonSettings, settings: GeneratorSettings, stop: threading.Eve
                               group_id=None)
         closers.append(adapter_inbox.close)
         watcher = AdapterWatcher(adapter_inbox, adapters, common.store_dir, settings.store_check_s)
-        died: list[str] = []
+        died: list[tuple[CrashCause, str]] = []
 
-        def exit_on_death(tail: str) -> None:
-            died.append(tail)
+        def exit_on_death(cause: CrashCause, tail: str) -> None:
+            died.append((cause, tail))
             stop.set()
 
         # Supervised from here on: a vLLM that dies during the catch-up must not leave it retrying forever.
@@ -79,8 +77,10 @@ def run(common: CommonSettings, settings: GeneratorSettings, stop: threading.Eve
             SamplerLoop(prompt_inbox, sampler, producer, settings.max_in_flight, settings.max_request_attempts,
                         stop).run()
         if died:
-            raise ServerError(f"vLLM died and restart_server is off: the generator exits so that its supervisor "
-                              f"restarts it. vLLM's last log lines:\n{died[0]}")
+            cause, tail = died[0]
+            log.error("%svLLM died (%s): %s", EXIT_CAUSE, cause.kind, cause)
+            raise ServerError(f"vLLM died ({cause}) and restart_server is off: the generator exits so that its "
+                              f"supervisor restarts it. vLLM's last log lines:\n{tail}")
     finally:
         halt.set()
         for t in threads:

@@ -10,7 +10,9 @@ that learned versions only from the topic would sample with `base` while the
 trainer is at v10, and every pair it made would be dropped as stale.
 
 On start `catch_up` reads the topic to its end, then the store, and loads only
-the newest version that passes its checks, before any prompt is sampled.
+the newest version that passes its checks, before any prompt is sampled. At
+every store check the names of versions whose folders retention deleted are
+unloaded (the only names it is safe to unload: generator/adapters.py).
 """
 
 from __future__ import annotations
@@ -100,6 +102,16 @@ class AdapterWatcher:
                 self._apply(env.value, halt, env)
             if time.monotonic() >= self._next_store_check:
                 self.check_store(halt)
+                self.forget_deleted()
+
+    def forget_deleted(self) -> None:
+        """Unload the names of versions retention deleted (generator/adapters.py says why only those)."""
+        if self.store is None:
+            return
+        try:
+            self.adapters.forget_deleted()
+        except httpx.HTTPError as exc:  # vLLM restarting: the next check tries again
+            log.warning("could not list vLLM's adapters: %s", exc)
 
     def _apply(self, ready: AdapterReady, halt: threading.Event, env: Envelope[AdapterReady] | None) -> bool:
         """Apply one version; a refused one is dead-lettered (when it came from the topic); an unreachable

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.adapter_store import write_file_atomic
-from service.runtime import die_with_parent
+from service.runtime import EXIT_CAUSE, die_with_parent
 
 
 class ComponentDied(RuntimeError):
@@ -111,6 +111,15 @@ class Child:
         except OSError:
             return ""
 
+    def exit_cause(self) -> str | None:
+        """The reason the process logged for exiting (a line with `EXIT_CAUSE`) in its last lines, if any."""
+        for line in reversed(self.tail(60).splitlines()):
+            if EXIT_CAUSE in line:
+                return line.split(EXIT_CAUSE, 1)[1].strip()[:300]
+            if line.startswith("---- odpo up: restart"):
+                break  # an earlier run's reason
+        return None
+
     def state(self) -> dict:
         waiting = self.restart_at is not None  # then `pid` is the exited process's
         return {"pid": self.proc.pid, "restarts": self.restarts, "started_at": self.started_at,
@@ -127,6 +136,7 @@ class Launcher:
     command: Callable[[str], list[str]] = odpo_command  # injectable: tests run a tiny script instead
     state_file: Path | None = None  # components.json
     on_restart: Callable[[str], None] | None = None  # called with the name after every restart (a metric)
+    on_exit_cause: Callable[[str, str], None] | None = None  # (name, the reason it logged) when one exits
     extra_state: dict[str, dict] = field(default_factory=dict)  # more entries of components.json (the broker)
     adopt_orphans: bool = False  # become a subreaper; kill and reap what dead components leave behind
     keep_pids: Callable[[], set[int]] = set  # children of this process that are not orphans (the broker)
@@ -180,7 +190,11 @@ class Launcher:
                     raise ComponentDied(f"{c.tracker.crash_loop_text(c.name)} (last exit code {code}); "
                                         f"last log lines:\n{c.tail()}")
                 c.restart_at, c.last_code = now + delay, code
-                lines.append(f"{c.name} exited with code {code} after {ran_s:.0f}s; restarting it in {delay:.3g}s")
+                cause = c.exit_cause()
+                if cause and self.on_exit_cause:
+                    self.on_exit_cause(c.name, cause)
+                lines.append(f"{c.name} exited with code {code} after {ran_s:.0f}s"
+                             f"{f' ({cause})' if cause else ''}; restarting it in {delay:.3g}s")
                 self.write_state()
             if now >= c.restart_at:
                 lines.append(self._restart(c))

@@ -9,6 +9,10 @@ import threading
 
 from prometheus_client import start_http_server
 
+# A component that knows why it is about to exit logs one line holding this marker and the reason; its
+# supervisor (`odpo up`) puts the reason on its "exited" line.
+EXIT_CAUSE = "exit cause: "
+
 
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -82,7 +82,11 @@ class GeneratorSettings(_ComponentSettings):
     vllm_port: int = Field(default=8100, description="Port of the started vLLM server (0 = pick a free one).")
     dtype: str = Field(default="float32", description="vLLM --dtype; float32 matches HF numerics on CPU.")
     max_lora_rank: int = Field(default=8, description="vLLM --max-lora-rank; must cover the trainer's LoRA r.")
-    max_loras: int = Field(default=4, description="vLLM --max-loras: adapters that may share one batch.")
+    max_loras: int = Field(default=4, ge=1, description="vLLM --max-loras: adapters that may share one batch.")
+    max_cpu_loras: int | None = Field(
+        default=None, ge=1, description="vLLM --max-cpu-loras: adapters vLLM keeps in memory, least recently used "
+        "out first (None = 2 x max_loras; at least max_loras). Room above max_loras lets a load between engine "
+        "steps push out an idle adapter rather than one the running batch uses (that one is read from disk again).")
     max_model_len: int = Field(default=2048, description="vLLM --max-model-len.")
     kv_cache_gib: int = Field(default=2, description="VLLM_CPU_KVCACHE_SPACE on the CPU build, in GiB.")
     gpu_memory_utilization: float = Field(default=0.85, description="vLLM --gpu-memory-utilization (GPU build only).")
@@ -105,7 +109,6 @@ class GeneratorSettings(_ComponentSettings):
     max_tokens: int = Field(default=48, ge=1, description="Most new tokens per sample.")
     seed: int | None = Field(default=None, description="Per-request sampling seed (None = vLLM's own randomness).")
     max_in_flight: int = Field(default=8, ge=1, description="Prompts being sampled at once (back-pressure bound).")
-    keep_versions: int = Field(default=2, ge=1, description="Policy versions kept loaded besides `base`.")
     restart_server: bool = Field(
         default=True, description="Restart a vLLM server (or engine) that died inside the generator; off: the "
         "generator exits instead, so its supervisor (`odpo up`) restarts and counts it.")

@@ -122,7 +122,7 @@ def run_up(opts: UpOptions) -> int:
     counts, view, dropped = LoopCounts(), None, None
     try:
         console.print(f"metrics: http://127.0.0.1:{metrics.serve(opts.metrics_port)}/metrics "
-                      "(odpo_up_component_restarts_total)")
+                      "(odpo_up_component_restarts_total, odpo_up_engine_crashes_total)")
         broker = EmbeddedBroker(log_file=run_dir / "broker.log")
         keeper = BrokerKeeper(broker.start(), opts.restart, on_restart=metrics.restarted)
         ensure_topics(broker.bootstrap)
@@ -134,7 +134,7 @@ def run_up(opts: UpOptions) -> int:
         token = _admin_token(run_dir)
         env = _child_env(broker.bootstrap, run_dir, opts, model_dir, token, gen, trainer)
         launcher = Launcher(run_dir / "logs", env, policy=opts.restart, state_file=run_dir / COMPONENTS_FILE,
-                            on_restart=metrics.restarted, adopt_orphans=True,
+                            on_restart=metrics.restarted, on_exit_cause=metrics.exit_cause, adopt_orphans=True,
                             keep_pids=lambda: {broker.pid} - {None})
         sup = Supervision(launcher, keeper)
         for name, command, extra_env in COMPONENTS:

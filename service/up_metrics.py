@@ -4,18 +4,24 @@ Served (its own registry, so nothing else leaks in):
 - `odpo_up_component_restarts_total{component}`: restarts of each supervised
   process (the components and `broker`);
 - `odpo_up_recent_pairs_stale_ratio`: share of the recent sampled pairs that
-  are too old to be trained (see `service.loop_watch.StalePairs`).
+  are too old to be trained (see `service.loop_watch.StalePairs`);
+- `odpo_up_engine_crashes_total{cause}`: vLLM deaths, by the exception its log
+  names (the generator exits when its vLLM dies under `odpo up`, so its own
+  `odpo_generator_engine_crashes_total` is rarely scraped in time).
 Read: the trainer's `odpo_trainer_pairs_dropped_total{reason="stale"}`,
 added up over trainer restarts (a restarted trainer counts from zero again).
 """
 
 from __future__ import annotations
 
+import re
 import time
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
+
+ENGINE_DIED = re.compile(r"vLLM died \((\w{1,40})\)")  # what the generator logs as its exit cause
 
 
 class UpMetrics:
@@ -26,6 +32,8 @@ class UpMetrics:
         self.stale_ratio = Gauge("odpo_up_recent_pairs_stale_ratio", "Share of the recent sampled pairs older "
                                  "than the newest version minus max_staleness (dropped by the trainer).",
                                  registry=self.registry)
+        self.engine_crashes = Counter("odpo_up_engine_crashes_total", "vLLM servers that died, by the exception "
+                                      "vLLM's log names (`killed`: none).", ["cause"], registry=self.registry)
         for name in components:
             self.restarts.labels(name)  # present (at 0) from the start
         self._server = None
@@ -37,6 +45,12 @@ class UpMetrics:
 
     def restarted(self, component: str) -> None:
         self.restarts.labels(component).inc()
+
+    def exit_cause(self, component: str, cause: str) -> None:
+        """A component's logged reason for exiting; `vLLM died (<cause>): ...` counts an engine crash."""
+        crash = ENGINE_DIED.match(cause)
+        if crash:
+            self.engine_crashes.labels(crash.group(1)).inc()
 
     def close(self) -> None:
         if self._server is not None:

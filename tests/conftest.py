@@ -117,7 +117,7 @@ def manager(vllm_server, vllm_store, model_dir):
     from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
 
     client = httpx.Client(base_url=vllm_server.url, timeout=120)
-    adapters = AdapterManager(client, vllm_store, model_dir, keep_versions=2)
+    adapters = AdapterManager(client, vllm_store, model_dir)
     adapters.register_base(write_zero_adapter(model_dir, vllm_store / ZERO_ADAPTER_DIR))
     yield adapters
     client.close()

@@ -57,8 +57,8 @@ def client(vllm_server):
         yield c
 
 
-def make_manager(client, store, model_dir, keep_versions: int) -> AdapterManager:
-    adapters = AdapterManager(client, store, model_dir, keep_versions=keep_versions)
+def make_manager(client, store, model_dir) -> AdapterManager:
+    adapters = AdapterManager(client, store, model_dir)
     adapters.register_base(write_zero_adapter(model_dir, store / ZERO_ADAPTER_DIR))
     return adapters
 
@@ -85,7 +85,7 @@ def vllm_gauge(url: str, name: str) -> float:
 
 def test_the_same_prompt_after_a_swap_gets_the_new_versions_answer(client, vllm_server, vllm_store, model_dir,
                                                                    peft_model, prompt_ids):
-    manager = make_manager(client, vllm_store, model_dir, keep_versions=2)
+    manager = make_manager(client, vllm_store, model_dir)
     ids = prompt_ids(LONG_QUESTION)
     # Larger weights than elsewhere: the long prompt pins the first tokens down at the default scale.
     randomize_lora_b(peft_model, seed=41, scale=0.2)
@@ -106,7 +106,7 @@ def test_the_same_prompt_after_a_swap_gets_the_new_versions_answer(client, vllm_
 
 def test_requests_in_flight_across_a_swap_finish_on_their_version(client, vllm_server, vllm_store, model_dir,
                                                                   peft_model, prompt_ids):
-    manager = make_manager(client, vllm_store, model_dir, keep_versions=1)
+    manager = make_manager(client, vllm_store, model_dir)
     ids = [prompt_ids(q) for q in QUESTIONS]
     randomize_lora_b(peft_model, seed=52)
     ready52 = publish_adapter(peft_model, vllm_store, 52, model_dir)
@@ -132,11 +132,6 @@ def test_requests_in_flight_across_a_swap_finish_on_their_version(client, vllm_s
         manager.apply(ready52)
         running_at_swap = sum(not f.done() for f in before)
         after = [pool.submit(timed, manager, None, ids[i % 2], in_flight_tokens, True) for i in range(8)]
-        while not all(f.done() for f in before + after):
-            old_running = any(not f.done() for f in before)  # looked at first: a request unloads v51 before it is done
-            if not old_running:
-                assert "policy-v51" not in served(url), "v51 is unloaded once its last request is done"
-            time.sleep(0.05)
         spans = [f.result() for f in before + after]
     results = [result for _, result, _ in spans]
     assert running_at_swap == 8, "the 8 older requests were still running when v52 was applied"
@@ -152,12 +147,14 @@ def test_requests_in_flight_across_a_swap_finish_on_their_version(client, vllm_s
     for k, (out, _, version) in enumerate(results):
         assert out[:tokens] == expected[version][k % 2], f"request {k} on v{version} mixed weights"
     assert expected[51] != expected[52]
-    assert "policy-v51" not in served(url) and manager.loaded_versions() == [0, 52], "v51 unloaded after drain"
+    # v51 stays registered after its requests drained: another client may still ask for it, and unloading it
+    # under such a request killed the engine (tests/test_generator_unload_race.py)
+    assert "policy-v51" in served(url) and manager.loaded_versions() == [0, 51, 52]
 
 
 def test_base_and_two_versions_batched_together_each_match_hf(client, vllm_store, model_dir, peft_model,
                                                               prompt_ids):
-    manager = make_manager(client, vllm_store, model_dir, keep_versions=2)
+    manager = make_manager(client, vllm_store, model_dir)
     for v in (61, 62):
         randomize_lora_b(peft_model, seed=v)
         manager.apply(publish_adapter(peft_model, vllm_store, v, model_dir))
@@ -182,7 +179,7 @@ def test_base_and_two_versions_batched_together_each_match_hf(client, vllm_store
 def test_weights_vllm_cannot_load_are_refused_and_the_server_keeps_serving(client, vllm_server, vllm_store,
                                                                            model_dir, peft_model, prompt_ids):
     """Files that pass the checksum (the publisher hashed them broken) but that vLLM refuses."""
-    manager = make_manager(client, vllm_store, model_dir, keep_versions=2)
+    manager = make_manager(client, vllm_store, model_dir)
     randomize_lora_b(peft_model, seed=71)
     manager.apply(publish_adapter(peft_model, vllm_store, 71, model_dir))
     ids = prompt_ids(QUESTIONS[0])

@@ -44,7 +44,7 @@ def store_watcher(broker, vllm_server, vllm_store, model_dir, store):
     producer = make_producer(broker.bootstrap)
     inbox = Inbox(broker.bootstrap, topic, AdapterReady, "generator", producer, group_id=None)
     client = httpx.Client(base_url=vllm_server.url, timeout=120)
-    adapters = AdapterManager(client, store, model_dir, keep_versions=2)
+    adapters = AdapterManager(client, store, model_dir)
     adapters.register_base(write_zero_adapter(model_dir, vllm_store / ZERO_ADAPTER_DIR))
     try:
         yield AdapterWatcher(inbox, adapters, store, store_check_s=0.5), adapters, client

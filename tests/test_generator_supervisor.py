@@ -43,9 +43,9 @@ class HangingServer(VllmServer):
 
 def test_a_server_alive_but_not_answering_is_killed_and_reported_dead(tmp_path):
     server = HangingServer(healthy_s=2.0, tmp_path=tmp_path).start(timeout_s=30)
-    pid, died = server.pid, threading.Event()
+    pid, died, causes = server.pid, threading.Event(), []
     supervisor = Supervisor(server, on_tick=lambda: None, check_every_s=0.3, hung_after_s=2.0,
-                            on_death=lambda tail: died.set())
+                            on_death=lambda cause, tail: (causes.append(cause), died.set()))
     halt = threading.Event()
     t = threading.Thread(target=supervisor.run, args=(halt,), daemon=True)
     t.start()
@@ -54,6 +54,7 @@ def test_a_server_alive_but_not_answering_is_killed_and_reported_dead(tmp_path):
         assert server.running and server.healthy() and not died.is_set()  # healthy: left alone
         assert died.wait(20), "a server that stopped answering was never declared dead"
         assert not server.running
+        assert [c.kind for c in causes] == ["killed"], "its log names no exception: counted as killed"
         try:
             import os
 

@@ -154,28 +154,21 @@ def test_bad_versions_are_refused_and_the_previous_one_keeps_serving(manager, pe
     shutil.rmtree(vllm_store / "policy-v22")
 
 
-def test_versions_beyond_keep_are_unloaded_once_idle(manager, peft_model, vllm_store, model_dir):
+def test_older_versions_stay_served_after_newer_ones_apply(manager, peft_model, vllm_store, model_dir):
+    """No version that can still be asked for is unloaded (tests/test_generator_unload_race.py says why)."""
     url = str(manager.client.base_url).rstrip("/")
     readies = []
     for v in (31, 32, 33, 34):
         randomize_lora_b(peft_model, seed=v)
         readies.append(publish_adapter(peft_model, vllm_store, v, model_dir))
-    for ready in readies[:3]:
+    for ready in readies:
         assert manager.apply(ready)
-    assert manager.loaded_versions() == [0, 32, 33]  # keep_versions=2 besides base
-    assert "policy-v31" not in served(url) and {"policy-v32", "policy-v33", "base"} <= served(url)
-    gone = httpx.post(f"{url}/v1/completions", json={"model": "policy-v31", "prompt": [1, 2], "max_tokens": 1})
-    assert gone.status_code == 404
-
-    with manager.using("policy-v32") as (name, version):  # a request in flight on v32 ...
+    assert manager.current_version == 34 and manager.loaded_versions() == [0, 31, 32, 33, 34]
+    assert {"policy-v31", "policy-v32", "policy-v33", "policy-v34", "base"} <= served(url)
+    old = httpx.post(f"{url}/v1/completions", json={"model": "policy-v31", "prompt": [1, 2], "max_tokens": 1})
+    assert old.status_code == 200
+    with manager.using("policy-v32") as (name, version):
         assert (name, version) == ("policy-v32", 32)
-        assert manager.apply(readies[3])
-        assert manager.current_version == 34
-        assert "policy-v32" in served(url), "... keeps v32 loaded while it runs"
-        with pytest.raises(KeyError):
-            with manager.using("policy-v32"):  # but no new request may start on a retired version
-                pass
-    assert "policy-v32" not in served(url)
-    assert manager.loaded_versions() == [0, 33, 34]
-    assert REGISTRY.get_sample_value("odpo_generator_loaded_versions") == 2
+    with manager.using() as (name, version):
+        assert (name, version) == ("policy-v34", 34)
     assert REGISTRY.get_sample_value("odpo_generator_swap_latency_seconds_count") >= 4

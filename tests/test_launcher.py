@@ -23,6 +23,11 @@ if mode == "crash":
     sys.exit(3)
 if mode == "quit":
     sys.exit(0)
+if mode == "engine":  # as the generator logs a vLLM death before it exits
+    print("12:00:00 ERROR generator.service: exit cause: vLLM died (KeyError): KeyError: np.int64(6) at "
+          "vllm/lora/punica_wrapper/utils.py:100 in convert_mapping", flush=True)
+    print("Traceback (most recent call last): ...", flush=True)
+    sys.exit(1)
 time.sleep(600)
 """
 
@@ -204,3 +209,24 @@ def test_what_a_killed_component_leaves_running_is_killed_and_reaped(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1]) == {"subreaper": True, "first_gone": True, "second_alive": True,
                                                      "second_gone_after_stop": True}
+
+
+def test_the_reason_a_component_logged_is_on_its_exit_line_and_counts_an_engine_crash(tmp_path):
+    from service.up_metrics import UpMetrics
+
+    metrics = UpMetrics(["generator"])
+    policy = RestartPolicy(backoff_initial_s=0.2, backoff_max_s=0.4, stable_s=30, max_restarts=5, window_s=60)
+    launcher = _launcher(tmp_path, policy)
+    launcher.on_exit_cause = metrics.exit_cause
+    try:
+        launcher.start("engine", name="generator")
+        exits = []
+        deadline = time.monotonic() + 30
+        while len(exits) < 2 and time.monotonic() < deadline:
+            exits += [line for line in launcher.supervise() if "exited" in line]
+            time.sleep(0.01)
+        assert exits[0] == ("generator exited with code 1 after 0s (vLLM died (KeyError): KeyError: np.int64(6) at "
+                            "vllm/lora/punica_wrapper/utils.py:100 in convert_mapping); restarting it in 0.2s")
+        assert metrics.engine_crashes.labels("KeyError")._value.get() == 2
+    finally:
+        launcher.stop()

@@ -170,7 +170,5 @@ async def _changed(state: GatewayState, trigger: str | None, what: str) -> dict:
         PROMOTIONS.labels(trigger).inc()
     sync_promoted(state.book)
     log.warning("admin: %s", what)
-    keep = state.book.in_use()
-    await anyio.to_thread.run_sync(state.adapters.release, keep)
     shared = await published(state)
     return {"done": what, **state.book.snapshot(), **({"control": shared} if shared else {})}

@@ -7,7 +7,6 @@ bodies (`{"error": {"message", "type", "code"}}`), never tracebacks.
 from __future__ import annotations
 
 import logging
-import threading
 from contextlib import asynccontextmanager
 
 import anyio
@@ -52,8 +51,8 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None, 
             registry = _keep_in_file(book, settings, common, scores) if settings.persist_registry else None
             _hold_in_store(book, settings, common)
             adapters = EngineAdapters(pool, common.store_dir)
-            control = ControlPlane(book, settings, common.bootstrap_servers, scores, _evaluation(settings), registry,
-                                   after_apply=lambda: _release_in_background(book, adapters)).attach() \
+            control = ControlPlane(book, settings, common.bootstrap_servers, scores, _evaluation(settings),
+                                   registry).attach() \
                 if settings.control_plane else None
             outbox = Outbox(common.bootstrap_servers, settings.mirror_queue_size, settings.publish_timeout_s).start()
             app.state.gateway = GatewayState(
@@ -75,7 +74,6 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None, 
                 if control:
                     await anyio.to_thread.run_sync(control.stop)
                 await anyio.to_thread.run_sync(outbox.close)
-                await anyio.to_thread.run_sync(adapters.release, set())
                 adapters.close()
         finally:
             await clients.aclose()
@@ -125,12 +123,6 @@ def _keep_in_file(book: VersionBook, settings: GatewaySettings, common: CommonSe
             if rec["score"] is not None:
                 scores.set(rec["version"], rec["score"], rec.get("signals"))
     return registry
-
-
-def _release_in_background(book: VersionBook, adapters: EngineAdapters) -> None:
-    """After the leader's state was applied here: unload what this replica loaded and no longer routes to (in
-    a thread of its own: an engine that hangs must not hold up the replication)."""
-    threading.Thread(target=adapters.release, args=(book.in_use(),), name="odpo-gateway-release", daemon=True).start()
 
 
 def _hold_in_store(book: VersionBook, settings: GatewaySettings, common: CommonSettings) -> None:

@@ -27,7 +27,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
@@ -57,10 +56,9 @@ def advertise_url(settings: GatewaySettings) -> str:
 
 class ControlPlane:
     def __init__(self, book: VersionBook, settings: GatewaySettings, bootstrap: str, scores: ScoreGauge,
-                 evaluation: dict[str, Any], registry: RegistryFile | None = None,
-                 after_apply: Callable[[], None] | None = None):
+                 evaluation: dict[str, Any], registry: RegistryFile | None = None):
         self.book, self.settings, self.bootstrap, self.scores = book, settings, bootstrap, scores
-        self.evaluation, self.registry, self.after_apply = evaluation, registry, after_apply
+        self.evaluation, self.registry = evaluation, registry
         self.topic = settings.control_topic
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.url = advertise_url(settings)
@@ -273,8 +271,6 @@ class ControlPlane:
         sync_promoted(self.book)
         if self._downstream is not None:
             self._downstream()
-        if self.after_apply is not None:
-            self.after_apply()
 
     # -- leading -------------------------------------------------------------------------------------
     def _act(self) -> None:

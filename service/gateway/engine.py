@@ -1,15 +1,16 @@
 """The serving engines as the gateway sees them: which versions they list, what a model name resolves to.
 
-The generator loads each new version into its vLLM and unloads old ones
-beyond its `keep_versions`; every vLLM replica also serves any announced
-version on first request (generator/lora_resolver.py). The gateway may need
-a version that an engine does not list: one to score, the promoted one, a
-rollback target. `EngineAdapters` then loads it into every engine that lacks
-it, from the adapter store under its own name `policy-v<N>` after checking
-its sha256 (also for a vLLM without the resolver), and unloads it when it is
-neither promoted nor being scored. It never touches names the generator
-loaded, so a version the generator samples from is never pulled away.
-`base` (the zero adapter) is registered by the generators only.
+The generator loads each new version into its vLLM; every vLLM replica also
+serves any announced version on first request (generator/lora_resolver.py).
+The gateway may need a version that an engine does not list: one to score,
+the promoted one, a rollback target. `EngineAdapters` then loads it into
+every engine that lacks it, from the adapter store under its own name
+`policy-v<N>` after checking its sha256 (also for a vLLM without the
+resolver). The gateway never unloads: a name unloaded while anyone's request
+on it runs, then loaded again, crashes vLLM (generator/adapters.py explains);
+each engine's generator unloads only the names of versions retention deleted,
+and vLLM's own LRU bounds what it keeps in memory. `base` (the zero adapter)
+is registered by the generators only.
 
 A version becomes `policy` only once every routable engine serves it
 (`make_servable(..., everywhere=True)` before the gate scores it and before
@@ -47,6 +48,15 @@ class PolicyUnavailable(Exception):
     """The promoted version is neither served nor loadable right now."""
 
 
+# vLLM answers the requests in flight when its engine core dies with HTTP 500 and this in the body, then exits.
+_ENGINE_DEAD_MARKS = (b"EngineDeadError", b"EngineCore encountered an issue")
+
+
+def engine_died(content: bytes) -> bool:
+    """Whether an engine's 5xx body says its engine core died (not an error about the request itself)."""
+    return any(mark in content for mark in _ENGINE_DEAD_MARKS)
+
+
 def listed_versions(payload: dict) -> set[int]:
     names = (m.get("id", "") for m in payload.get("data", []) if isinstance(m, dict))
     return {v for v in map(parse_version_name, names) if v is not None}
@@ -59,7 +69,6 @@ class EngineAdapters:
         self.pool = pool
         self.store = Path(store_dir).expanduser().resolve()
         self.timeout_s = timeout_s
-        self.owned: dict[str, set[int]] = {}  # engine URL -> versions this gateway loaded there
         self.changes = 0  # bumped by every load/unload, so cached listings know they are stale
         self._clients: dict[str, httpx.Client] = {}
         self._lock = threading.Lock()  # one load/unload at a time
@@ -145,23 +154,8 @@ class EngineAdapters:
         resp = self.client(url).post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(folder)})
         if resp.status_code != 200 and not (resp.status_code == 400 and "already been loaded" in resp.text):
             raise NotServable(f"{url} refused to load {name}: HTTP {resp.status_code} {resp.text[:300]}")
-        self.owned.setdefault(url, set()).add(version)
         self.changes += 1
         log.info("loaded %s into %s from %s (its generator does not serve it)", name, url, folder)
-
-    def release(self, keep: set[int]) -> None:
-        """Unload the versions this gateway loaded that are not in `keep`."""
-        with self._lock:
-            for url, owned in self.owned.items():
-                for version in sorted(owned - keep):
-                    owned.discard(version)
-                    self.changes += 1
-                    try:
-                        resp = self.client(url).post("/v1/unload_lora_adapter",
-                                                     json={"lora_name": version_name(version)})
-                        log.info("unloaded %s from %s: HTTP %d", version_name(version), url, resp.status_code)
-                    except httpx.HTTPError as exc:
-                        log.warning("unloading %s from %s failed: %s", version_name(version), url, exc)
 
     def close(self) -> None:
         for client in self._clients.values():

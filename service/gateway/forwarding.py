@@ -4,6 +4,10 @@ A request names `policy`, `base` or `policy-v<N>`; the gateway forwards it to
 the serving engine under the served name, relays the answer as it comes
 (streams chunk by chunk), keeps what it served for /v1/feedback, and mirrors
 a fraction of prompts into odpo.prompts without making the client wait.
+
+An engine that dies is a short outage, not an error storm: a request it was
+answering gets 503 with `Retry-After` and a JSON body (a stream gets an error
+event), and the engine is marked down so the next requests go to another one.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response, StreamingResponse
 
 from service.contracts import POLICY_ALIAS, version_name
-from service.gateway.engine import PolicyUnavailable, UnknownModel
+from service.gateway.engine import PolicyUnavailable, UnknownModel, engine_died
 from service.gateway.metrics import ENGINE_REQUESTS, alias_label
 from service.gateway.protocol import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, SamplingRequest, error
 from service.gateway.served import StreamTap, chat_prompt, choices_of, completion_prompts, new_prompt_id, served_choices
 from service.gateway.state import GatewayState, state_of
 
 router = APIRouter()
+
+ENGINE_GONE = "the serving engine stopped while answering and is restarting; retry after the Retry-After seconds"
 
 NoLearn = Annotated[str | None, Header(alias="x-odpo-no-learn", description="`1` keeps this prompt out of learning.")]
 
@@ -98,8 +104,13 @@ async def _forward(request: Request, route: str, body: SamplingRequest, prompts:
             await upstream.aclose()
     except httpx.TimeoutException as exc:
         return error(504, f"the serving engine did not answer in time: {exc.__class__.__name__}", "upstream_timeout")
+    except httpx.TransportError as exc:  # none reachable, or the engine went away while answering
+        return error(503, f"{ENGINE_GONE} ({exc.__class__.__name__})", "unavailable", code="engine_unavailable")
     except (httpx.HTTPError, PolicyUnavailable) as exc:
         return error(502, f"serving engine failed: {exc.__class__.__name__}", "upstream_error")
+    if upstream.status_code >= 500 and engine_died(content):
+        state.router.pool.mark_down(engine, "EngineDeadError")
+        return error(503, f"{ENGINE_GONE} (its engine core died)", "unavailable", code="engine_unavailable")
     if upstream.status_code == 200:
         _keep(state, content, prompts, body.choices_per_prompt(), version, chat)
     return Response(content, status_code=upstream.status_code, headers=headers,
@@ -161,8 +172,9 @@ def _relay(state: GatewayState, upstream: httpx.Response, prompts: list, per_pro
                 tap.feed(chunk)
                 yield chunk
             complete = True
-        except httpx.HTTPError:  # the engine went away mid-stream: end the stream; the client sees no [DONE]
-            pass
+        except httpx.HTTPError:  # the engine went away mid-stream: say so in the stream; no [DONE] follows
+            gone = {"error": {"message": ENGINE_GONE, "type": "unavailable", "code": "engine_unavailable"}}
+            yield f"data: {json.dumps(gone)}\n\n".encode()
         finally:
             await upstream.aclose()
             if complete and tap.response_id:

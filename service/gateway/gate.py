@@ -14,6 +14,11 @@ loaded from the store if the generator does not), one evaluation row per
 prompt (judge/signals.py: task score, strict pass, length, topic, the base
 model's log-prob per token, the quality guard's verdict).
 
+An engine that dies while a version is scored (unreachable, or HTTP 500
+saying its engine core died) is no verdict on the version: it is scored again
+once the engine is back. Other 5xx answers are retried twice, then the
+version fails.
+
 The verdict (service/gateway/verdict.py) compares the candidate with the
 promoted version prompt by prompt, and with base: it starts on
 `heldout_prompts` prompts and doubles them (scoring the promoted version and
@@ -36,7 +41,7 @@ from service.adapter_store import announced_versions, read_manifest
 from service.bus import Inbox, make_producer
 from service.contracts import TOPIC_ADAPTERS, AdapterReady, version_name
 from service.gateway.book import VersionBook
-from service.gateway.engine import EngineAdapters, NotServable
+from service.gateway.engine import EngineAdapters, NotServable, engine_died
 from service.gateway.metrics import EVAL_SECONDS, PROMOTIONS, REFUSALS, REFUSED_BY, ScoreGauge, sync_promoted
 from service.settings import CommonSettings, GatewaySettings
 from service.task import make_prompts
@@ -44,6 +49,7 @@ from service.task import make_prompts
 log = logging.getLogger(__name__)
 
 COMPONENT = "gateway"
+SERVER_ERROR_TRIES = 3  # 5xx answers (other than an engine death) while scoring a version before it fails
 
 
 class PromotionGate:
@@ -67,6 +73,7 @@ class PromotionGate:
         self._next_connect = 0.0
         self._next_store_check = 0.0
         self._engine_down = False  # logged once per outage, not every retry
+        self._server_errors: dict[int, int] = {}  # version -> 5xx answers while scoring it (not an engine death)
 
     def start(self) -> PromotionGate:
         self._thread.start()
@@ -154,15 +161,26 @@ class PromotionGate:
             self._failed(version, f"cannot be served: {exc}", "not_servable")
             return
         except httpx.TransportError as exc:  # the engine is (re)starting: not a verdict on the version
-            if not self._engine_down:
-                log.warning("gate: serving engine unreachable while scoring %s (%s); retrying", name, exc)
-            self._engine_down = True
-            self.book.requeue(version)
-            self._halt.wait(2)
+            self._retry(version, f"serving engine unreachable while scoring {name} ({exc})")
+            return
+        except httpx.HTTPStatusError as exc:
+            resp = exc.response
+            if resp.status_code >= 500 and engine_died(resp.content):  # it died under us: not a verdict either
+                self._retry(version, f"the serving engine died while scoring {name}")
+                return
+            self._server_errors[version] = self._server_errors.get(version, 0) + 1
+            if resp.status_code >= 500 and self._server_errors[version] < SERVER_ERROR_TRIES:
+                log.warning("gate: HTTP %d while scoring %s (try %d of %d): %s", resp.status_code, name,
+                            self._server_errors[version], SERVER_ERROR_TRIES, resp.text[:200])
+                self.book.requeue(version)
+                self._halt.wait(2)
+                return
+            self._failed(version, f"scoring failed: {exc}", "eval_failed")
             return
         except httpx.HTTPError as exc:
             self._failed(version, f"scoring failed: {exc}", "eval_failed")
             return
+        self._server_errors.pop(version, None)
         if self._halt.is_set() or self._leading() != self._term:  # an ex-leader decides nothing: the leader scores it
             self.book.requeue(version)
             return
@@ -182,7 +200,14 @@ class PromotionGate:
         else:
             log.info("gate: %s (promoted) scores %.4f on %d held-out prompts", name, score, len(rows))
         sync_promoted(self.book)
-        self.adapters.release({self.book.promoted})
+
+    def _retry(self, version: int, why: str) -> None:
+        """Score `version` again once the engine is back (logged once per outage)."""
+        if not self._engine_down:
+            log.warning("gate: %s; retrying once it is back", why)
+        self._engine_down = True
+        self.book.requeue(version)
+        self._halt.wait(2)
 
     def _make_servable(self, version: int) -> bool:
         """True once the engine serves `version`; False to try again later (`base` not registered yet)."""
@@ -276,7 +301,6 @@ class PromotionGate:
         if revived:
             log.info("gate: %s, which it superseded, will be scored", ", ".join(map(version_name, revived)))
         sync_promoted(self.book)
-        self.adapters.release({self.book.promoted})
         if version == self.book.promoted:
             self._halt.wait(5)  # it is scored again next: do not spin on a failing engine
 
