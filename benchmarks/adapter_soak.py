@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import model_dir, peft_model, write_adapters, write_json
-from benchmarks.serving_replicas import GATE_ENV, _listed, _ready, _spawn, _wait
+from benchmarks.serving_replicas import GATE_ENV, _listed, _ready, _spawn, _stop, _wait
 from service.adapter_store import write_manifest
 from service.broker import EmbeddedBroker, free_port
 from service.bus import ensure_topics, make_producer, publish
@@ -48,20 +48,23 @@ KEEP_VERSIONS = 5
 OLDER_BY = 3  # the "older one" clients ask for: newest - 3, which retention keeps
 
 
-def vllm_rss_mib(port: int) -> float | None:
-    """Resident memory of every process in the session of the vLLM server listening on `port`."""
-    sid = None
+def vllm_api_pid(port: int) -> int | None:
+    """The pid of the vLLM API server listening on `port` (its command line names the port)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         if b"vllm.entrypoints.openai.api_server" in cmd and str(port).encode() in cmd:
-            sid = os.getsid(int(pid))
-            break
-    if sid is None:
+            return int(pid)
+    return None
+
+
+def vllm_rss_mib(api_pid: int | None) -> float | None:
+    """Resident memory of every process in the vLLM API server's session (engine core and worker too)."""
+    if api_pid is None:
         return None
-    total = 0
+    sid, total = os.getsid(api_pid), 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             if os.getsid(int(pid)) != sid:
@@ -73,21 +76,10 @@ def vllm_rss_mib(port: int) -> float | None:
     return round(total / 1024, 1)
 
 
-def vllm_api_pid(port: int) -> int | None:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"vllm.entrypoints.openai.api_server" in cmd and str(port).encode() in cmd:
-            return int(pid)
-    return None
-
-
 def adapters_in_memory(engine: str, port: int) -> dict:
-    names = _listed(engine)
+    names, pid = _listed(engine), vllm_api_pid(port)
     return {"policy_names_listed": sum(1 for n in names if n.startswith("policy-v")), "base_listed": "base" in names,
-            "rss_mib": vllm_rss_mib(port), "api_pid": vllm_api_pid(port)}
+            "rss_mib": vllm_rss_mib(pid), "api_pid": pid}
 
 
 class Clients:
@@ -160,13 +152,7 @@ def run(minutes: float, interval_s: float, out: Path | None) -> dict:
             result = _soak(gateway, engine, vllm_port, f"http://127.0.0.1:{metrics_port}/metrics", store,
                            broker.bootstrap, minutes, interval_s, procs)
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            _stop(procs)
     result["work_dir"] = str(work)
     write_json(out / "adapter_soak.json" if out else None, result)
     return result
@@ -184,6 +170,7 @@ def _soak(gateway: str, engine: str, vllm_port: int, gen_metrics: str, store: Pa
     clients = Clients(gateway).start()
     t0, v, fed, next_publish = time.monotonic(), 0, 0, time.monotonic()
     deleted: list[int] = []
+    series: list[dict] = []  # per publication: minute, versions vLLM lists, its resident memory
     try:
         while time.monotonic() - t0 < minutes * 60:
             if time.monotonic() >= next_publish:
@@ -195,6 +182,8 @@ def _soak(gateway: str, engine: str, vllm_port: int, gen_metrics: str, store: Pa
                 clients.newest = v
                 next_publish += interval_s
                 mem = adapters_in_memory(engine, vllm_port)
+                series.append({"minute": round((time.monotonic() - t0) / 60, 2), "version": v,
+                               "listed": mem["policy_names_listed"], "rss_mib": mem["rss_mib"]})
                 print(f"{(time.monotonic() - t0) / 60:5.1f} min: published v{v}; vLLM lists "
                       f"{mem['policy_names_listed']} versions, RSS {mem['rss_mib']} MiB; "
                       f"clients {dict(clients.results)}", flush=True)
@@ -219,7 +208,8 @@ def _soak(gateway: str, engine: str, vllm_port: int, gen_metrics: str, store: Pa
             "unloads": sample_value(metrics, "odpo_generator_unloads_total"),
             "client_results": results, "client_failures": sum(n for k, n in results.items() if k.endswith("failed")),
             "failures": clients.failures[:50], "verdicts": dict(statuses), "undecided": undecided,
-            "memory_start": start, "memory_end": end}
+            "failed_versions": [f"v{r['version']}: {r.get('reason')}" for r in verdicts if r["status"] == "failed"],
+            "memory_start": start, "memory_end": end, "memory_series": series}
 
 
 def _wait_decided(gateway: str, newest: int, timeout_s: float) -> list[dict]:
@@ -245,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['unloads']} names unloaded); engine crashes {r['engine_crashes']:g} "
           f"(vLLM restarted: {r['vllm_restarted']})")
     print(f"client answers: {r['client_results']} ({r['client_failures']} failed)")
-    print(f"verdicts: {r['verdicts']}; undecided: {r['undecided']}")
+    print(f"verdicts: {r['verdicts']}; undecided: {r['undecided']}; failed: {r['failed_versions']}")
     for when in ("start", "end"):
         m = r[f"memory_{when}"]
         print(f"vLLM at the {when}: {m['policy_names_listed']} policy versions listed, RSS {m['rss_mib']} MiB")

@@ -124,13 +124,7 @@ def run(versions: int, interval_s: float, out: Path | None) -> dict:
             _wait(lambda: _ready(gateway), 300, "the gateway ready", procs)
             result = _publish_and_measure(gateway, engines, store, broker.bootstrap, versions, interval_s, procs)
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            _stop(procs)
     result["work_dir"] = str(work)
     write_json(out / "serving_replicas.json" if out else None, result)
     return result
@@ -194,6 +188,17 @@ def _ready(gateway: str) -> bool:
         return httpx.get(f"{gateway}/readyz", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Terminate the components (a minute to stop, then killed)."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def _spawn(component: str, log: Path, env: dict) -> subprocess.Popen:

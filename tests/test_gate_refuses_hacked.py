@@ -118,7 +118,7 @@ def test_the_gate_refuses_a_policy_that_games_the_old_verifier(hacked_adapter, v
             refused_before = {s: _metric(url, f'odpo_gateway_gate_refusals_by_signal_total{{signal="{s}"}}')
                               for s in QUALITY_SIGNALS}
             rec = _wait_decided(url, HACKED)
-            # The gate unloads a refused version; what it answered is kept with the version's record.
+            # What the gate's answers were is kept with the version's record.
             base_answers = _answers(url, 0)
             hacked_answers = _answers(url, HACKED)
             refused_after = {s: _metric(url, f'odpo_gateway_gate_refusals_by_signal_total{{signal="{s}"}}')

@@ -69,9 +69,9 @@ class EngineAdapters:
         self.pool = pool
         self.store = Path(store_dir).expanduser().resolve()
         self.timeout_s = timeout_s
-        self.changes = 0  # bumped by every load/unload, so cached listings know they are stale
+        self.changes = 0  # bumped by every load, so cached listings know they are stale
         self._clients: dict[str, httpx.Client] = {}
-        self._lock = threading.Lock()  # one load/unload at a time
+        self._lock = threading.Lock()  # one load at a time
 
     def client(self, url: str) -> httpx.Client:
         if url not in self._clients:

@@ -168,10 +168,11 @@ class PromotionGate:
             if resp.status_code >= 500 and engine_died(resp.content):  # it died under us: not a verdict either
                 self._retry(version, f"the serving engine died while scoring {name}")
                 return
-            self._server_errors[version] = self._server_errors.get(version, 0) + 1
-            if resp.status_code >= 500 and self._server_errors[version] < SERVER_ERROR_TRIES:
+            tries = self._server_errors.pop(version, 0) + 1
+            if resp.status_code >= 500 and tries < SERVER_ERROR_TRIES:
                 log.warning("gate: HTTP %d while scoring %s (try %d of %d): %s", resp.status_code, name,
-                            self._server_errors[version], SERVER_ERROR_TRIES, resp.text[:200])
+                            tries, SERVER_ERROR_TRIES, resp.text[:200])
+                self._server_errors[version] = tries
                 self.book.requeue(version)
                 self._halt.wait(2)
                 return
