@@ -180,8 +180,9 @@ def test_stream_tap_reads_split_sse_chunks():
     raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
     tap = StreamTap(chat=True)
     for i in range(0, len(raw), 7):  # chunk boundaries fall inside lines
+        assert not tap.done, "the answer is complete only with [DONE]"
         tap.feed(raw[i:i + 7])
-    assert tap.response_id == "chatcmpl-1" and tap.texts() == {0: "Hello", 1: "Yo"}
+    assert tap.response_id == "chatcmpl-1" and tap.texts() == {0: "Hello", 1: "Yo"} and tap.done
 
 
 def test_batched_prompts_map_choices_to_their_prompt():

@@ -164,12 +164,21 @@ def _relay(state: GatewayState, upstream: httpx.Response, prompts: list, per_pro
            chat: bool, headers: dict[str, str]) -> Response:
     """Relay the engine's event stream chunk by chunk, reading the text as it passes (kept for feedback)."""
     tap = StreamTap(chat)
+    kept = False
+
+    def keep() -> None:
+        nonlocal kept
+        if tap.response_id and not kept:
+            state.served.put(tap.response_id, served_choices(tap.texts(), prompts, per_prompt, version))
+            kept = True
 
     async def relay():
         complete = False
         try:
             async for chunk in upstream.aiter_raw():
                 tap.feed(chunk)
+                if tap.done:  # kept before the client reads the end: it may rate the answer at once
+                    keep()
                 yield chunk
             complete = True
         except httpx.HTTPError:  # the engine went away mid-stream: say so in the stream; no [DONE] follows
@@ -177,7 +186,7 @@ def _relay(state: GatewayState, upstream: httpx.Response, prompts: list, per_pro
             yield f"data: {json.dumps(gone)}\n\n".encode()
         finally:
             await upstream.aclose()
-            if complete and tap.response_id:
-                state.served.put(tap.response_id, served_choices(tap.texts(), prompts, per_prompt, version))
+            if complete:
+                keep()
 
     return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)

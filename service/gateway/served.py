@@ -113,6 +113,7 @@ class StreamTap:
     def __init__(self, chat: bool):
         self.chat = chat
         self.response_id: str | None = None
+        self.done = False  # the `[DONE]` event was seen: the answer is complete
         self._parts: dict[int, list[str]] = {}
         self._buf = b""
 
@@ -125,6 +126,8 @@ class StreamTap:
                 self._event(line[5:].strip())
 
     def _event(self, data: bytes) -> None:
+        if data == b"[DONE]":
+            self.done = True
         if not data or data == b"[DONE]":
             return
         try:
