@@ -210,8 +210,9 @@ class Supervisor:
     dead server is not restarted here: `on_death(cause, log tail)` is called
     instead (the generator then exits and its own supervisor, `odpo up` or the
     kubelet, restarts and counts it). Every death is counted by the cause
-    vLLM's log names (`odpo_generator_engine_crashes_total{cause}`). vLLM's API server exits a few seconds after its
-    engine core dies, so an engine that dies is seen here too.
+    vLLM's log names (`odpo_generator_engine_crashes_total{cause}`). vLLM's
+    API server exits a few seconds after its engine core dies, so an engine
+    that dies is seen here too.
     """
 
     def __init__(self, server: VllmServer, on_tick: Callable[[], object], check_every_s: float = 5.0,
