@@ -25,14 +25,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 
-from benchmarks.common import model_dir, peft_model, write_adapters, write_json
+from benchmarks.common import ClientLoops, model_dir, peft_model, write_adapters, write_json
 from benchmarks.serving_replicas import GATE_ENV, _listed, _ready, _spawn, _stop, _wait
 from service.adapter_store import write_manifest
 from service.broker import EmbeddedBroker, free_port
@@ -82,27 +81,15 @@ def adapters_in_memory(engine: str, port: int) -> dict:
             "rss_mib": vllm_rss_mib(pid), "api_pid": pid}
 
 
-class Clients:
-    """Three gateway clients at once: `policy`, the newest `policy-v<N>`, and `policy-v<newest - 3>`."""
+class Clients(ClientLoops):
+    """Three gateway clients at once: `policy`, the newest `policy-v<N>`, and `policy-v<newest - 3>` (results
+    keyed by kind, "ok" | "failed"; the failures kept with what they got)."""
+
+    kinds = ("policy", "newest", "older")
 
     def __init__(self, gateway: str):
-        self.gateway, self.newest = gateway, 0
-        self.results: Counter = Counter()  # (kind, "ok" | error)
+        super().__init__(gateway)
         self.failures: list[str] = []
-        self._halt = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, args=(k,), daemon=True)
-                         for k in ("policy", "newest", "older")]
-
-    def start(self) -> Clients:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def stop(self) -> dict[str, int]:
-        self._halt.set()
-        for t in self._threads:
-            t.join(timeout=150)
-        return {"/".join(k): n for k, n in sorted(self.results.items())}
 
     def _model(self, kind: str) -> str:
         v = self.newest if kind == "newest" else self.newest - OLDER_BY

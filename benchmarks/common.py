@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import statistics
+import threading
+from collections import Counter
 from pathlib import Path
 
 from service.adapter_store import adapter_digest, publish_dir, staging_dir
@@ -94,3 +96,31 @@ def write_json(path: Path | None, result: dict) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
+
+
+class ClientLoops:
+    """Gateway clients of a benchmark, one thread per kind, each running `_loop(kind)` until `stop`; `results`
+    counts outcomes by a tuple key, `newest` is the newest published version for the loops to ask for."""
+
+    kinds: tuple[str, ...] = ()
+
+    def __init__(self, gateway: str):
+        self.gateway, self.newest = gateway, 0
+        self.results: Counter = Counter()
+        self._halt = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(k,), daemon=True) for k in self.kinds]
+
+    def start(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> dict[str, int]:
+        """Stop the loops; the outcomes as "kind/.../outcome" -> count."""
+        self._halt.set()
+        for t in self._threads:
+            t.join(timeout=150)
+        return {"/".join(map(str, k)): n for k, n in sorted(self.results.items())}
+
+    def _loop(self, kind: str) -> None:
+        raise NotImplementedError

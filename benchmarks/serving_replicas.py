@@ -22,14 +22,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import httpx
 
-from benchmarks.common import model_dir, peft_model, summary, write_adapters, write_json
+from benchmarks.common import ClientLoops, model_dir, peft_model, summary, write_adapters, write_json
 from service.adapter_store import write_manifest
 from service.broker import EmbeddedBroker, free_port
 from service.bus import ensure_topics, make_producer, publish
@@ -69,25 +67,11 @@ def _wait(cond, timeout_s: float, what: str, procs: list[subprocess.Popen]) -> N
         time.sleep(0.5)
 
 
-class Clients:
-    """Two gateway clients: one asks `policy`, one the newest published `policy-v<N>`; every answer checked."""
+class Clients(ClientLoops):
+    """Two gateway clients: one asks `policy`, one the newest published `policy-v<N>`; every answer checked
+    (results keyed by kind, engine, "ok" | error)."""
 
-    def __init__(self, gateway: str):
-        self.gateway, self.newest = gateway, 0
-        self.results: Counter = Counter()  # (kind, engine, "ok" | error)
-        self._halt = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, args=(k,), daemon=True) for k in ("policy", "version")]
-
-    def start(self) -> Clients:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def stop(self) -> dict[str, int]:
-        self._halt.set()
-        for t in self._threads:
-            t.join(timeout=150)
-        return {"/".join(map(str, k)): n for k, n in sorted(self.results.items())}
+    kinds = ("policy", "version")
 
     def _loop(self, kind: str) -> None:
         while not self._halt.is_set():

@@ -178,8 +178,8 @@ class AdapterManager:
                 log.warning("not unloading deleted versions: cannot read the adapter store %s: %s", self.store, exc)
                 return []
             policies = {n: v for n, v in ((n, parse_version_name(n)) for n in listed) if v is not None and v > 0}
-            gone = sorted((n for n, v in policies.items() if stored and v < max(stored) and v not in stored),
-                          key=policies.__getitem__)
+            newest = max(stored, default=0)  # 0: an empty store unloads nothing
+            gone = sorted((n for n, v in policies.items() if v < newest and v not in stored), key=policies.__getitem__)
             for name in gone:
                 self._unload(name)
                 with self._state:
@@ -229,7 +229,6 @@ class AdapterManager:
         resp = self.client.get("/v1/models")
         resp.raise_for_status()
         return {m["id"]: m.get("root") for m in resp.json().get("data", [])}
-
 
     def _unload(self, name: str) -> None:
         try:
