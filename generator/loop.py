@@ -48,11 +48,13 @@ class SamplerLoop:
         self._pending: dict[TopicPartition, deque[tuple[Envelope[PromptEvent], Future]]] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._blocked: set[TopicPartition] = set()  # an abandoned prompt: nothing past it may be committed
+        self._orphans: list[tuple[Envelope[PromptEvent], Future]] = []  # read from a topic since recreated
+        self._rewinds = 0
         self._halt = threading.Event()  # ends workers' retry waits when the loop closes
 
     @property
     def in_flight(self) -> int:
-        return sum(len(q) for q in self._pending.values())
+        return sum(len(q) for q in self._pending.values()) + len(self._orphans)
 
     @property
     def committed(self) -> dict[TopicPartition, int]:
@@ -79,7 +81,7 @@ class SamplerLoop:
     def close(self, drain_timeout_s: float) -> None:
         """Let requests in flight finish (retries stop at once), commit what is durable, stop the pool."""
         self._halt.set()
-        futures = [f for q in self._pending.values() for _, f in q]
+        futures = [f for q in self._pending.values() for _, f in q] + [f for _, f in self._orphans]
         for f in futures:
             try:
                 f.result(timeout=drain_timeout_s)
@@ -116,6 +118,7 @@ class SamplerLoop:
     # -- loop side -----------------------------------------------------------------------------------
     def _harvest(self) -> None:
         """Dead-letter rejected prompts and commit each partition through its durable prefix."""
+        self._orphan_old_topic()
         commits: dict[TopicPartition, OffsetAndMetadata] = {}
         assigned = self.inbox.consumer.assignment()
         for tp in assigned | set(self._pending):
@@ -139,6 +142,25 @@ class SamplerLoop:
             if upto is not None and upto > self._committed.get(tp, -1):
                 commits[tp] = OffsetAndMetadata(upto, "", -1)
         self._commit(commits)
+
+    def _orphan_old_topic(self) -> None:
+        """The inbox found its topic recreated (a broker restart) and reads the new one from its start: the
+        prompts read before still finish (a rejected one is dead-lettered), but their offsets name the old
+        topic, so they leave the commit queues, and what was committed there counts for nothing."""
+        if self.inbox.rewinds != self._rewinds:
+            self._rewinds = self.inbox.rewinds
+            self._orphans += [entry for queue in self._pending.values() for entry in queue]
+            self._pending.clear()
+            self._committed.clear()
+            self._blocked.clear()
+        still = []
+        for env, future in self._orphans:
+            if not future.done():
+                still.append((env, future))
+            elif (outcome := self._outcome(env, future)).status == "rejected":
+                PROMPTS_REJECTED.inc()
+                self.inbox.reject(env, outcome.reason)
+        self._orphans = still
 
     def _outcome(self, env: Envelope[PromptEvent], future: Future) -> Outcome:
         try:

@@ -5,6 +5,8 @@ Versions used here (names on the shared server must not collide): 101-103.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid
@@ -12,6 +14,7 @@ import uuid
 import httpx
 import pytest
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 from prometheus_client import REGISTRY
 from transformers import AutoTokenizer
 
@@ -20,7 +23,8 @@ from generator.loop import SamplerLoop
 from generator.sampler import Sampler
 from generator.service import run
 from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
-from service.bus import Inbox, publish
+from service.broker import EmbeddedBroker
+from service.bus import Inbox, ensure_topics, make_producer, publish
 from service.contracts import (TOPIC_ADAPTERS, TOPIC_CANDIDATES, TOPIC_DLQ, TOPIC_PROMPTS, CandidateSet,
                                DeadLetter, PromptEvent)
 from service.settings import CommonSettings, GeneratorSettings
@@ -138,3 +142,58 @@ def test_loop_pauses_at_the_in_flight_bound_and_commits_in_order(broker, produce
     finally:
         reader.close()
     assert {c.prompt.id for c in got} == ids
+
+
+def test_loop_reads_a_recreated_prompt_topic_from_its_start(vllm_server, vllm_store, model_dir, tmp_path):
+    """A private broker killed and started again empty: the loop samples the new topic's prompts from its
+    start and commits them there, though its old commits named higher offsets."""
+    broker = EmbeddedBroker(log_file=tmp_path / "broker.log").start()
+    ensure_topics(broker.bootstrap, [TOPIC_PROMPTS, TOPIC_CANDIDATES, TOPIC_DLQ])
+    producer = make_producer(broker.bootstrap)
+    client = httpx.Client(base_url=vllm_server.url, timeout=120)
+    adapters = AdapterManager(client, vllm_store, model_dir)
+    adapters.register_base(write_zero_adapter(model_dir, vllm_store / ZERO_ADAPTER_DIR))
+    sampler = Sampler(client, AutoTokenizer.from_pretrained(model_dir), adapters,
+                      GeneratorSettings(n=2, max_tokens=8))
+    inbox = Inbox(broker.bootstrap, TOPIC_PROMPTS, PromptEvent, "generator", producer, group_id="gen-recreated")
+    loop = SamplerLoop(inbox, sampler, producer, max_in_flight=2, max_attempts=3, stop=threading.Event())
+    tp = TopicPartition(TOPIC_PROMPTS, 0)
+
+    def run_until(cond, what: str) -> None:
+        deadline = time.monotonic() + 180
+        while not cond():
+            assert time.monotonic() < deadline, f"{what}: committed {loop.committed}, rewinds {inbox.rewinds}"
+            try:
+                loop.step()
+            except KafkaError:  # the broker is coming back: kafka-python reconnects
+                time.sleep(0.5)
+
+    try:
+        for i in range(4):
+            p = prompt("old", f"Name animal number {i}.")
+            send(producer, TOPIC_PROMPTS, p.id, p.to_bytes())
+        run_until(lambda: loop.committed.get(tp) == 4, "the old topic's 4 prompts committed")
+        # A restarted Tansu may create the topic on a client's first request, with several partitions.
+
+        os.kill(broker.pid, signal.SIGKILL)
+        broker.start()  # the same address, empty
+        ensure_topics(broker.bootstrap, [TOPIC_PROMPTS, TOPIC_CANDIDATES, TOPIC_DLQ])
+        fresh = make_producer(broker.bootstrap)
+        new = [prompt("new", f"Name colour number {i}.") for i in range(2)]
+        for p in new:
+            send(fresh, TOPIC_PROMPTS, p.id, p.to_bytes())
+        fresh.close()
+        run_until(lambda: sum(loop.committed.values()) == 2, "the new topic's 2 prompts committed (below the old 4)")
+        assert inbox.rewinds == 1
+        reader = MessageTail(broker.bootstrap, TOPIC_CANDIDATES, CandidateSet)
+        try:
+            got = reader.wait_for(lambda c: c.prompt.id in {p.id for p in new}, 30, "candidates of both", count=2)
+        finally:
+            reader.close()
+        assert {c.prompt.id for c in got} == {p.id for p in new}
+    finally:
+        loop.close(30)
+        inbox.close()
+        producer.close()
+        client.close()
+        broker.stop()

@@ -313,12 +313,7 @@ class TrainerLoop:
     # -- offsets --------------------------------------------------------------------------------
     def commit_positions(self) -> dict[TopicPartition, int]:
         """Per assigned partition: the lowest buffered offset, or the read position when none is buffered."""
-        consumer = self.inbox.consumer
-        out = {}
-        for tp in consumer.assignment():
-            pending = [b.env.offset for b in self.buffer if b.env.partition == tp.partition and b.env.topic == tp.topic]
-            out[tp] = min(pending) if pending else consumer.position(tp)
-        return out
+        return self.inbox.commit_positions(b.env for b in self.buffer)
 
     def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
         """Commit `offsets` (default: `commit_positions`) once every pair read is durable in the archive."""

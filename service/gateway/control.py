@@ -31,9 +31,9 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
-from service.bus import COMPACT, ensure_topics
+from service.bus import COMPACT, ensure_topics, topic_id_of
 from service.gateway.book import VersionBook
-from service.gateway.control_log import CLAIM, RECORD_PREFIX, ControlLog, topic_id_of
+from service.gateway.control_log import CLAIM, RECORD_PREFIX, ControlLog
 from service.gateway.control_publish import NotReplicated, Publisher
 from service.gateway.leader import LeaderElection
 from service.gateway.metrics import LEADER, ScoreGauge, sync_promoted

@@ -51,14 +51,6 @@ def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def topic_id_of(consumer, topic: str):
-    """The topic's id in the consumer's metadata (None where this kafka-python does not say)."""
-    try:
-        return consumer._client.cluster.topic_id(topic)
-    except AttributeError:
-        return None
-
-
 class Taken(NamedTuple):
     """What one message of the topic was: `kind` is RECORD_PREFIX (a version's record, `msg` None for a
     tombstone), CLAIM or HEAD (with its `epoch` and `writer`, and whether the log `accepted` it)."""

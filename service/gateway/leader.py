@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
-from service.bus import ensure_topics
+from service.bus import ensure_topics, group_stable
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class LeaderElection:
                     next_topic_check = time.monotonic() + 30
                     if not consumer.partitions_for_topic(self.topic):
                         ensure_topics(self.bootstrap, [self.topic])
-                if _stable(consumer):
+                if group_stable(consumer):
                     stable_at = time.monotonic()
                 elif time.monotonic() - stable_at > self.stuck_s:
                     log.warning("leader election: not in a stable group for %.0f s; joining with a new consumer",
@@ -151,10 +151,3 @@ class _Listener(ConsumerRebalanceListener):
         self.election._set_owned(TopicPartition(self.election.topic, 0) in set(assigned))
 
 
-def _stable(consumer: KafkaConsumer) -> bool:
-    try:
-        from kafka.structs import MemberState
-
-        return consumer._coordinator.state == MemberState.STABLE
-    except (AttributeError, ImportError):  # another kafka-python: no watchdog
-        return True
