@@ -98,8 +98,11 @@ def reference(model_dir):
 
 @pytest.mark.integration
 def test_reference_logprob_is_the_mean_over_the_answer_tokens(reference):
-    """Batched and padded the same as one by one, and equal to a forward pass over chat template + answer."""
+    """Batched and padded the same as one by one, and equal to a forward pass over chat template + the answer's
+    surface form (judge/fluency.py: what the prompt's constraints control normalised)."""
     import torch
+
+    from judge.fluency import surface_form
 
     texts = [FLUENT, SALAD, "no", "the beach"]
     batched = reference.logprob_per_token(BEACH, texts)
@@ -110,7 +113,7 @@ def test_reference_logprob_is_the_mean_over_the_answer_tokens(reference):
                                    add_generation_prompt=True, tokenize=False)
     assert head.endswith("<|im_start|>assistant\n")
     ids = tok(head, add_special_tokens=False)["input_ids"]
-    body = tok(FLUENT, add_special_tokens=False)["input_ids"]
+    body = tok(surface_form(BEACH.task, FLUENT), add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids + body])).logits[0].float(), -1)
     expected = sum(logp[len(ids) - 1 + k, t].item() for k, t in enumerate(body)) / len(body)
