@@ -25,7 +25,7 @@ from service.contracts import (
 from service.settings import TrainerSettings
 from tests.test_trainer_crash import random_pairs
 from tests.test_trainer_guards import kafka_loop
-from tests.test_trainer_service import end_offset, metric, start_group_at_end
+from tests.test_trainer_service import metric, start_group_at_end
 from tests.test_trainer_train import make_pairs
 from trainer.archive import PairArchive, archive_files
 from trainer.export import archived_pairs, export_pairs
@@ -101,8 +101,7 @@ def test_a_failing_disk_keeps_the_pairs_pending_and_says_so(tmp_path, monkeypatc
 def _loop_from_end(broker, producer, group_id, tiny_model_dir, tmp_path, **settings):
     """A trainer loop whose group starts at the topic's end: (store, start offset, loop)."""
     store = tmp_path / "store"
-    start_group_at_end(broker.bootstrap, group_id)
-    start = end_offset(broker.bootstrap, PREFS)
+    start = start_group_at_end(broker.bootstrap, group_id)
     return store, start, kafka_loop(broker, producer, group_id, tiny_model_dir, store, **settings)
 
 

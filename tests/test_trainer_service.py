@@ -35,16 +35,19 @@ def end_offset(bootstrap: str, tp: TopicPartition) -> int:
         consumer.close()
 
 
-def start_group_at_end(bootstrap: str, group: str) -> None:
-    """Other tests share odpo.preferences: let this group begin after what is already there. (Tansu answers the
-    last batch's base offset + 1 as the end after a multi-record batch, so the rest of that batch is read.)"""
+def start_group_at_end(bootstrap: str, group: str) -> int:
+    """Other tests share odpo.preferences: let this group begin after what is already there; returns the offset
+    committed. (Tansu answers the last batch's base offset + 1 as the end after a multi-record batch, so the rest
+    of that batch is read first.)"""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
         consumer.assign([PREFS])
         consumer.seek(PREFS, consumer.end_offsets([PREFS])[PREFS])
         while consumer.poll(timeout_ms=1000):
             pass
-        consumer.commit({PREFS: OffsetAndMetadata(consumer.position(PREFS), "", -1)})
+        start = consumer.position(PREFS)
+        consumer.commit({PREFS: OffsetAndMetadata(start, "", -1)})
+        return start
     finally:
         consumer.close()
 
