@@ -125,11 +125,7 @@ class SamplerLoop:
             queue = self._pending.get(tp, deque())
             while queue and queue[0][1].done() and tp not in self._blocked:
                 env, future = queue.popleft()
-                outcome = self._outcome(env, future)
-                if outcome.status == "rejected":
-                    PROMPTS_REJECTED.inc()
-                    self.inbox.reject(env, outcome.reason)
-                elif outcome.status == "abandoned":
+                if self._settle(env, future).status == "abandoned":
                     self._blocked.add(tp)
                     queue.appendleft((env, future))
             if not queue:
@@ -155,12 +151,19 @@ class SamplerLoop:
             self._blocked.clear()
         still = []
         for env, future in self._orphans:
-            if not future.done():
+            if future.done():
+                self._settle(env, future)
+            else:
                 still.append((env, future))
-            elif (outcome := self._outcome(env, future)).status == "rejected":
-                PROMPTS_REJECTED.inc()
-                self.inbox.reject(env, outcome.reason)
         self._orphans = still
+
+    def _settle(self, env: Envelope[PromptEvent], future: Future) -> Outcome:
+        """A finished prompt's outcome; a rejected one is dead-lettered."""
+        outcome = self._outcome(env, future)
+        if outcome.status == "rejected":
+            PROMPTS_REJECTED.inc()
+            self.inbox.reject(env, outcome.reason)
+        return outcome
 
     def _outcome(self, env: Envelope[PromptEvent], future: Future) -> Outcome:
         try:

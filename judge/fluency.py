@@ -33,6 +33,7 @@ from judge.base import chat_messages
 
 _SENTENCE_START = re.compile(r"(^|[.!?]\s+|\n\s*)([a-z])")
 _PRONOUN_I = re.compile(r"\bi\b(?=[\s'’.,!?;:]|$)")
+_COMMA = re.compile(r"\s*,\s*")
 _BULLET = re.compile(r"^[ \t]*(?:[-*•+]|\d{1,2}[.)])[ \t]+", re.MULTILINE)
 
 
@@ -57,7 +58,7 @@ def surface_form(task: Any, text: str) -> str:
     if "bullet_points" in kinds:
         text = _BULLET.sub("", text)
     if "no_commas" in kinds:
-        text = re.sub(r"\s*,\s*", " ", text)
+        text = _COMMA.sub(" ", text)
     if "lowercase" in kinds:
         text = sentence_case(text)
     return text

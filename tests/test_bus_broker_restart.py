@@ -14,6 +14,7 @@ import os
 import signal
 import time
 
+import pytest
 from kafka import TopicPartition
 
 from service.broker import EmbeddedBroker
@@ -49,74 +50,77 @@ def _read(inbox: Inbox, want: int, timeout_s: float = 60) -> list:
     return got
 
 
-def test_a_group_reader_reads_a_recreated_topic_from_its_start(tmp_path):
+@pytest.fixture()
+def private_broker(tmp_path):
+    """A broker of this test's own (it is killed), odpo.preferences created, and the inboxes opened on it."""
     broker = EmbeddedBroker(log_file=tmp_path / "broker.log").start()
     producer = make_producer(broker.bootstrap)
-    inbox = None
+    inboxes: list[Inbox] = []
+
+    def inbox(group_id: str, **kw) -> Inbox:
+        inboxes.append(Inbox(broker.bootstrap, TOPIC_PREFERENCES, PreferencePair, "test", producer,
+                             group_id=group_id, **kw))
+        return inboxes[-1]
+
     try:
         ensure_topics(broker.bootstrap, [TOPIC_PREFERENCES])
-        inbox = Inbox(broker.bootstrap, TOPIC_PREFERENCES, PreferencePair, "test", producer, group_id="test-group")
-        before = _send(broker.bootstrap, "before", 6)
-        got = _read(inbox, 6)
-        assert [e.value.id for e in got] == before
-        inbox.commit(got)
-        assert inbox.rewinds == 0
-        assert list(inbox.commit_positions().values()) == [6]
-
-        os.kill(broker.pid, signal.SIGKILL)
-        broker.start()  # the same port, empty
-        ensure_topics(broker.bootstrap, [TOPIC_PREFERENCES])
-        # Fewer records than the old position: a reader left at offset 6 would get none of them.
-        after = _send(broker.bootstrap, "after", 3)
-        got = _read(inbox, 3)
-        assert sorted(e.value.id for e in got) == sorted(after), "every record of the new topic, once"
-        # (A restarted Tansu may create the topic on a client's first request, with several partitions.)
-        by_partition: dict[int, list[int]] = {}
-        for e in got:
-            by_partition.setdefault(e.partition, []).append(e.offset)
-        assert all(offsets == list(range(len(offsets))) for offsets in by_partition.values()), by_partition
-        assert inbox.rewinds == 1
-
-        # An envelope read before the restart (offset 5 of the old topic) never moves a commit past the reader.
-        first = got[0]
-        tp = TopicPartition(TOPIC_PREFERENCES, first.partition)
-        held = len(by_partition[first.partition])
-        stale = Envelope(TOPIC_PREFERENCES, first.partition, 5, None, _pair("old", 0))
-        assert inbox.commit_positions([stale])[tp] == held < 5
-        assert inbox.commit_positions([first, stale])[tp] == first.offset == 0
+        yield broker, inbox
     finally:
-        if inbox is not None:
-            inbox.close()
+        for i in inboxes:
+            i.close()
         producer.close()
         broker.stop()
 
 
-def test_a_member_stuck_outside_a_stable_group_joins_again_from_the_committed_offsets(tmp_path):
+def test_a_group_reader_reads_a_recreated_topic_from_its_start(private_broker):
+    broker, open_inbox = private_broker
+    inbox = open_inbox("test-group")
+    before = _send(broker.bootstrap, "before", 6)
+    got = _read(inbox, 6)
+    assert [e.value.id for e in got] == before
+    inbox.commit(got)
+    assert inbox.rewinds == 0
+    assert list(inbox.commit_positions().values()) == [6]
+
+    os.kill(broker.pid, signal.SIGKILL)
+    broker.start()  # the same port, empty
+    ensure_topics(broker.bootstrap, [TOPIC_PREFERENCES])
+    # Fewer records than the old position: a reader left at offset 6 would get none of them.
+    after = _send(broker.bootstrap, "after", 3)
+    got = _read(inbox, 3)
+    assert sorted(e.value.id for e in got) == sorted(after), "every record of the new topic, once"
+    # (A restarted Tansu may create the topic on a client's first request, with several partitions.)
+    by_partition: dict[int, list[int]] = {}
+    for e in got:
+        by_partition.setdefault(e.partition, []).append(e.offset)
+    assert all(offsets == list(range(len(offsets))) for offsets in by_partition.values()), by_partition
+    assert inbox.rewinds == 1
+
+    # An envelope read before the restart (offset 5 of the old topic) never moves a commit past the reader.
+    first = got[0]
+    tp = TopicPartition(TOPIC_PREFERENCES, first.partition)
+    held = len(by_partition[first.partition])
+    stale = Envelope(TOPIC_PREFERENCES, first.partition, 5, None, _pair("old", 0))
+    assert inbox.commit_positions([stale])[tp] == held < 5
+    assert inbox.commit_positions([first, stale])[tp] == first.offset == 0
+
+
+def test_a_member_stuck_outside_a_stable_group_joins_again_from_the_committed_offsets(private_broker):
     from kafka.structs import MemberState
 
-    broker = EmbeddedBroker(log_file=tmp_path / "broker.log").start()
-    producer = make_producer(broker.bootstrap)
-    inbox = None
-    try:
-        ensure_topics(broker.bootstrap, [TOPIC_PREFERENCES])
-        inbox = Inbox(broker.bootstrap, TOPIC_PREFERENCES, PreferencePair, "test", producer, group_id="stuck-group",
-                      stuck_s=15.0)  # a join takes 3-5 s; a replaced member may wait out the old one
-        sent = _send(broker.bootstrap, "s", 3)
-        got = _read(inbox, 3)
-        assert [e.value.id for e in got] == sent
-        inbox.commit(got[:2])  # the third is read, not done
-        assert group_stable(inbox.consumer) and inbox.rejoins == 0
-        stuck = inbox.consumer
-        # The state kafka-python 3.0.12 is left in when a join completes outside a poll: joined, nothing to
-        # rejoin, but never marked stable, so every commit fails with RebalanceInProgressError.
-        stuck._coordinator.state = MemberState.REBALANCING
-        again = _read(inbox, 1, timeout_s=60)
-        assert inbox.rejoins == 1 and inbox.consumer is not stuck
-        assert [e.value.id for e in again] == sent[2:], "the new member resumes at the first record not committed"
-        inbox.commit(again)
-        assert list(inbox.commit_positions().values()) == [3]
-    finally:
-        if inbox is not None:
-            inbox.close()
-        producer.close()
-        broker.stop()
+    broker, open_inbox = private_broker
+    inbox = open_inbox("stuck-group", stuck_s=15.0)  # a join takes 3-5 s; a replaced member may wait out the old one
+    sent = _send(broker.bootstrap, "s", 3)
+    got = _read(inbox, 3)
+    assert [e.value.id for e in got] == sent
+    inbox.commit(got[:2])  # the third is read, not done
+    assert group_stable(inbox.consumer) and inbox.rejoins == 0
+    stuck = inbox.consumer
+    # The state kafka-python 3.0.12 is left in when a join completes outside a poll: joined, nothing to
+    # rejoin, but never marked stable, so every commit fails with RebalanceInProgressError.
+    stuck._coordinator.state = MemberState.REBALANCING
+    again = _read(inbox, 1, timeout_s=60)
+    assert inbox.rejoins == 1 and inbox.consumer is not stuck
+    assert [e.value.id for e in again] == sent[2:], "the new member resumes at the first record not committed"
+    inbox.commit(again)
+    assert list(inbox.commit_positions().values()) == [3]

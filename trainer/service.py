@@ -312,7 +312,7 @@ class TrainerLoop:
 
     # -- offsets --------------------------------------------------------------------------------
     def commit_positions(self) -> dict[TopicPartition, int]:
-        """Per assigned partition: the lowest buffered offset, or the read position when none is buffered."""
+        """Per assigned partition: the lowest buffered offset, never past the read position."""
         return self.inbox.commit_positions(b.env for b in self.buffer)
 
     def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:

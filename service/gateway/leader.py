@@ -149,5 +149,3 @@ class _Listener(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned):
         self.election._revoked_at = None
         self.election._set_owned(TopicPartition(self.election.topic, 0) in set(assigned))
-
-
