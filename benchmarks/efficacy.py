@@ -92,6 +92,11 @@ def main() -> int:
     ap.add_argument("--skip-online", action="store_true", help="no online arm (offline vs base only)")
     ap.add_argument("--online-timeout-min", type=float, default=240, help="give up on one `odpo up` after this")
     ap.add_argument("--examples", type=int, default=3, help="held-out prompts whose answers are printed")
+    ap.add_argument("--ifeval", type=Path, default=None, metavar="FILE",
+                    help="also score every final model on this public benchmark (IFEval JSONL; a copy: "
+                         "benchmarks/data/ifeval/input_data.jsonl), official checkers, paired against base")
+    ap.add_argument("--ifeval-limit", type=int, default=None, help="only the first N benchmark prompts")
+    ap.add_argument("--ifeval-max-tokens", type=int, default=256, help="new tokens per benchmark answer")
     args = ap.parse_args()
     if args.window < 1 or args.pairs < args.window or args.pairs % args.window:
         ap.error(f"--pairs must be a positive multiple of --window ({args.pairs} / {args.window})")
@@ -122,6 +127,34 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+class Benchmark:
+    """The public benchmark beside the bundled held-out set: every final model's answers, checked officially."""
+
+    def __init__(self, args, out: Path):
+        from service.eval_suite import load_items
+
+        self.path, self.max_tokens = args.ifeval, args.ifeval_max_tokens
+        self.items = load_items(args.ifeval, args.ifeval_limit, out / "nltk_data")
+        self.models: list[dict] = []
+
+    def score(self, engine, name: str, label: str) -> None:
+        from judge.evaluate import Target
+        from service.eval_suite import answer_and_check
+
+        say(f"ifeval: {label} on {len(self.items)} benchmark prompts")
+        self.models.append(answer_and_check(self.items, Target(name, engine.url, label), self.max_tokens, 8))
+
+    def report(self) -> dict:
+        from service.eval_suite import compare
+
+        return compare(self.items, self.models, 0, self.path, self.max_tokens)
+
+    def table(self):
+        from service.eval_suite import benchmark_table
+
+        return benchmark_table(self.models, f"ifeval ({self.path.name})", len(self.items), self.max_tokens, "base")
+
+
 def run(args, out: Path, reuse: dict[int, Path]) -> int:
     from judge.eval_report import examples, results_table
     from judge.evaluate import compare_models, win_rate
@@ -148,14 +181,15 @@ def run(args, out: Path, reuse: dict[int, Path]) -> int:
 
     from judge.base import make_judge
     from judge.fluency import ReferenceScorer
-    from service.settings import JudgeSettings
+    from service.settings import CommonSettings, JudgeSettings
 
     torch.set_num_threads(1)  # vLLM computes on the other core
     say("loading the online judge (rules x quality guard, reference log-prob)")
     judge = make_judge(JudgeSettings(), reference_model=model)
     reference = getattr(getattr(judge, "guard", None), "reference", None) or ReferenceScorer(model)
     n_eval = max(args.heldout, args.curve_prompts)
-    prompts = make_prompts("heldout", n_eval)
+    prompts = make_prompts("heldout", n_eval, curriculum=CommonSettings().task_curriculum)
+    bench = Benchmark(args, out) if args.ifeval else None
     engine = Engine(model, out)
     try:
         engine.start(out)
@@ -174,6 +208,8 @@ def run(args, out: Path, reuse: dict[int, Path]) -> int:
                                                            args.curve_every, args.curve_prompts)
         # the final comparison: base first (the reference), then per seed online final, promoted, offline final
         results, labels = [evaluator.result("base", "base", args.heldout)], {}
+        if bench:
+            bench.score(engine, "base", "base")
         for seed in args.seeds:
             on, off = arms[seed].get("online"), arms[seed]["offline"]
             wanted = []
@@ -188,6 +224,8 @@ def run(args, out: Path, reuse: dict[int, Path]) -> int:
                 say(f"final: {label} on {args.heldout} held-out prompts")
                 engine.load(name, store / f"policy-v{version}")
                 results.append(evaluator.result(name, label, args.heldout))
+                if bench:
+                    bench.score(engine, name, label)
                 engine.unload(name)
                 labels[(seed, kind)] = len(results) - 1
     finally:
@@ -218,7 +256,8 @@ def run(args, out: Path, reuse: dict[int, Path]) -> int:
                 "win_rate": win_rate(judge, final_prompts, on.rows, off.rows)}
         by_seed[str(seed)] = entry
     final = {"prompts": args.heldout, "max_tokens": args.max_tokens, "decoding": "greedy (temperature 0)",
-             "base": {"signals": results[0].signals}, "by_seed": by_seed}
+             "base": {"signals": results[0].signals}, "by_seed": by_seed,
+             "ifeval": bench.report() if bench else None}
 
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 220)
     console.print()
@@ -226,6 +265,8 @@ def run(args, out: Path, reuse: dict[int, Path]) -> int:
         console.print(line, markup=False, highlight=False)
     console.print(results_table(results, f"all models: {args.heldout} held-out prompts, greedy, {args.max_tokens} "
                                          f"tokens; reference base; win rate by the composite judge"))
+    if bench:
+        console.print(bench.table())
     if args.skip_online:
         console.print("(--skip-online: no online arm)")
     console.print(side_by_side(final, args.seeds, arms))

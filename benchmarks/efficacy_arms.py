@@ -268,13 +268,13 @@ def sample_offline_pairs(engine: Engine, judge, seed: int, budget: int, train_pr
     from generator.sampler import Sampler, ServerFailed
     from judge.pairs import PairPolicy, build_pairs
     from service.contracts import SamplingParams
-    from service.settings import GeneratorSettings, JudgeSettings
+    from service.settings import CommonSettings, GeneratorSettings, JudgeSettings
     from service.task import make_prompts
 
     gen = GeneratorSettings()
     sampler = Sampler(engine.client, AutoTokenizer.from_pretrained(engine.model), engine.adapters, gen)
     policy = PairPolicy.from_settings(JudgeSettings())
-    prompts = make_prompts("train", train_prompts)
+    prompts = make_prompts("train", train_prompts, curriculum=CommonSettings().task_curriculum)  # as `odpo up`
 
     def params(k: int) -> SamplingParams:  # a fresh seed per pass over the prompts: base repeats itself otherwise
         return SamplingParams(n=gen.n, temperature=gen.temperature, top_p=gen.top_p, max_tokens=gen.max_tokens,

@@ -56,8 +56,10 @@ def examples(results: Sequence[ModelResult], prompts: Sequence, count: int) -> l
     return lines
 
 
-def write_json(results: Sequence[ModelResult], settings: dict, out: Path) -> Path:
-    out.write_text(json.dumps({"settings": settings, "models": [r.as_dict() for r in results]}, indent=1))
+def write_json(results: Sequence[ModelResult], settings: dict, out: Path, suites: dict | None = None) -> Path:
+    """eval.json: the settings, the bundled suite's models and, under `suites`, each public benchmark's results."""
+    out.write_text(json.dumps({"settings": settings, "models": [r.as_dict() for r in results],
+                               "suites": suites or {}}, indent=1))
     return out
 
 

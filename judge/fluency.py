@@ -10,7 +10,7 @@ Averaged over a policy's answers it is also a cheap estimate of how far the
 policy has moved from the reference (the KL the DPO objective pays for).
 
 It scores an answer's `surface_form`: the surface its prompt's constraints ask
-for (lowercase, no commas, bullets) normalised away, the same way for every
+for (lowercase, no commas, bullets, headers, ...; judge/surface.py) normalised away, the same way for every
 answer to that prompt. The base model's log-prob per token falls 0.39 when its
 own answer to a lowercase prompt is lowercased, 0.36 when the commas of one to
 a "no commas" prompt are removed: scored raw, the fluency term and the gate's
@@ -23,45 +23,12 @@ torch is imported when a scorer is made, not with this module.
 
 from __future__ import annotations
 
-import re
 import threading
 from pathlib import Path
 from typing import Any, Sequence
 
 from judge.base import chat_messages
-
-
-_SENTENCE_START = re.compile(r"(^|[.!?]\s+|\n\s*)([a-z])")
-_PRONOUN_I = re.compile(r"\bi\b(?=[\s'’.,!?;:]|$)")
-_COMMA = re.compile(r"\s*,\s*")
-_BULLET = re.compile(r"^[ \t]*(?:[-*•+]|\d{1,2}[.)])[ \t]+", re.MULTILINE)
-
-
-def _constraint_types(task: Any) -> set[str]:
-    constraints = task.get("constraints") if isinstance(task, dict) else None
-    if not isinstance(constraints, list):
-        return set()
-    return {c.get("type") for c in constraints if isinstance(c, dict)}
-
-
-def sentence_case(text: str) -> str:
-    """Lowercase, then a capital at each sentence's start and for the pronoun "I": the case an answer has
-    whether or not it was written in the case its prompt asked for."""
-    text = _SENTENCE_START.sub(lambda m: m.group(1) + m.group(2).upper(), text.lower())
-    return _PRONOUN_I.sub("I", text)
-
-
-def surface_form(task: Any, text: str) -> str:
-    """`text` with the surface its task's constraints control normalised (see the module's docstring):
-    `lowercase` -> sentence case, `no_commas` -> no commas, `bullet_points` -> no bullet markers."""
-    kinds = _constraint_types(task)
-    if "bullet_points" in kinds:
-        text = _BULLET.sub("", text)
-    if "no_commas" in kinds:
-        text = _COMMA.sub(" ", text)
-    if "lowercase" in kinds:
-        text = sentence_case(text)
-    return text
+from judge.surface import surface_form  # what the scorer scores (also imported from here)
 
 
 class ReferenceScorer:

@@ -28,6 +28,9 @@ A blank answer (no words at all) scores 0 on every constraint: otherwise an
 empty reply would satisfy "at most 20 words", "lowercase" and "no commas" at
 once, and DPO would learn to say nothing.
 
+The format families (numbered lists, sections, JSON, titles, ...) are
+checked in judge/verifier_formats.py, which says how each scores.
+
 Tasks of another kind, or malformed constraints, raise `ValueError`: the
 judge service dead-letters such candidate sets.
 """
@@ -37,17 +40,14 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
+from judge import verifier_formats
+from judge.text import closeness, content_share, include_count, nonblank_str, positive_int, words
+
 TASK_KIND = "constraints"
 
-_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 _TRAILING_NOISE = "\"'*`” \t\r\n"
 _END_PUNCT = ".!?;:…"
 _OTHER_BULLET = re.compile(r"^(?:[*•+]\s|\d{1,2}[.)]\s)")
-
-
-def words(text: str) -> list[str]:
-    """The words of a text, as the word-count constraints count them."""
-    return _WORD.findall(text)
 
 
 def _max_words(text: str, n: int) -> float:
@@ -69,7 +69,7 @@ def _lowercase(text: str) -> float:
 
 
 def _include_word(text: str, word: str) -> float:
-    return 1.0 if re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE) else 0.0
+    return 1.0 if include_count(text, word) else 0.0
 
 
 def _normalize(s: str) -> str:
@@ -96,48 +96,30 @@ def _bullet_points(text: str, n: int, min_words: int | None = None) -> float:
     lines = [line.lstrip() for line in text.splitlines()]
     dashes = [line for line in lines if line.startswith("- ")]
     others = [line for line in lines if _OTHER_BULLET.match(line)]
-    best = max((_closeness(len(dashes), n) * _content(dashes, min_words), dashes),
-               (0.5 * _closeness(len(others), n) * _content(others, min_words), others), key=lambda x: x[0])
+    best = max((closeness(len(dashes), n) * content_share(dashes, min_words), dashes),
+               (0.5 * closeness(len(others), n) * content_share(others, min_words), others), key=lambda x: x[0])
     return best[0]
 
 
-def _content(bullets: list[str], min_words: int | None) -> float:
-    """Share of bullets with at least `min_words` words (1 when no minimum is asked)."""
-    if not min_words or not bullets:
-        return 1.0
-    return sum(1 for b in bullets if len(words(b)) >= min_words) / len(bullets)
-
-
-def _closeness(count: int, n: int) -> float:
-    return max(0.0, 1.0 - abs(count - n) / n)
-
-
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-def _nonblank_str(v: Any) -> bool:
-    return isinstance(v, str) and bool(v.strip())
-
-
 def _word_list(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(_nonblank_str(w) for w in v)
+    return isinstance(v, list) and bool(v) and all(nonblank_str(w) for w in v)
 
 
-def _optional_positive_int(v: Any) -> bool:
-    return v is None or _positive_int(v)
+def _optional_positive(v: Any) -> bool:
+    return v is None or positive_int(v)
 
 
 # type -> (check, {field: validator}); each check gets the text and the fields as keyword arguments.
 _CONSTRAINTS: dict[str, tuple[Callable[..., float], dict[str, Callable[[Any], bool]]]] = {
-    "max_words": (_max_words, {"n": _positive_int}),
+    "max_words": (_max_words, {"n": positive_int}),
     "lowercase": (_lowercase, {}),
-    "include_word": (_include_word, {"word": _nonblank_str}),
-    "end_with": (_end_with, {"phrase": _nonblank_str}),
+    "include_word": (_include_word, {"word": nonblank_str}),
+    "end_with": (_end_with, {"phrase": nonblank_str}),
     "no_commas": (_no_commas, {}),
-    "bullet_points": (_bullet_points, {"n": _positive_int, "min_words": _optional_positive_int}),
-    "min_words": (_min_words, {"n": _positive_int}),
+    "bullet_points": (_bullet_points, {"n": positive_int, "min_words": _optional_positive}),
+    "min_words": (_min_words, {"n": positive_int}),
     "on_topic": (_on_topic, {"words": _word_list}),
+    **verifier_formats.CONSTRAINTS,
 }
 
 
@@ -185,6 +167,8 @@ def parse_constraints(task: Any) -> list[dict[str, Any]]:
 def _label(c: dict[str, Any]) -> str:
     if c["type"] == "on_topic":  # the word list makes a long label; the first word names the topic
         return f"on_topic({c['words'][0]})"
+    if c["type"] == "repeat_request":  # the request is long; it is in the prompt
+        return "repeat_request"
     args = ",".join(f"{k}={c[k]}" for k in sorted(c) if k != "type")
     return f"{c['type']}({args})" if args else c["type"]
 

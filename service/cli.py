@@ -119,7 +119,9 @@ def _eval(args) -> int:
     return run_eval(EvalOptions(models=models, url=args.url, reference=args.reference, prompts=args.prompts,
                                 prompts_file=args.prompts_file, max_tokens=args.max_tokens, out=args.out,
                                 reference_logprob=not args.no_reference_logprob, win_judge=args.win_judge,
-                                concurrency=args.concurrency, examples=args.examples, base_model=args.base_model))
+                                concurrency=args.concurrency, examples=args.examples, base_model=args.base_model,
+                                suites=args.suite or ["bundled"], suite_max_tokens=args.suite_max_tokens,
+                                suite_limit=args.suite_limit))
 
 
 def _add_eval(sub) -> None:
@@ -142,6 +144,12 @@ def _add_eval(sub) -> None:
     c.add_argument("--concurrency", type=int, default=8, help="Requests in flight per model.")
     c.add_argument("--examples", type=int, default=5, help="Prompts whose answers are printed side by side.")
     c.add_argument("--base-model", type=Path, default=None, help="Reference model folder (default: the packaged one).")
+    c.add_argument("--suite", action="append", default=None, metavar="SUITE",
+                   help="What to evaluate on, repeatable: 'bundled' (the held-out task; the default) and/or "
+                        "'ifeval=FILE', a public instruction-following benchmark in IFEval's JSONL format "
+                        "scored by its official checkers (a copy: benchmarks/data/ifeval/input_data.jsonl).")
+    c.add_argument("--suite-max-tokens", type=int, default=256, help="Most new tokens per benchmark answer.")
+    c.add_argument("--suite-limit", type=int, default=None, help="Only the first N benchmark prompts.")
     c.set_defaults(func=_eval)
 
 

@@ -2,16 +2,19 @@
 
     odpo eval --models base,policy                      # the local gateway (http://127.0.0.1:8000)
     odpo eval --models base,policy-v3,other=mymodel@http://host:8100 --prompts 200 --out runs/eval
+    odpo eval --suite bundled --suite ifeval=benchmarks/data/ifeval/input_data.jsonl   # + a public benchmark
 
 Each model answers the same prompts greedily; the first model (or
 `--reference`) is the reference for the paired score difference and the win
 rate. Prints a table and example answers, writes eval.json and eval.png.
+`--suite ifeval=FILE` adds a public instruction-following benchmark scored by
+its official checkers (service/eval_suite.py).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -35,6 +38,9 @@ class EvalOptions:
     concurrency: int
     examples: int
     base_model: Path | None
+    suites: list[str] = field(default_factory=lambda: ["bundled"])
+    suite_max_tokens: int = 256
+    suite_limit: int | None = None
 
 
 def parse_targets(specs: list[str], default_url: str):
@@ -60,7 +66,9 @@ def load_prompts(opts: EvalOptions):
     if opts.prompts < 1:
         raise UsageError("--prompts must be >= 1")
     if opts.prompts_file is None:
-        return make_prompts("heldout", opts.prompts)
+        from service.settings import CommonSettings
+
+        return make_prompts("heldout", opts.prompts, curriculum=CommonSettings().task_curriculum)
     from service.dataset_load import load_file
 
     try:
@@ -94,15 +102,46 @@ def _win_judge(kind: str, reference):
 
 
 def run_eval(opts: EvalOptions) -> int:
-    from judge.eval_report import examples, plot_results, results_table, write_json
-    from judge.evaluate import compare_models, evaluate_model
+    from service.eval_suite import parse_suites, run_benchmark
+    from service.settings import CommonSettings
 
     console = Console(soft_wrap=True)
     targets = parse_targets(opts.models, opts.url)
     labels = [t.label for t in targets]
     if opts.reference is not None and opts.reference not in labels:
         raise UsageError(f"--reference {opts.reference!r} is not one of the models: {', '.join(labels)}")
+    if opts.concurrency < 1 or opts.max_tokens < 1 or opts.suite_max_tokens < 1:
+        raise UsageError("--concurrency, --max-tokens and --suite-max-tokens must be >= 1")
+    if opts.suite_limit is not None and opts.suite_limit < 1:
+        raise UsageError("--suite-limit must be >= 1")
+    suites = parse_suites(opts.suites)
     ref_index = labels.index(opts.reference) if opts.reference else 0
+    settings = {"reference": labels[ref_index], "suites": opts.suites}
+    out = (opts.out or Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    results, written = [], []
+    if any(s.name == "bundled" for s in suites):
+        results = _run_bundled(opts, targets, ref_index, console)
+        settings.update({"prompts": len(results[0].rows),
+                         "prompts_file": str(opts.prompts_file) if opts.prompts_file else None,
+                         "max_tokens": opts.max_tokens, "win_judge": opts.win_judge,
+                         "reference_logprob": opts.reference_logprob})
+    benchmarks = {s.name: run_benchmark(s, targets, ref_index, opts.suite_max_tokens, opts.suite_limit,
+                                        opts.concurrency, CommonSettings().cache_dir / "nltk_data", console)
+                  for s in suites if s.path is not None}
+    out.mkdir(parents=True, exist_ok=True)
+    from judge.eval_report import plot_results, write_json
+
+    written.append(write_json(results, settings, out / "eval.json", benchmarks))
+    if results:
+        written.append(plot_results(results, out / "eval.png"))
+    console.print(f"written: {', '.join(map(str, written))}")
+    return 0
+
+
+def _run_bundled(opts: EvalOptions, targets, ref_index: int, console: Console) -> list:
+    from judge.eval_report import examples, results_table
+    from judge.evaluate import compare_models, evaluate_model
+
     prompts = load_prompts(opts)
     reference = None
     if opts.reference_logprob:
@@ -131,12 +170,5 @@ def run_eval(opts: EvalOptions) -> int:
     for line in examples(results, prompts, opts.examples):
         console.print(line, markup=False, highlight=False)
     console.print(results_table(results, f"odpo eval: {len(prompts)} prompts, greedy, max {opts.max_tokens} "
-                                         f"tokens; reference {labels[ref_index]}"))
-    out = (opts.out or Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {"prompts": len(prompts), "prompts_file": str(opts.prompts_file) if opts.prompts_file else None,
-                "max_tokens": opts.max_tokens, "reference": labels[ref_index], "win_judge": opts.win_judge,
-                "reference_logprob": opts.reference_logprob}
-    console.print(f"written: {write_json(results, settings, out / 'eval.json')}, "
-                  f"{plot_results(results, out / 'eval.png')}")
-    return 0
+                                         f"tokens; reference {targets[ref_index].label}"))
+    return results

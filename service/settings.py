@@ -63,6 +63,9 @@ class CommonSettings(_ComponentSettings):
     base_model: Path | None = Field(default=None, description="A local HF model folder; default: the packaged SmolLM2-135M.")
     log_level: str = Field(default="INFO", description="Python logging level of every component.")
     metrics_host: str = Field(default="127.0.0.1", description="Address /metrics listens on (0.0.0.0 in a pod).")
+    task_curriculum: Literal["basic", "formats", "mixed"] = Field(
+        default="mixed", description="The bundled task `odpo up` feeds and the gate and `odpo eval` score on: "
+                                     "basic constraints, the format families, or both in turn (service/task.py).")
 
     def model_post_init(self, __context: Any) -> None:
         self.store_dir = self.store_dir.expanduser()
@@ -259,7 +262,14 @@ class TrainerSettings(_ComponentSettings):
                        "apo_zero", "apo_down", "discopop"] = Field(
         default="sigmoid", description="DPO loss variant (trainer/losses/, same numbers as TRL 1.16's loss_type): "
                                        "sigmoid = DPO.")
-    beta: float = Field(default=0.1, gt=0, description="DPO temperature beta (IPO's tau).")
+    beta: float = Field(default=0.1, gt=0, description="DPO temperature beta (IPO's tau); the starting value "
+                                                     "when kl_target adapts it.")
+    kl_target: float = Field(
+        default=0.1, ge=0, description="Drift budget: adapt beta after every window to keep the policy's measured "
+                                       "KL from the reference near this many nats per token (trainer/kl_control.py); "
+                                       "0 = a fixed beta.")
+    beta_min: float = Field(default=0.02, gt=0, description="Lowest beta kl_target may set.")
+    beta_max: float = Field(default=2.0, gt=0, description="Highest beta kl_target may set.")
     label_smoothing: float = Field(
         default=0.0, ge=0, lt=0.5, description="Assumed label-flip probability: cDPO smoothing of sigmoid, the eps "
                                                "of robust, aot and exo_pair (which needs it > 0, e.g. 1e-3).")

@@ -41,10 +41,15 @@ from __future__ import annotations
 import random
 from typing import Any, Literal
 
+from service import task_formats
 from service.contracts import ChatMessage, PromptEvent
 
 SOURCE = "bundled-constraints"
-TASK_VERSION = 2  # 2: min_words, bullet content and on_topic added (scores of version 1 are not comparable)
+FORMATS_SOURCE = "bundled-formats"
+# 2: min_words, bullet content and on_topic added; 3: the format families (service/task_formats.py) and the
+# mixed curriculum. Scores of different versions are not comparable.
+TASK_VERSION = 3
+CURRICULA = ("basic", "formats", "mixed")
 TASK_KIND = "constraints"
 CONSTRAINT_TYPES = ("max_words", "lowercase", "include_word", "end_with", "no_commas", "bullet_points")
 # Added to every prompt (on_topic) or beside another constraint (min_words with max_words), never drawn alone.
@@ -111,7 +116,10 @@ def describe(constraint: dict[str, Any]) -> str:
         return f'Answer with exactly {constraint["n"]} bullet points, each {content}on its own line starting with "- ".'
     if kind == "on_topic":
         return ""  # the instruction names the topic ("Describe the beach.")
-    raise ValueError(f"unknown constraint type {kind!r}")
+    stated = task_formats.describe(constraint)
+    if stated is None:
+        raise ValueError(f"unknown constraint type {kind!r}")
+    return stated
 
 
 def state(constraints: list[dict[str, Any]]) -> str:
@@ -157,32 +165,58 @@ def _constraints(rng: random.Random) -> list[dict[str, Any]]:
     return out
 
 
-def make_prompt(split: Literal["train", "heldout"], index: int, seed: int = 0) -> PromptEvent:
-    """The `index`-th prompt of a split; the same arguments always give the same prompt."""
+def _formats_constraints(rng: random.Random, request: str) -> list[dict[str, Any]]:
+    kinds = task_formats.draw_kinds(rng)
+    layout = bool({"bullet_points", "numbered_list", "sections", "paragraphs", "two_responses"} & set(kinds))
+    out = []
+    for k in kinds:
+        if k in task_formats.FORMAT_TYPES:
+            out.append(task_formats.constraint(k, rng, request))
+        elif k == "max_words" and layout:  # several parts need room
+            out.append({"type": k, "n": rng.randint(25, 50)})
+        else:
+            out.append(_constraint(k, rng, k == "bullet_points" or "bullet_points" in kinds))
+    for c in list(out):
+        if c["type"] == "max_words":
+            out.append({"type": "min_words", "n": max(4, c["n"] // 3)})
+    return out
+
+
+def make_prompt(split: Literal["train", "heldout"], index: int, seed: int = 0, curriculum: str = "basic") -> PromptEvent:
+    """The `index`-th prompt of a split; the same arguments always give the same prompt.
+
+    `basic`: the first six constraints; `formats`: at least one of the format families; `mixed`
+    (what the loop trains and the gate evaluates on): even indexes basic, odd ones formats.
+    """
     topics = _TOPICS.get(split)
     if topics is None:
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
+    if curriculum not in CURRICULA:
+        raise ValueError(f"curriculum must be one of {', '.join(CURRICULA)}, got {curriculum!r}")
+    if curriculum == "mixed":
+        return make_prompt(split, index // 2, seed, "formats" if index % 2 else "basic")
+    formats = curriculum == "formats"
     # Topics go round in a seeded order, so consecutive prompts cover all topics before repeating one.
     order = list(topics)
-    random.Random(f"odpo-task/{split}/{seed}/topics").shuffle(order)
+    random.Random(f"odpo-task/{split}/{seed}/topics{'/formats' if formats else ''}").shuffle(order)
     topic = order[index % len(order)]
-    rng = random.Random(f"odpo-task/{split}/{seed}/{index}")
+    rng = random.Random(f"odpo-task/{split}/{seed}/{'formats/' if formats else ''}{index}")
     instruction = rng.choice(INSTRUCTIONS).format(t=topic)
-    constraints = _constraints(rng)
+    constraints = _formats_constraints(rng, instruction) if formats else _constraints(rng)
     text = " ".join(filter(None, [instruction, state(constraints)]))
     constraints.append({"type": "on_topic", "words": list(TOPIC_WORDS[topic])})
     return PromptEvent(
-        id=f"{split}-{index:04d}",
+        id=f"{split}-{'f' if formats else ''}{index:04d}",
         messages=[ChatMessage(role="user", content=text)],
         task={"kind": TASK_KIND, "topic": topic, "constraints": constraints},
-        source=SOURCE,
+        source=FORMATS_SOURCE if formats else SOURCE,
     )
 
 
-def make_prompts(split: Literal["train", "heldout"], n: int, seed: int = 0) -> list[PromptEvent]:
-    """The first `n` prompts of a split (ids `train-0000`, ... or `heldout-0000`, ...)."""
+def make_prompts(split: Literal["train", "heldout"], n: int, seed: int = 0, curriculum: str = "basic") -> list[PromptEvent]:
+    """The first `n` prompts of a split (ids `train-0000`, ... or `heldout-0000`, ...; `-f0000` for formats)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    return [make_prompt(split, i, seed) for i in range(n)]
+    return [make_prompt(split, i, seed, curriculum) for i in range(n)]

@@ -149,7 +149,8 @@ def run_up(opts: UpOptions) -> int:
 
         watcher = LoopWatcher(broker.bootstrap, store=store, max_staleness=trainer.max_staleness)
         watcher.start()
-        feeder = PromptFeeder(lambda: make_producer(broker.bootstrap), make_prompts("train", opts.train_prompts),
+        feeder = PromptFeeder(lambda: make_producer(broker.bootstrap), make_prompts("train", opts.train_prompts,
+                                                                                   curriculum=common.task_curriculum),
                               backlog=2 * gen.max_in_flight, start=position, state_file=run_dir / FEED_FILE)
         keeper.on_down, keeper.on_up = _on_broker_down(watcher), _on_broker_up(watcher, feeder)
         drops = TrainerDrops(f"http://127.0.0.1:{env['ODPO_TRAINER_METRICS_PORT']}/metrics")

@@ -109,7 +109,8 @@ def test_the_gate_refuses_a_policy_that_games_the_old_verifier(hacked_adapter, v
         ensure_topics(broker.bootstrap)
         settings = GatewaySettings(vllm_url=vllm_server.url, admin_token=TOKEN, heldout_prompts=24,
                                    heldout_prompts_max=24, eval_max_tokens=32, load_wait_s=0)
-        common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=vllm_store)
+        # the held-out prompts the hack was made for: the six basic constraints (the old verifier's)
+        common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=vllm_store, task_curriculum="basic")
         with running_gateway(settings, common) as url:
             assert _wait_decided(url, 0)["status"] == "passed"
             producer = make_producer(broker.bootstrap)

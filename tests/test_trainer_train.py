@@ -37,7 +37,9 @@ def make_pairs(tok, n: int = 4, policy_version: int = 0, tag: str = "") -> list[
     return pairs
 
 
-SETTINGS = TrainerSettings(window_pairs=4, steps_per_window=3, batch_pairs=2)
+# a fixed beta: the resumed trainer's loss is compared with the one that trained (kl_target adapts beta
+# between windows; tests/test_trainer_kl_control.py)
+SETTINGS = TrainerSettings(window_pairs=4, steps_per_window=3, batch_pairs=2, kl_target=0)
 
 
 @pytest.fixture()

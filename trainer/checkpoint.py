@@ -66,6 +66,7 @@ class TrainerState:
     optimizer_steps: int = 0  # global step count: the learning-rate schedule continues from it
     offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> next offset, committed after publish
     metrics: dict[str, float] = field(default_factory=dict)  # of the update that made this version
+    beta: float = 0.0  # DPO beta for the next window when the trainer adapts it (0: the settings' beta)
     created_at: float = 0.0
 
     @property
@@ -163,7 +164,7 @@ def remove_optimizer_states(store: Path, keep: int) -> list[Path]:
 
 
 def new_state(prev: TrainerState, pair_ids: list[str], offsets: dict[str, int], metrics: dict[str, float],
-              optimizer_steps: int | None = None) -> TrainerState:
+              optimizer_steps: int | None = None, beta: float | None = None) -> TrainerState:
     """The state of the version that follows `prev` after training `pair_ids`."""
     merged = dict(prev.offsets)
     merged.update(offsets)
@@ -172,7 +173,8 @@ def new_state(prev: TrainerState, pair_ids: list[str], offsets: dict[str, int], 
     return TrainerState(version=prev.version + 1, parent_version=prev.version, base_model=prev.base_model,
                         trained_ids=prev.trained_ids + fresh, window_ids=list(pair_ids),
                         optimizer_steps=prev.optimizer_steps if optimizer_steps is None else optimizer_steps,
-                        offsets=merged, metrics=metrics, created_at=time.time())
+                        offsets=merged, metrics=metrics, created_at=time.time(),
+                        beta=prev.beta if beta is None else beta)
 
 
 def remove_staging_leftovers(store: Path) -> int:

@@ -11,6 +11,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 LOSS = Gauge("odpo_trainer_loss", "DPO loss of the last optimizer step of the newest window.")
 REWARD_MARGIN = Gauge("odpo_trainer_reward_margin", "Mean beta*(chosen - rejected) implicit reward margin.")
+DRIFT = Gauge("odpo_trainer_drift_per_token", "Mean per-token log-ratio policy/reference of the newest window's "
+              "responses before its update: an estimate of KL(policy || reference) per token.")
+BETA = Gauge("odpo_trainer_beta", "DPO beta of the newest update (adapted to the drift when kl_target is set).")
 REWARD_ACCURACY = Gauge("odpo_trainer_reward_accuracy_ratio", "Share of step pairs whose chosen reward wins.")
 REWARD_CHOSEN = Gauge("odpo_trainer_reward_chosen", "Mean implicit reward of chosen completions.")
 REWARD_REJECTED = Gauge("odpo_trainer_reward_rejected", "Mean implicit reward of rejected completions.")
@@ -92,3 +95,5 @@ def record_published(result) -> None:
     LOGITS.labels("rejected").set(result.logits_rejected)
     GRAD_NORM.set(result.grad_norm)
     LEARNING_RATE.set(result.learning_rate)
+    DRIFT.set(result.drift)
+    BETA.set(result.beta)

@@ -20,6 +20,7 @@ decisions the ranks share); rank 0 alone publishes, the others `follow_version`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import random
@@ -40,6 +41,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.distributed import SOLO, Ranks
+from trainer.kl_control import drift_per_token, next_beta
 from trainer.logps import Scored
 from trainer.losses import LossOutput, LossParams, PairLogps, dpo_loss, reward_metrics
 from trainer.model import Policy, autocast, load_policy
@@ -69,7 +71,8 @@ class Trainer:
         self.state = state or TrainerState(base_model=policy.base_model)
         # the forward that trains (DDP/FSDP under torchrun) and the plain one (reference log-probs)
         self._train_forward, self._plain_forward = ranks.wrap(policy)
-        self.loss_params = LossParams(settings.beta, settings.label_smoothing, settings.discopop_tau)
+        self.loss_params = LossParams(self.state.beta or settings.beta, settings.label_smoothing,
+                                      settings.discopop_tau)
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=settings.learning_rate,
                                            weight_decay=settings.weight_decay)
         self.optimizer_steps = self.state.optimizer_steps
@@ -171,6 +174,7 @@ class Trainer:
             loss, outs = self._accumulate(step, ref)
             if result.steps == 0:  # no update yet: the weights are those of the version that sampled
                 compare_with_sampler(outs, self.version, result, compared)
+                result.drift = self._drift(outs, ref)
             # spread over ranks, every rank clips the same summed gradient (its own outs may be empty)
             norm = torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm) \
                 if outs or self.ranks.spread else None
@@ -200,7 +204,21 @@ class Trainer:
                 result.restored = True
                 log.error("weights went non-finite at version %d: restored the window's start", self.version)
         result.seconds = time.perf_counter() - t0
+        result.beta = self.loss_params.beta
         return result
+
+    def _drift(self, outs, ref) -> float:
+        """The window's measured drift (every rank's responses under torchrun); NaN when nothing was scored."""
+        mine = drift_per_token(outs, ref)
+        values = [d for part in self.ranks.gather([mine]) for d in part] if self.ranks.spread else [mine]
+        values = [d for d in values if d is not None]
+        return sum(values) / len(values) if values else math.nan
+
+    def next_beta(self, result: WindowResult) -> float:
+        """The beta the next window trains with (kl_control): adapted to this window's drift when asked."""
+        s = self.settings
+        drift = result.drift if math.isfinite(result.drift) else None
+        return next_beta(self.loss_params.beta, drift, s.kl_target, s.beta_min, s.beta_max)
 
     def _scored_here(self, pairs: Sequence[TokenizedPair], steps: list[list[TokenizedPair]]) -> list[TokenizedPair]:
         """The pairs whose reference this rank needs: the window's in a single process, else those of its shards."""
@@ -282,15 +300,18 @@ class Trainer:
         """Write version N+1 (adapter, state with `pair_ids` in the ledger, optimizer) into the store."""
         if not self.weights_finite():
             raise NonFiniteWeights(f"refusing to publish version {self.version + 1}: non-finite LoRA weights")
-        state = new_state(self.state, list(pair_ids), offsets or {}, result.metrics(), self.optimizer_steps)
+        beta = self.next_beta(result)
+        state = new_state(self.state, list(pair_ids), offsets or {}, result.metrics(), self.optimizer_steps, beta)
         ckpt = save_checkpoint(store, self.policy.model, self.optimizer, state)
-        self.state = state
+        self.state, self.loss_params = state, dataclasses.replace(self.loss_params, beta=beta)
         self._trained.update(pair_ids)
         return ckpt
 
     def follow_version(self, pair_ids: Sequence[str], result: WindowResult) -> None:
         """A rank > 0: take the state of the version rank 0 publishes for this window; write nothing."""
-        self.state = new_state(self.state, list(pair_ids), {}, result.metrics(), self.optimizer_steps)
+        beta = self.next_beta(result)
+        self.state = new_state(self.state, list(pair_ids), {}, result.metrics(), self.optimizer_steps, beta)
+        self.loss_params = dataclasses.replace(self.loss_params, beta=beta)
         self._trained.update(pair_ids)
 
 

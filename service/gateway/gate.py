@@ -64,7 +64,7 @@ class PromotionGate:
         self._leading = leading or (lambda: True)
         self._term: object = None
         self.common = common or CommonSettings()
-        self.prompts = make_prompts("heldout", settings.heldout_prompts_max)
+        self.prompts = make_prompts("heldout", settings.heldout_prompts_max, curriculum=self.common.task_curriculum)
         self._reference = None  # the base model for the fluency signal, loaded on first use
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="odpo-gateway-gate", daemon=True)
