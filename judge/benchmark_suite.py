@@ -166,6 +166,8 @@ def versus(items: Sequence[BenchmarkItem], ours: Sequence[ItemResult], ref: Sequ
                                           [float(r.prompt_loose) for r in ref]).as_dict(),
         "instruction_strict": paired_difference(_instruction_values(items, ours, False),
                                                 _instruction_values(items, ref, False)).as_dict(),
+        "instruction_loose": paired_difference(_instruction_values(items, ours, True),
+                                               _instruction_values(items, ref, True)).as_dict(),
         "families_strict": {f: paired_difference(_instruction_values(items, ours, False, f),
                                                  _instruction_values(items, ref, False, f)).as_dict()
                             for f in families},

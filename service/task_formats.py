@@ -72,42 +72,31 @@ def compatible(kinds: list[str]) -> bool:
     return not any(frozenset((a, b)) in _CONFLICTS for i, a in enumerate(kinds) for b in kinds[i + 1:])
 
 
+# What a user turn states for each format constraint, filled from its fields.
+_STATED = {
+    "keyword_count": 'The word "{word}" must appear {n} or more times.',
+    "forbid_word": 'Avoid the word "{word}" entirely.',
+    "max_sentences": "Keep it to {n} sentences or fewer.",
+    "paragraphs": "Give {n} paragraphs, with a line holding only *** between each two.",
+    "numbered_list": "Give a numbered list of exactly {n} items (1. 2. and so on), each a short sentence.",
+    "sections": 'Split it into {n} parts headed "{marker} 1", "{marker} 2" and so on.',
+    "title": "Begin with a title in double angle brackets, such as <<A Title>>.",
+    "json": "Reply only with a JSON object.",
+    "highlights": "Mark {n} phrases as *highlighted* by putting single asterisks around them.",
+    "uppercase": "Write everything in capital letters.",
+    "start_with": 'Begin your answer with the words "{phrase}".',
+    "postscript": 'Close with a note that starts with "{marker}".',
+    "placeholders": "Leave {n} blanks in square brackets for me to fill in, such as [name].",
+    "repeat_request": "Before answering, copy my first sentence word for word.",
+    "two_responses": "Give two different answers with a line of six asterisks (******) between them.",
+    "quoted": "Put the whole answer inside double quotation marks.",
+}
+
+
 def describe(c: dict[str, Any]) -> str | None:
     """The sentence a user turn states for a format constraint (None for a type not of this module)."""
-    kind = c["type"]
-    if kind == "keyword_count":
-        return f'The word "{c["word"]}" must appear {c["n"]} or more times.'
-    if kind == "forbid_word":
-        return f'Avoid the word "{c["word"]}" entirely.'
-    if kind == "max_sentences":
-        return f"Keep it to {c['n']} sentences or fewer."
-    if kind == "paragraphs":
-        return f"Give {c['n']} paragraphs, with a line holding only *** between each two."
-    if kind == "numbered_list":
-        return f"Give a numbered list of exactly {c['n']} items (1. 2. and so on), each a short sentence."
-    if kind == "sections":
-        return f'Split it into {c["n"]} parts headed "{c["marker"]} 1", "{c["marker"]} 2" and so on.'
-    if kind == "title":
-        return "Begin with a title in double angle brackets, such as <<A Title>>."
-    if kind == "json":
-        return "Reply only with a JSON object."
-    if kind == "highlights":
-        return f"Mark {c['n']} phrases as *highlighted* by putting single asterisks around them."
-    if kind == "uppercase":
-        return "Write everything in capital letters."
-    if kind == "start_with":
-        return f'Begin your answer with the words "{c["phrase"]}".'
-    if kind == "postscript":
-        return f'Close with a note that starts with "{c["marker"]}".'
-    if kind == "placeholders":
-        return f"Leave {c['n']} blanks in square brackets for me to fill in, such as [name]."
-    if kind == "repeat_request":
-        return "Before answering, copy my first sentence word for word."
-    if kind == "two_responses":
-        return "Give two different answers with a line of six asterisks (******) between them."
-    if kind == "quoted":
-        return "Put the whole answer inside double quotation marks."
-    return None
+    stated = _STATED.get(c["type"])
+    return None if stated is None else stated.format(**{k: v for k, v in c.items() if k != "text"})
 
 
 def constraint(kind: str, rng: random.Random, request: str) -> dict[str, Any]:

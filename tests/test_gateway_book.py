@@ -37,6 +37,15 @@ def test_base_is_scored_before_anything_else():
     assert book.next_evaluation() == (None, [])  # 1 is being evaluated, nothing else pending
 
 
+def test_base_keeps_its_quality_signals_though_no_verdict_decides_it():
+    """`odpo up`'s table and plot showed "-" for base's length, topic and fluency: nothing kept them."""
+    book = VersionBook(0.05)
+    book.next_evaluation()
+    signals = {"score": 0.5, "mean_words": 23.9, "on_topic_share": 0.75, "ref_logprob": -0.87}
+    book.decide(0, 0.5, None, [{"prompt_id": "heldout-0000"}], signals)
+    assert book.record(0).signals == signals and book.record(0).status == "passed"
+
+
 @pytest.mark.parametrize("score, promoted, status", [(0.6, True, "passed"), (0.46, True, "passed"),
                                                      (0.449, False, "refused"), (0.1, False, "refused")])
 def test_promotion_within_the_tolerance(score, promoted, status):

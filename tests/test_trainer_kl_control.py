@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from service.settings import TrainerSettings
-from trainer.kl_control import MAX_CHANGE, next_beta
-from trainer.logps import score_pairs
+from trainer.kl_control import MAX_CHANGE, drift_per_token, next_beta
 from trainer.recipe import Trainer
 from trainer.tokenize import TokenizedPair
 
@@ -27,36 +26,40 @@ def test_beta_moves_towards_the_budget_by_at_most_a_fifth_per_window_within_its_
     assert next_beta(0.1, None, 0.1, 0.02, 2.0) == 0.1  # nothing measured: unchanged
 
 
-def test_drift_is_the_mean_per_token_log_ratio_of_the_responses_and_zero_for_a_fresh_adapter(tiny_model_dir):
-    settings = TrainerSettings(learning_rate=5e-3, steps_per_window=3, kl_target=0.05)
-    t = Trainer.open(tiny_model_dir, settings)
-    first = t.train_window(pairs_of(4))
-    assert first.drift == pytest.approx(0.0, abs=1e-6)  # LoRA's B starts at zero: policy == reference
-    more = pairs_of(4, "q")
-    # by hand, at the weights the second window starts from (lora_dropout 0: train mode computes the same)
-    with torch.no_grad():
-        pol = score_pairs(t.policy.model, more, t.policy.device, t.policy.pad_id).logps.float()
-    ref = t.reference(more)
-    ref_t = torch.stack([ref[p.pair_id] for p in more])
-    lengths = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in more], dtype=torch.float32)
-    expected = ((pol - ref_t) / lengths).mean().item()
-    second = t.train_window(more)
-    assert expected != 0.0 and second.drift == pytest.approx(expected, rel=1e-4, abs=1e-6)
+def test_drift_is_the_sampler_to_reference_log_ratio_per_token_of_the_sampled_responses(tiny_model_dir):
+    t = Trainer.open(tiny_model_dir, TrainerSettings(steps_per_window=1))
+    plain = pairs_of(2)
+    assert math.isnan(t.train_window(plain).drift)  # no sampler log-probs: nothing measured
+    sampled = [TokenizedPair(f"s{i}", 0, p.prompt_ids, p.chosen_ids, p.rejected_ids,
+                             tuple(-0.5 - 0.1 * k for k in range(len(p.chosen_ids))),
+                             tuple(-2.0 for _ in p.rejected_ids)) for i, p in enumerate(pairs_of(3))]
+    ref = t.reference(sampled)
+    expected = []
+    for p in sampled:
+        expected.append((sum(p.chosen_logprobs) - ref[p.pair_id][0].item()) / len(p.chosen_ids))
+        expected.append((sum(p.rejected_logprobs) - ref[p.pair_id][1].item()) / len(p.rejected_ids))
+    result = t.train_window(sampled + plain)  # the plain pairs add nothing to the mean
+    assert result.drift == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    misaligned = [TokenizedPair("m", 0, (1, 2), (5, 6, 7), (8, 2), (-1.0,), None)]
+    assert drift_per_token(misaligned, {"m": torch.zeros(2)}) is None  # log-probs not of these tokens
 
 
 def test_the_adapted_beta_is_published_with_the_version_and_resumed(tiny_model_dir, tmp_path):
     store = tmp_path / "store"
     settings = TrainerSettings(learning_rate=5e-3, steps_per_window=2, kl_target=0.05, beta=0.1)
     t = Trainer.open(tiny_model_dir, settings, store)
-    r1 = t.train_window(pairs_of(4))
-    t.publish_version(store, [f"p{i}" for i in range(4)], r1)
-    # the first window's drift is 0, under the budget: beta falls by the most allowed
-    assert r1.beta == pytest.approx(0.1) and t.state.beta == pytest.approx(0.1 * (1 - MAX_CHANGE))
+    # the sampler found these responses far likelier than the reference does: far over the budget
+    hot = [TokenizedPair(f"h{i}", 0, p.prompt_ids, p.chosen_ids, p.rejected_ids, tuple(0.0 for _ in p.chosen_ids),
+                         tuple(0.0 for _ in p.rejected_ids)) for i, p in enumerate(pairs_of(4))]
+    r1 = t.train_window(hot)
+    assert r1.drift > 0.05
+    t.publish_version(store, [p.pair_id for p in hot], r1)
+    assert r1.beta == pytest.approx(0.1) and t.state.beta == pytest.approx(0.1 * (1 + MAX_CHANGE))
     assert t.loss_params.beta == t.state.beta
     resumed = Trainer.open(tiny_model_dir, settings, store)
-    assert resumed.loss_params.beta == pytest.approx(0.08)
+    assert resumed.loss_params.beta == pytest.approx(0.12)
     r2 = resumed.train_window(pairs_of(4, "q"))
-    assert r2.beta == pytest.approx(0.08)
-    fixed = Trainer.open(tiny_model_dir, TrainerSettings(steps_per_window=1, beta=0.3))
-    r = fixed.train_window(pairs_of(2))
+    assert r2.beta == pytest.approx(0.12) and resumed.next_beta(r2) == pytest.approx(0.12)  # nothing measured
+    fixed = Trainer.open(tiny_model_dir, TrainerSettings(steps_per_window=1, beta=0.3, kl_target=0))
+    r = fixed.train_window(hot[:2])
     assert r.beta == 0.3 and fixed.next_beta(r) == 0.3  # kl_target 0: beta stays as set

@@ -4,15 +4,22 @@ DPO's beta prices moving away from the reference, but one fixed price over
 hours of windows lets the drift add up: the promoted version's reference
 log-prob fell about 0.02 nats/token per version until the gate's drift limit
 refused every later version. With `kl_target` set, the trainer measures the
-drift at the start of each window and moves beta towards keeping it at the
-target, as the adaptive KL controller of Ziegler et al. (2019) does for PPO:
+drift of the versions that sampled each window and moves beta towards keeping
+it at the target, as the adaptive KL controller of Ziegler et al. (2019) does
+for PPO:
 
-    drift = mean over the window's responses of (log pi(y) - log pi_ref(y)) / tokens(y)
+    drift = mean over the window's sampled responses of
+            (log pi_s(y) - log pi_ref(y)) / tokens(y),   y sampled by pi_s
     beta <- clip(beta * (1 + clip((drift - target) / target, -0.2, 0.2)), beta_min, beta_max)
 
-The responses were sampled by the policy (on-policy pairs, at most
-`max_staleness` versions old), so `drift` estimates KL(pi || pi_ref) per
-token; it is read off the window's first step, before that window's update.
+log pi_s(y) is what the sampler reported for its own tokens (the pair carries
+it) and log pi_ref(y) the trainer's reference pass, so `drift` is an unbiased
+estimate of KL(pi_s || pi_ref) per token for the served versions (at most
+`max_staleness` behind). The trainer's current weights would not do: scored on
+responses of earlier versions, which DPO has since pushed down, the log-ratio
+comes out negative and the controller would cheapen every step. Pairs
+without the sampler's log-probs (loaded datasets, human feedback) measure
+nothing; a window of only those leaves beta as it is.
 Beta rises while the policy is beyond its budget (each further step costs
 more) and falls back while it is within, so learning goes on where it is
 cheap instead of stopping at the gate. The beta in force is kept in each
@@ -26,17 +33,18 @@ import math
 MAX_CHANGE = 0.2  # most relative change of beta per window
 
 
-def drift_per_token(outs, ref) -> float | None:
-    """Mean per-token log-ratio policy/reference of the responses of one step's outputs (None when empty)."""
+def drift_per_token(pairs, ref) -> float | None:
+    """Mean per-token log-ratio sampler/reference of the sampled responses of `pairs` (None: none carry the
+    sampler's log-probs). `ref`: pair id -> [2] reference log-prob sums (chosen, rejected)."""
     ratios = []
-    for _, scored, batch in outs:
-        pol = scored.logps.detach().float().cpu()
-        lengths = scored.lengths.float().cpu()
-        for i, p in enumerate(batch):
-            r = ref[p.pair_id].float().cpu()
-            for side in (0, 1):
-                if lengths[i, side] > 0:
-                    ratios.append(((pol[i, side] - r[side]) / lengths[i, side]).item())
+    for p in pairs:
+        if p.pair_id not in ref:
+            continue
+        r = ref[p.pair_id].float().cpu()
+        sides = ((p.chosen_ids, p.chosen_logprobs), (p.rejected_ids, p.rejected_logprobs))
+        for side, (ids, sampled) in enumerate(sides):
+            if sampled and len(sampled) == len(ids):
+                ratios.append((sum(sampled) - r[side].item()) / len(ids))
     ratios = [x for x in ratios if math.isfinite(x)]
     return sum(ratios) / len(ratios) if ratios else None
 

@@ -11,8 +11,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 LOSS = Gauge("odpo_trainer_loss", "DPO loss of the last optimizer step of the newest window.")
 REWARD_MARGIN = Gauge("odpo_trainer_reward_margin", "Mean beta*(chosen - rejected) implicit reward margin.")
-DRIFT = Gauge("odpo_trainer_drift_per_token", "Mean per-token log-ratio policy/reference of the newest window's "
-              "responses before its update: an estimate of KL(policy || reference) per token.")
+DRIFT = Gauge("odpo_trainer_drift_per_token", "Mean per-token log-ratio sampler/reference of the newest window's "
+              "sampled responses: an estimate of KL(served policy || reference) per token.")
 BETA = Gauge("odpo_trainer_beta", "DPO beta of the newest update (adapted to the drift when kl_target is set).")
 REWARD_ACCURACY = Gauge("odpo_trainer_reward_accuracy_ratio", "Share of step pairs whose chosen reward wins.")
 REWARD_CHOSEN = Gauge("odpo_trainer_reward_chosen", "Mean implicit reward of chosen completions.")

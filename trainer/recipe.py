@@ -163,6 +163,7 @@ class Trainer:
         opt_snapshot, steps_before = copy.deepcopy(self.optimizer.state_dict()), self.optimizer_steps
         steps = self.step_batches(pairs)
         ref = self.reference(self._scored_here(pairs, steps))
+        result.drift = self._drift(pairs, ref)
         compared: set[str] = set()
         self.policy.model.train()
         for step in steps:
@@ -174,7 +175,6 @@ class Trainer:
             loss, outs = self._accumulate(step, ref)
             if result.steps == 0:  # no update yet: the weights are those of the version that sampled
                 compare_with_sampler(outs, self.version, result, compared)
-                result.drift = self._drift(outs, ref)
             # spread over ranks, every rank clips the same summed gradient (its own outs may be empty)
             norm = torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm) \
                 if outs or self.ranks.spread else None
@@ -207,9 +207,9 @@ class Trainer:
         result.beta = self.loss_params.beta
         return result
 
-    def _drift(self, outs, ref) -> float:
-        """The window's measured drift (every rank's responses under torchrun); NaN when nothing was scored."""
-        mine = drift_per_token(outs, ref)
+    def _drift(self, pairs, ref) -> float:
+        """The sampling versions' measured drift (every rank's pairs under torchrun); NaN when none tells."""
+        mine = drift_per_token(pairs, ref)
         values = [d for part in self.ranks.gather([mine]) for d in part] if self.ranks.spread else [mine]
         values = [d for d in values if d is not None]
         return sum(values) / len(values) if values else math.nan

@@ -40,7 +40,7 @@ class WindowResult:
     step_seconds: list[float] = field(default_factory=list)
     step_losses: list[float] = field(default_factory=list)  # of every step taken, in order
     logprob_mismatch: list[float] = field(default_factory=list)  # per on-policy pair: mean |ours - sampler's|
-    drift: float = math.nan  # mean per-token log-ratio policy/reference at the window's first step (kl_control)
+    drift: float = math.nan  # mean per-token log-ratio sampler/reference of the window's responses (kl_control)
     beta: float = math.nan  # the DPO beta this window trained with
     restored: bool = False  # the weights went non-finite and were put back
     aborted: bool = False  # stopped early on request; the weights were put back

@@ -215,12 +215,13 @@ class VersionBook:
                 rec.score = signals.get("score", rec.score)
 
     @_changes()
-    def decide(self, version: int, score: float, verdict: Any = None, rows: list[dict[str, Any]] | None = None
-               ) -> Decision:
+    def decide(self, version: int, score: float, verdict: Any = None, rows: list[dict[str, Any]] | None = None,
+               signals: dict[str, Any] | None = None) -> Decision:
         """Record `version`'s score and promote it if it is good enough (and traffic is not pinned).
 
         `verdict` (service.gateway.verdict.Verdict) decides when given; otherwise the score alone against
-        the promoted version's, within the tolerance."""
+        the promoted version's, within the tolerance. `signals` are kept when no verdict brings them (the
+        promoted version, base at the start, is scored without one)."""
         with self._lock:
             self._evaluating = None
             rec = self._records[version]
@@ -229,6 +230,8 @@ class VersionBook:
                 rec.rows = [dict(r) for r in rows]
             if verdict is not None:
                 rec.signals = dict(verdict.signals)
+            elif signals is not None:
+                rec.signals = dict(signals)
             previous = self._promoted
             ref = self._records[previous].score
             rec.refused_by = ""

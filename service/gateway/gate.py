@@ -187,7 +187,7 @@ class PromotionGate:
             return
         score = verdict.signals["score"]
         decision = self.book.decide(version, score, verdict if version != self.book.promoted else None,
-                                    [r.as_dict() for r in rows])
+                                    [r.as_dict() for r in rows], verdict.signals)
         self.scores.set(version, score, verdict.signals)
         if decision.promoted:
             PROMOTIONS.labels("gate").inc()
