@@ -14,7 +14,8 @@ copied from the request needs 4 words of its own).
 - numbered_list n: closeness of the number of lines "1. "/"1) " to n, times the share with content.
 - sections n marker: closeness of the number of lines starting "<marker> <number>" to n, times the share
   of sections with content.
-- title: 1 when a <<title>> with a word in it appears, else 0.
+- title: 1 when a <<title>> with a word in it appears, 0.5 when it is only the prompt's example
+  (<<A Title>>) copied, else 0.
 - json: 1 when the answer (inside a ``` fence or not) parses as a JSON object or array, 0.25 when it only
   starts with "{" or "[", else 0.
 - highlights n: min(1, *highlighted* or **highlighted** spans / n).
@@ -46,6 +47,7 @@ _HIGHLIGHT = re.compile(r"\*\*[^\n*]+\*\*|\*[^\n*]+\*")
 _PLACEHOLDER = re.compile(r"\[[^\[\]\n]+\]")
 _FENCE = re.compile(r"^```(?:json|JSON)?\s*(.*?)\s*```$", re.DOTALL)
 _LEAD_NOISE = " \t\r\n\"'*`#“"
+EXAMPLE_TITLE = "A Title"  # what the prompt shows (service/task_formats.py)
 
 
 def _flat(s: str) -> str:
@@ -90,7 +92,11 @@ def sections(text: str, n: int, marker: str) -> float:
 
 
 def title(text: str) -> float:
-    return 1.0 if _TITLE.search(text) else 0.0
+    found = [t.strip("<> ").lower() for t in _TITLE.findall(text)]
+    if not found:
+        return 0.0
+    # the prompt's own example copied ("<<A Title>>") is half a title: it names nothing
+    return 1.0 if any(t != EXAMPLE_TITLE.lower() for t in found) else 0.5
 
 
 def json_answer(text: str) -> float:

@@ -35,7 +35,7 @@ CASES = [
      "1. The sea is calm.\n2. The sand is warm.", 2 / 3),
     ({"type": "sections", "n": 2, "marker": "Part"}, "Part 1\nThe sea is calm.\nPART 2: The sand is warm.",
      "Part 1\nThe sea is calm.\nPart 2", 0.5),
-    ({"type": "title"}, "<<Calm Sea>>\nThe sea is calm.", "<< >> The sea is calm.", 0.0),
+    ({"type": "title"}, "<<Calm Sea>>\nThe sea is calm.", "<<A Title>>\nThe sea is calm.", 0.5),
     ({"type": "json"}, '```json\n{"sea": "calm", "sky": "blue"}\n```', '{"sea": "calm", "sky": ', 0.25),
     ({"type": "highlights", "n": 2}, "The *sea* is **calm** today.", "The *sea* is calm today.", 0.5),
     ({"type": "uppercase"}, "THE SEA IS CALM.", "THE SEA is calm.", 0.5),
