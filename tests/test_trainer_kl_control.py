@@ -30,7 +30,7 @@ def test_drift_is_the_sampler_to_reference_log_ratio_per_token_of_the_sampled_re
     t = Trainer.open(tiny_model_dir, TrainerSettings(steps_per_window=1))
     plain = pairs_of(2)
     assert math.isnan(t.train_window(plain).drift)  # no sampler log-probs: nothing measured
-    sampled = [TokenizedPair(f"s{i}", 0, p.prompt_ids, p.chosen_ids, p.rejected_ids,
+    sampled = [TokenizedPair(f"s{i}", 1, p.prompt_ids, p.chosen_ids, p.rejected_ids,
                              tuple(-0.5 - 0.1 * k for k in range(len(p.chosen_ids))),
                              tuple(-2.0 for _ in p.rejected_ids)) for i, p in enumerate(pairs_of(3))]
     ref = t.reference(sampled)
@@ -38,7 +38,9 @@ def test_drift_is_the_sampler_to_reference_log_ratio_per_token_of_the_sampled_re
     for p in sampled:
         expected.append((sum(p.chosen_logprobs) - ref[p.pair_id][0].item()) / len(p.chosen_ids))
         expected.append((sum(p.rejected_logprobs) - ref[p.pair_id][1].item()) / len(p.rejected_ids))
-    result = t.train_window(sampled + plain)  # the plain pairs add nothing to the mean
+    old = TokenizedPair("old", 0, (1, 9), (10, 2), (11, 2), (5.0, 5.0), (5.0, 5.0))  # an older sampler's
+    # the plain pairs add nothing to the mean; the older version's pair is not the newest drift
+    result = t.train_window(sampled + plain + [old])
     assert result.drift == pytest.approx(sum(expected) / len(expected), rel=1e-5)
     misaligned = [TokenizedPair("m", 0, (1, 2), (5, 6, 7), (8, 2), (-1.0,), None)]
     assert drift_per_token(misaligned, {"m": torch.zeros(2)}) is None  # log-probs not of these tokens

@@ -15,7 +15,8 @@ for PPO:
 log pi_s(y) is what the sampler reported for its own tokens (the pair carries
 it) and log pi_ref(y) the trainer's reference pass, so `drift` is an unbiased
 estimate of KL(pi_s || pi_ref) per token for the served versions (at most
-`max_staleness` behind). The trainer's current weights would not do: scored on
+`max_staleness` behind; only the newest of them in the window counts, so the
+controller lags as little as it can). The trainer's current weights would not do: scored on
 responses of earlier versions, which DPO has since pushed down, the log-ratio
 comes out negative and the controller would cheapen every step. Pairs
 without the sampler's log-probs (loaded datasets, human feedback) measure
@@ -34,11 +35,13 @@ MAX_CHANGE = 0.2  # most relative change of beta per window
 
 
 def drift_per_token(pairs, ref) -> float | None:
-    """Mean per-token log-ratio sampler/reference of the sampled responses of `pairs` (None: none carry the
-    sampler's log-probs). `ref`: pair id -> [2] reference log-prob sums (chosen, rejected)."""
+    """Mean per-token log-ratio sampler/reference of the responses the newest sampling version of `pairs`
+    sampled (None: none carry the sampler's log-probs). `ref`: pair id -> [2] reference log-prob sums."""
+    measured = [p for p in pairs if p.pair_id in ref and (p.chosen_logprobs or p.rejected_logprobs)]
+    newest = max((p.policy_version for p in measured), default=None)
     ratios = []
-    for p in pairs:
-        if p.pair_id not in ref:
+    for p in measured:
+        if p.policy_version != newest:  # older versions' drift is old news: the controller would lag
             continue
         r = ref[p.pair_id].float().cpu()
         sides = ((p.chosen_ids, p.chosen_logprobs), (p.rejected_ids, p.rejected_logprobs))
