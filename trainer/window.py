@@ -56,6 +56,8 @@ class WindowResult:
         mismatch = out.pop("logprob_mismatch")
         if mismatch:
             out["logprob_mismatch"] = sum(mismatch) / len(mismatch)
+        if not math.isfinite(self.drift):  # nothing measured (no sampler log-probs): absent, as NaN != NaN
+            out.pop("drift")
         out["restored"], out["aborted"] = float(self.restored), float(self.aborted)
         return out
 
