@@ -60,6 +60,8 @@ def test_the_adapted_beta_is_published_with_the_version_and_resumed(tiny_model_d
     assert t.loss_params.beta == t.state.beta
     resumed = Trainer.open(tiny_model_dir, settings, store)
     assert resumed.loss_params.beta == pytest.approx(0.12)
+    fixed_now = Trainer.open(tiny_model_dir, settings.model_copy(update={"kl_target": 0.0, "beta": 0.3}), store)
+    assert fixed_now.loss_params.beta == 0.3  # an operator who fixes beta again gets the beta they set
     r2 = resumed.train_window(pairs_of(4, "q"))
     assert r2.beta == pytest.approx(0.12) and resumed.next_beta(r2) == pytest.approx(0.12)  # nothing measured
     fixed = Trainer.open(tiny_model_dir, TrainerSettings(steps_per_window=1, beta=0.3, kl_target=0))

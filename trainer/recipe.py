@@ -71,8 +71,9 @@ class Trainer:
         self.state = state or TrainerState(base_model=policy.base_model)
         # the forward that trains (DDP/FSDP under torchrun) and the plain one (reference log-probs)
         self._train_forward, self._plain_forward = ranks.wrap(policy)
-        self.loss_params = LossParams(self.state.beta or settings.beta, settings.label_smoothing,
-                                      settings.discopop_tau)
+        # an adapted beta continues after a restart; with a fixed beta (kl_target 0) the setting rules
+        beta = self.state.beta if settings.kl_target > 0 and self.state.beta > 0 else settings.beta
+        self.loss_params = LossParams(beta, settings.label_smoothing, settings.discopop_tau)
         self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=settings.learning_rate,
                                            weight_decay=settings.weight_decay)
         self.optimizer_steps = self.state.optimizer_steps
