@@ -22,6 +22,8 @@ import json
 import re
 from typing import Any
 
+from judge.verifier_formats import section_header
+
 _SENTENCE_START = re.compile(r"(^|[.!?]\s+|\n\s*)([a-z])")
 _PRONOUN_I = re.compile(r"\bi\b(?=[\s'’.,!?;:]|$)")
 _COMMA = re.compile(r"\s*,\s*")
@@ -90,7 +92,7 @@ def surface_form(task: Any, text: str) -> str:
     if "paragraphs" in cs or "two_responses" in cs:
         text = _DIVIDER.sub("", text)
     if "sections" in cs and isinstance(cs["sections"].get("marker"), str):
-        text = re.sub(rf"^[ \t#*]*{re.escape(cs['sections']['marker'])}[ \t]+\d+[ \t]*[:.]?[ \t]*", "", text,
+        text = re.sub(section_header(cs["sections"]["marker"]) + r"[ \t]*[:.]?[ \t]*", "", text,
                       flags=re.MULTILINE | re.IGNORECASE)
     if "title" in cs:
         text = _ANGLE.sub(lambda m: m.group(1).strip() + ".", text)

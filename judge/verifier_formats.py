@@ -83,8 +83,13 @@ def numbered_list(text: str, n: int) -> float:
     return closeness(len(items), n) * content_share(items, 3)
 
 
+def section_header(marker: str) -> str:
+    """The pattern of a section's header line start: "Part 2", "## SECTION 2", any case."""
+    return rf"^[ \t#*]*{re.escape(marker)}[ \t]+\d+"
+
+
 def sections(text: str, n: int, marker: str) -> float:
-    head = re.compile(rf"^[ \t#*]*{re.escape(marker)}[ \t]+\d+\b", re.MULTILINE | re.IGNORECASE)
+    head = re.compile(section_header(marker) + r"\b", re.MULTILINE | re.IGNORECASE)
     starts = [m.start() for m in head.finditer(text)]
     bodies = [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
     # a section's content: its words after the header's two ("Part 1")

@@ -14,6 +14,7 @@ its official checkers (service/eval_suite.py).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,18 @@ class EvalOptions:
     suites: list[str] = field(default_factory=lambda: ["bundled"])
     suite_max_tokens: int = 256
     suite_limit: int | None = None
+
+
+@contextmanager
+def served_by(target):
+    """A model's HTTP failures as one-line CLI errors naming its URL."""
+    try:
+        yield
+    except httpx.HTTPStatusError as exc:
+        raise UsageError(f"{target.url} refused model {target.model!r}: HTTP {exc.response.status_code} "
+                         f"{exc.response.text[:200]}") from None
+    except httpx.TransportError as exc:
+        raise UsageError(f"cannot reach {target.url}: {exc}") from None
 
 
 def parse_targets(specs: list[str], default_url: str):
@@ -159,13 +172,8 @@ def _run_bundled(opts: EvalOptions, targets, ref_index: int, console: Console) -
     with Progress(console=console, transient=True) as progress:
         for t in targets:
             progress.add_task(f"{t.label}: {len(prompts)} prompts at {t.url}", total=None)
-            try:
+            with served_by(t):
                 results.append(evaluate_model(t, prompts, opts.max_tokens, reference, concurrency=opts.concurrency))
-            except httpx.HTTPStatusError as exc:
-                raise UsageError(f"{t.url} refused model {t.model!r}: HTTP {exc.response.status_code} "
-                                 f"{exc.response.text[:200]}") from None
-            except httpx.TransportError as exc:
-                raise UsageError(f"cannot reach {t.url}: {exc}") from None
     compare_models(results, ref_index, prompts, _win_judge(opts.win_judge, reference))
     for line in examples(results, prompts, opts.examples):
         console.print(line, markup=False, highlight=False)

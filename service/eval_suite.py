@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import httpx
 from rich.markup import escape
 from rich.table import Table
 
@@ -47,18 +46,14 @@ def run_benchmark(spec: SuiteSpec, targets, ref_index: int, max_tokens: int, lim
                   concurrency: int, data_dir: Path, console) -> dict:
     """Answers of every target to the benchmark, checked; the suite's part of eval.json."""
     from judge import benchmark_suite as bs
+    from service.eval_run import served_by
 
     items = load_items(spec.path, limit, data_dir)
     models = []
     for t in targets:
         console.print(f"{spec.name}: {t.label} answers {len(items)} prompts at {t.url} ...")
-        try:
+        with served_by(t):
             models.append(answer_and_check(items, t, max_tokens, concurrency))
-        except httpx.HTTPStatusError as exc:
-            raise UsageError(f"{t.url} refused model {t.model!r}: HTTP {exc.response.status_code} "
-                             f"{exc.response.text[:200]}") from None
-        except httpx.TransportError as exc:
-            raise UsageError(f"cannot reach {t.url}: {exc}") from None
     report = compare(items, models, ref_index, spec.path, max_tokens)
     console.print(benchmark_table(models, f"{bs.SUITE} ({spec.path.name})", len(items), max_tokens,
                                   models[ref_index]["label"]))

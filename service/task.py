@@ -167,7 +167,7 @@ def _constraints(rng: random.Random) -> list[dict[str, Any]]:
 
 def _formats_constraints(rng: random.Random, request: str) -> list[dict[str, Any]]:
     kinds = task_formats.draw_kinds(rng)
-    layout = bool({"bullet_points", "numbered_list", "sections", "paragraphs", "two_responses"} & set(kinds))
+    layout = bool(task_formats.MULTI_PART.intersection(kinds))
     out = []
     for k in kinds:
         if k in task_formats.FORMAT_TYPES:
@@ -175,7 +175,7 @@ def _formats_constraints(rng: random.Random, request: str) -> list[dict[str, Any
         elif k == "max_words" and layout:  # several parts need room
             out.append({"type": k, "n": rng.randint(25, 50)})
         else:
-            out.append(_constraint(k, rng, k == "bullet_points" or "bullet_points" in kinds))
+            out.append(_constraint(k, rng, "bullet_points" in kinds))
     for c in list(out):
         if c["type"] == "max_words":
             out.append({"type": "min_words", "n": max(4, c["n"] // 3)})

@@ -46,9 +46,11 @@ START_PHRASES = ("Sure", "In short", "Here is my answer", "Well")
 POSTSCRIPTS = ("P.S.", "P.P.S.")
 SECTION_MARKERS = ("Part", "Section")
 
+# Answers in several parts (a word limit needs room for them).
+MULTI_PART = frozenset({"bullet_points", "numbered_list", "sections", "paragraphs", "two_responses"})
 # At most one of each group: they all decide the answer's layout, its first characters, its last ones.
 _GROUPS = (
-    {"bullet_points", "numbered_list", "sections", "paragraphs", "json", "two_responses"},
+    MULTI_PART | {"json"},
     {"start_with", "repeat_request", "title", "quoted", "json"},
     {"end_with", "postscript", "quoted", "json", "bullet_points", "numbered_list"},
     {"lowercase", "uppercase"},
