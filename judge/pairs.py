@@ -29,6 +29,14 @@ Each candidate pair is then dropped, with a counted reason, when:
   break fewer rules), and an online loop turns that into one-word replies;
 - `cap`: more than `max_pairs` survive (the widest margins are kept).
 
+Beside them, `repair_pair` makes the set's repair pair (judge/repair.py): the
+best answer with its prompt's constraints met by edits, preferred over that
+answer as sampled. It has no sampler token ids (the chosen side was never
+sampled; the trainer tokenizes both sides through the chat template), and is
+dropped as `repair` unless the judge scores the repaired answer higher and
+finds it not degenerate, or as `collapse` when the edits (a word or sentence
+limit) cut it to less than the collapse guard allows.
+
 Pair ids are deterministic (`service.contracts.pair_id`), so a replayed set
 gives the same ids and the judge's seen-ids cache and the trainer's ledger
 drop the repeats.
@@ -40,13 +48,16 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from judge.base import Judgement
+from judge.base import Judge, Judgement
+from judge.repair import repair
 from service.contracts import CandidateSet, PreferencePair, pair_id
 from service.settings import JudgeSettings
 
-from judge.verifier import words
+from judge.verifier import parse_constraints, words
 
-DropReason = Literal["tie", "margin", "length", "identical", "cap", "degenerate", "collapse"]
+REPAIR_SUFFIX = "+repair"  # `PreferencePair.judge` of a repair pair: the judge's name and this
+
+DropReason = Literal["tie", "margin", "length", "identical", "cap", "degenerate", "collapse", "repair"]
 Strategy = Literal["best_vs_worst", "all_pairs", "top_k"]
 
 
@@ -174,3 +185,31 @@ def build_pairs(cset: CandidateSet, judgement: Judgement, judge: str,
             margin=margin,
         ))
     return pairs, dropped
+
+
+def repair_pair(cset: CandidateSet, judgement: Judgement, judge: Judge,
+                policy: PairPolicy) -> tuple[PreferencePair | None, DropReason | None]:
+    """The set's repair pair (the module's docstring), or None and why not (None, None: nothing to repair)."""
+    task = cset.prompt.task
+    try:
+        parse_constraints(task)
+    except ValueError:  # not the verifier's task (another judge scores this prompt): nothing to repair
+        return None, None
+    texts = [c.text for c in cset.completions]
+    best, _ = best_and_worst(judgement.scores)
+    fixed = repair(task, texts[best], texts[:best] + texts[best + 1:])
+    if fixed is None or not words(fixed):
+        return None, None
+    verdict = judge.judge(cset.prompt, [fixed, texts[best]])
+    margin = float(verdict.scores[0]) - float(verdict.scores[1])
+    if verdict.degenerate(0) is not None or margin < max(policy.min_margin, 1e-9) or \
+            (verdict.verdict(0, 1) is not None and verdict.verdict(0, 1) <= 0):
+        return None, "repair"
+    if _collapse_reason(fixed, texts[best], margin, policy):
+        return None, "collapse"
+    return PreferencePair(
+        id=pair_id(cset.prompt.id, fixed, texts[best], cset.policy_version),
+        prompt=cset.prompt, chosen=fixed, rejected=texts[best],
+        policy_version=cset.policy_version, judge=getattr(judge, "name", "judge") + REPAIR_SUFFIX,
+        chosen_score=float(verdict.scores[0]), rejected_score=float(verdict.scores[1]), margin=margin,
+    ), None

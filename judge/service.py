@@ -25,7 +25,7 @@ from kafka.structs import OffsetAndMetadata
 from judge import metrics as M
 from judge.base import Judge, JudgeUnavailable, make_judge
 from judge.feedback import FeedbackPairer
-from judge.pairs import PairPolicy, build_pairs
+from judge.pairs import PairPolicy, build_pairs, repair_pair
 from judge.seen import SeenIds
 from service.bus import Envelope, Inbox, make_producer
 from service.contracts import (
@@ -168,6 +168,10 @@ class JudgeLoop(_Loop):
             if len(judgement.scores) != len(cset.completions) or not all(map(math.isfinite, judgement.scores)):
                 raise ValueError(f"scores {judgement.scores} are not one finite number per completion")
             pairs, dropped = build_pairs(cset, judgement, name, self.policy)
+            if self.settings.repair_pairs:
+                fixed, why = repair_pair(cset, judgement, self.judge, self.policy)
+                pairs += [fixed] if fixed else []
+                dropped += [why] if why else []
         except JudgeUnavailable:
             raise  # put back, counted when judged
         except ValueError as exc:

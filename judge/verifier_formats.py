@@ -18,7 +18,8 @@ copied from the request needs 4 words of its own).
   (<<A Title>>) copied, else 0.
 - json: 1 when the answer (inside a ``` fence or not) parses as a JSON object or array, 0.25 when it only
   starts with "{" or "[", else 0.
-- highlights n: min(1, *highlighted* or **highlighted** spans / n).
+- highlights n: min(1, *highlighted* or **highlighted** spans / n); a span that holds only the words
+  "highlighted", "section", "part", "phrase" and numbers marks nothing of the answer and does not count.
 - uppercase: the share of words without a lowercase letter.
 - start_with p: 1 when the answer starts with p (case, quotes and markup ignored), 0.25 when p occurs
   elsewhere, else 0.
@@ -44,6 +45,7 @@ _DIVIDER = re.compile(r"^[ \t]*\*\*\*[ \t]*$", re.MULTILINE)
 _NUMBERED = re.compile(r"^[ \t]*\d{1,2}[.)][ \t]+(.*)$", re.MULTILINE)
 _TITLE = re.compile(r"<<[^<>\n]*\w[^<>\n]*>>")
 _HIGHLIGHT = re.compile(r"\*\*[^\n*]+\*\*|\*[^\n*]+\*")
+_MARKER_ONLY = re.compile(r"^(?:highlight(?:ed)?|phrase|section|part|\W|\d)*$", re.IGNORECASE)
 _PLACEHOLDER = re.compile(r"\[[^\[\]\n]+\]")
 _FENCE = re.compile(r"^```(?:json|JSON)?\s*(.*?)\s*```$", re.DOTALL)
 _LEAD_NOISE = " \t\r\n\"'*`#“"
@@ -85,7 +87,7 @@ def numbered_list(text: str, n: int) -> float:
 
 def section_header(marker: str) -> str:
     """The pattern of a section's header line start: "Part 2", "## SECTION 2", any case."""
-    return rf"^[ \t#*]*{re.escape(marker)}[ \t]+\d+"
+    return rf"^[ \t#*\"“]*{re.escape(marker)}[ \t]+\d+"  # a quoted answer's first header starts with "
 
 
 def sections(text: str, n: int, marker: str) -> float:
@@ -116,7 +118,9 @@ def json_answer(text: str) -> float:
 
 
 def highlights(text: str, n: int) -> float:
-    return min(1.0, len(_HIGHLIGHT.findall(text)) / n)
+    # a span that only says "highlighted" (or "highlighted section 2") marks none of the answer's words
+    spans = [s for s in _HIGHLIGHT.findall(text) if not _MARKER_ONLY.match(s.strip("* "))]
+    return min(1.0, len(spans) / n)
 
 
 def uppercase(text: str) -> float:

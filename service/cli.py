@@ -96,6 +96,8 @@ def _up(args) -> int:
 
     if args.rounds is not None and args.rounds < 1:
         raise UsageError("--rounds must be >= 1")
+    if args.pair_backlog is not None and args.pair_backlog < 0:
+        raise UsageError("--pair-backlog must be >= 0")
     if args.max_restarts < 0 or args.restart_window <= 0:
         raise UsageError("--max-restarts must be >= 0 and --restart-window > 0")
     if args.resume is not None and not earlier_run(args.resume):
@@ -105,7 +107,7 @@ def _up(args) -> int:
     opts = UpOptions(rounds=args.rounds, port=args.port, run_dir=args.resume or args.run_dir,
                      train_prompts=args.train_prompts, heldout_prompts=args.heldout_prompts,
                      heldout_prompts_max=max(args.heldout_prompts_max, args.heldout_prompts),
-                     window_pairs=args.window_pairs, metrics_port=args.metrics_port,
+                     window_pairs=args.window_pairs, pair_backlog=args.pair_backlog, metrics_port=args.metrics_port,
                      restart=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window))
     return run_up(opts)
 
@@ -272,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "its interval is wider than the tolerance, up to --heldout-prompts-max).")
     up.add_argument("--heldout-prompts-max", type=int, default=128, help="Most held-out prompts the gate scores.")
     up.add_argument("--window-pairs", type=int, default=None, help="Pairs per DPO update (trainer setting).")
+    up.add_argument("--pair-backlog", type=int, default=None, metavar="PAIRS",
+                    help="Hold new prompts while the trainer lags this many pairs or more behind odpo.preferences "
+                         "(its window under way and those waiting), so pairs are not stale before it reads them "
+                         "(default: one window; 0: never hold).")
     up.set_defaults(func=_up)
 
     for name, text in (("generator", "vLLM server + sampler + adapter hot-swap."),

@@ -173,6 +173,10 @@ class JudgeSettings(_ComponentSettings):
     collapse_penalty: float = Field(default=0.1, ge=0, description="Score units per halving of the chosen/"
                                                                     "rejected word ratio (`penalize`).")
     min_margin: float = Field(default=1e-6, ge=0, description="Pairs whose score gap is below this are dropped (reason `margin`).")
+    repair_pairs: bool = Field(default=True, description="Also publish a repair pair per candidate set of a "
+        "constraints task: the best answer with what an edit can meet of its prompt met (case, commas, layout, "
+        "start/end phrases, ...; judge/repair.py) preferred over that answer as sampled, when the judge scores it "
+        "higher. Small models rarely sample the formats asked for, so sampled pairs alone seldom teach them.")
     pairing: Literal["best_vs_worst", "all_pairs", "top_k"] = Field(
         default="best_vs_worst", description="Which pairs of a candidate set are considered: the best against the "
                                              "worst, every two, or each of the k best against each of the k worst.")

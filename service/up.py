@@ -47,6 +47,7 @@ from service.bus import ensure_topics, make_producer
 from service.launcher import ComponentDied, Launcher, RestartPolicy
 from service.loop_watch import LoopCounts, LoopWatcher
 from service.prompt_feed import FEED_FILE, PromptFeeder, load_position
+from service.up_pace import TrainerBacklog
 from service.settings import CommonSettings, GeneratorSettings, TrainerSettings
 from service.up_broker import NAME as BROKER
 from service.up_broker import BrokerKeeper
@@ -80,6 +81,7 @@ class UpOptions:
     heldout_prompts: int
     heldout_prompts_max: int
     window_pairs: int | None
+    pair_backlog: int | None = None  # pairs the trainer may lag before the feed holds (None: one window; 0: never)
     ready_timeout_s: float = 900
     metrics_port: int = 0
     restart: RestartPolicy = field(default_factory=RestartPolicy)
@@ -117,7 +119,7 @@ def run_up(opts: UpOptions) -> int:
     if resumed:
         console.print(f"resumed at version {start_version} ({run_dir}); prompts continue after the {position} "
                       "already fed" + (f"; stopping at version {target}" if target else ""))
-    broker = launcher = watcher = feeder = None
+    broker = launcher = watcher = feeder = pace = None
     metrics = UpMetrics([name for name, _, _ in COMPONENTS] + [BROKER])
     counts, view, dropped = LoopCounts(), None, None
     try:
@@ -153,10 +155,13 @@ def run_up(opts: UpOptions) -> int:
                                                                                    curriculum=common.task_curriculum),
                               backlog=2 * gen.max_in_flight, start=position, state_file=run_dir / FEED_FILE)
         keeper.on_down, keeper.on_up = _on_broker_down(watcher), _on_broker_up(watcher, feeder)
+        window = opts.window_pairs or trainer.window_pairs
+        pace = TrainerBacklog(broker.bootstrap, trainer.group_id,
+                              window if opts.pair_backlog is None else opts.pair_backlog).start()
         drops = TrainerDrops(f"http://127.0.0.1:{env['ODPO_TRAINER_METRICS_PORT']}/metrics")
         admin = GatewayAdmin(gateway_url, token)
-        for counts, view, dropped in _follow(sup, watcher, feeder, admin, drops, metrics, target, start_version,
-                                             started, console):
+        for counts, view, dropped in _follow(sup, watcher, feeder, pace, admin, drops, metrics, target,
+                                             start_version, started, console):
             pass
         dropped = drops.update(force=True)
         _finish(console, run_dir, counts, view, feeder.sent_this_run, time.monotonic() - started, sup.restarts(),
@@ -174,6 +179,8 @@ def run_up(opts: UpOptions) -> int:
     finally:
         if feeder:
             feeder.close()
+        if pace:
+            pace.close()
         if watcher:
             watcher.stop()
         if launcher:
@@ -282,8 +289,8 @@ def _wait_ready(url: str, sup: Supervision, timeout_s: float, console: Console) 
     raise ComponentDied(f"the gateway was not ready within {timeout_s:.0f}s")
 
 
-def _follow(sup: Supervision, watcher: LoopWatcher, feeder: PromptFeeder, admin: GatewayAdmin, drops: TrainerDrops,
-            metrics: UpMetrics, target: int | None, start_version: int, started: float, console: Console):
+def _follow(sup: Supervision, watcher: LoopWatcher, feeder: PromptFeeder, pace: TrainerBacklog, admin: GatewayAdmin,
+            drops: TrainerDrops, metrics: UpMetrics, target: int | None, start_version: int, started: float, console: Console):
     """Yield (counts, versions view, pairs the trainer dropped as stale) every second; stops once the gate decided
     on version `target`."""
     events, rate = EventLog(skip_through=start_version), PairRate()
@@ -294,8 +301,9 @@ def _follow(sup: Supervision, watcher: LoopWatcher, feeder: PromptFeeder, admin:
             for line in sup.tick():
                 _say(console, line, "yellow")
             counts = watcher.snapshot()
-            if sup.keeper.up:
+            if sup.keeper.up and not pace.full():
                 feeder.top_up(counts.candidate_sets + counts.dead_prompts)
+            metrics.trainer_lag.set(pace.lag if pace.lag is not None else float("nan"))
             view = admin.versions()
             dropped = drops.update()
             st = counts.stale
@@ -307,7 +315,8 @@ def _follow(sup: Supervision, watcher: LoopWatcher, feeder: PromptFeeder, admin:
                 next_status += STATUS_EVERY_S
                 lines.append(f"{elapsed:.0f}s: policy {view['promoted_name'] if view else '-'}, pairs {counts.pairs} "
                              f"({pairs_per_s:.2f}/s), stale now {st.stale}/{st.window}, dropped as stale "
-                             f"{dropped}, candidate sets {counts.candidate_sets}, dead letters "
+                             f"{dropped}, trainer lag {pace.lag}, feed held {pace.held_s:.0f}s, candidate sets "
+                             f"{counts.candidate_sets}, dead letters "
                              f"{counts.dead_letters}, restarts {restarts_text(sup.restarts())}")
             for line in lines:
                 _say(console, line)

@@ -5,6 +5,8 @@ Served (its own registry, so nothing else leaks in):
   process (the components and `broker`);
 - `odpo_up_recent_pairs_stale_ratio`: share of the recent sampled pairs that
   are too old to be trained (see `service.loop_watch.StalePairs`);
+- `odpo_up_trainer_lag_pairs`: pairs the trainer has not committed yet (the
+  feed holds at `--pair-backlog`; service/up_pace.py);
 - `odpo_up_engine_crashes_total{cause}`: vLLM deaths, by the exception its log
   names (the generator exits when its vLLM dies under `odpo up`, so its own
   `odpo_generator_engine_crashes_total` is rarely scraped in time).
@@ -32,6 +34,8 @@ class UpMetrics:
         self.stale_ratio = Gauge("odpo_up_recent_pairs_stale_ratio", "Share of the recent sampled pairs older "
                                  "than the newest version minus max_staleness (dropped by the trainer).",
                                  registry=self.registry)
+        self.trainer_lag = Gauge("odpo_up_trainer_lag_pairs", "Pairs on odpo.preferences the trainer has not "
+                                 "committed (odpo up holds new prompts at --pair-backlog).", registry=self.registry)
         self.engine_crashes = Counter("odpo_up_engine_crashes_total", "vLLM servers that died, by the exception "
                                       "vLLM's log names (`killed`: none).", ["cause"], registry=self.registry)
         for name in components:

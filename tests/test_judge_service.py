@@ -170,15 +170,19 @@ def test_replayed_candidate_sets_publish_no_new_pair_ids(broker, producer):
         judge_all(broker, producer, topic, last + 1, settings)
 
     judge_once()
-    first = read_until(broker.bootstrap, TOPIC_PREFERENCES, mine, lambda found: len(found) >= 3)
-    assert len(first) == 3, "each set's pair once, its replay dropped"
-    assert all(PreferencePair.from_bytes(r.value).rejected.startswith("calm sea") for r in first)
-    assert metric("odpo_judge_pairs_dropped_total", reason="duplicate") - duplicates == 3
+    first = read_until(broker.bootstrap, TOPIC_PREFERENCES, mine, lambda found: len(found) >= 6)
+    assert len(first) == 6, "each set's two pairs once, its replay dropped"
+    sampled = [p for p in map(PreferencePair.from_bytes, (r.value for r in first)) if not p.judge.endswith("+repair")]
+    assert len(sampled) == 3 and all(p.rejected.startswith("calm sea") for p in sampled)
+    # and each set's repair pair: the long answer without its commas over the long answer
+    assert all(p.chosen == p.rejected.replace(",", "") for p in map(PreferencePair.from_bytes, (r.value for r in first))
+               if p.judge.endswith("+repair"))
+    assert metric("odpo_judge_pairs_dropped_total", reason="duplicate") - duplicates == 6
     ids = {PreferencePair.from_bytes(r.value).id for r in first}
-    assert len(ids) == 3
+    assert len(ids) == 6
 
     judge_once()  # a restarted judge (empty seen-ids cache) judging every event again
-    again = read_until(broker.bootstrap, TOPIC_PREFERENCES, mine, lambda found: len(found) >= 6)
+    again = read_until(broker.bootstrap, TOPIC_PREFERENCES, mine, lambda found: len(found) >= 12)
     assert {PreferencePair.from_bytes(r.value).id for r in again} == ids  # the trainer's ledger drops these
 
 
@@ -205,7 +209,7 @@ def test_pairing_settings_reach_the_service(broker, producer):
     assert metric("odpo_judge_pairs_dropped_total", reason="tie") - before["tie"] == 2
     assert metric("odpo_judge_pairs_dropped_total", reason="length") - before["length"] == 2
     assert metric("odpo_judge_pairs_chosen_longer_total") == longer_before  # none of the published ones
-    published = sum(metric("odpo_judge_pairs_total", judge=j) for j in PLUGINS)
+    published = sum(metric("odpo_judge_pairs_total", judge=j + repaired) for j in PLUGINS for repaired in ("", "+repair"))
     assert metric("odpo_judge_chosen_longer_ratio") == metric("odpo_judge_pairs_chosen_longer_total") / published
 
 

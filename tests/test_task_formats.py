@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from judge.surface import surface_form
-from judge.verifier import parse_constraints, score, score_constraints, strict_pass
+from judge.verifier import parse_constraints, score, strict_pass
 from service.task import CURRICULA, make_prompt, make_prompts
 from service.task_formats import FORMAT_TYPES, compatible
 
@@ -67,10 +67,12 @@ def test_an_obeying_answer_scores_one_and_a_near_miss_its_partial_credit(constra
 
 @pytest.mark.parametrize("constraint", [
     {"type": "numbered_list", "n": 2}, {"type": "paragraphs", "n": 2}, {"type": "sections", "n": 2, "marker": "Part"},
-    {"type": "two_responses"}, {"type": "repeat_request", "text": "Describe the ocean."}])
+    {"type": "two_responses"}, {"type": "repeat_request", "text": "Describe the ocean."}, {"type": "highlights", "n": 2}])
 def test_bare_markers_without_content_do_not_pass(constraint):
     bare = {"numbered_list": "1. a\n2. b", "paragraphs": "sea\n***\nsun", "sections": "Part 1\nPart 2",
-            "two_responses": "sea\n******\nsun", "repeat_request": "Describe the ocean."}[constraint["type"]]
+            "two_responses": "sea\n******\nsun", "repeat_request": "Describe the ocean.",
+            # the game seen in a run: the word itself "highlighted" (marks nothing of the answer)
+            "highlights": "1. **Highlighted** - **highlighted section 2** refers to the sea"}[constraint["type"]]
     assert score(_task(constraint), bare) < 1.0
 
 

@@ -1,0 +1,97 @@
+"""Back-pressure of `odpo up`: no new prompts while the trainer already has enough pairs waiting.
+
+On a small machine the trainer is the slowest part (a 16-pair window took
+about 3 minutes on 2 cores beside vLLM). Without a bound, the generator and
+the judge kept making pairs faster than it read them: in a 60-minute run 51%
+of the pairs were stale (sampled more than `max_staleness` versions back)
+when the trainer came to them and were dropped, and the CPU that made them
+was taken from the trainer. The feeder now holds while the trainer's
+consumer group lags `limit` pairs or more behind `odpo.preferences` (pairs
+published that the trainer has not committed: its window under way and
+those waiting), and feeds again once it is below. The lag is Kafka's own
+measure of a consumer being behind (the group's committed offset against the
+topic's end), read without joining the group.
+
+Fail-open: while the lag cannot be read (broker restarting, no group yet)
+nothing is held, so a fault here never stops the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+
+from service.contracts import TOPIC_PREFERENCES
+
+log = logging.getLogger(__name__)
+
+
+class TrainerBacklog:
+    """The trainer's lag, refreshed every `every_s` by a thread of its own (`start`), so a broker that does not
+    answer never blocks odpo up's loop; `refresh` reads it once, in the caller's thread."""
+
+    def __init__(self, bootstrap: str, group_id: str, limit: int, every_s: float = 2.0):
+        self.bootstrap, self.group_id, self.limit, self.every_s = bootstrap, group_id, limit, every_s
+        self._consumer: KafkaConsumer | None = None
+        self.lag: int | None = None  # pairs the group has not committed (None: unknown)
+        self.held_s = 0.0  # seconds the feed was held, over the run
+        self._held_since: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "TrainerBacklog":
+        if self.limit > 0:
+            self._thread = threading.Thread(target=self._run, name="odpo-up-pace", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._stop.wait(self.every_s)
+
+    def refresh(self) -> int | None:
+        """Read the lag now: odpo.preferences' end offsets against the group's committed ones."""
+        try:
+            if self._consumer is None:  # the group's id, never subscribed: reads its offsets without joining it
+                self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.group_id,
+                                               enable_auto_commit=False, client_id="odpo-up-pace",
+                                               request_timeout_ms=10_000)
+            parts = self._consumer.partitions_for_topic(TOPIC_PREFERENCES) or set()
+            tps = [TopicPartition(TOPIC_PREFERENCES, p) for p in parts]
+            ends = self._consumer.end_offsets(tps) if tps else {}
+            self.lag = sum(max(0, end - (self._consumer.committed(tp) or 0)) for tp, end in ends.items())
+        except Exception as exc:  # noqa: BLE001 (the broker away, or closed under it at stop): unknown, never held
+            log.debug("trainer lag unknown: %s", exc)
+            self.lag = None
+            self._close_consumer()
+        return self.lag
+
+    def full(self) -> bool:
+        """True while the feed should hold (limit 0: never)."""
+        held = self.limit > 0 and self.lag is not None and self.lag >= self.limit
+        now = time.monotonic()
+        if held and self._held_since is None:
+            self._held_since = now
+        elif not held and self._held_since is not None:
+            self.held_s += now - self._held_since
+            self._held_since = None
+        return held
+
+    def _close_consumer(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close(autocommit=False)
+            except KafkaError:
+                pass
+            self._consumer = None
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)  # a daemon: one blocked on an absent broker is left behind
+        self._close_consumer()

@@ -1,0 +1,42 @@
+"""odpo up's back-pressure: the feed holds while the trainer's group lags `limit` pairs behind odpo.preferences."""
+
+from __future__ import annotations
+
+import time
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from service.contracts import TOPIC_PREFERENCES
+from service.up_pace import TrainerBacklog
+
+
+def test_the_feed_holds_while_the_trainer_lags_and_goes_on_once_it_commits(broker, producer, group_id):
+    for i in range(3):  # one batch each (Tansu's end offset is the last batch's first offset + 1)
+        producer.send(TOPIC_PREFERENCES, key=f"{group_id}-{i}".encode(), value=b"{}")
+        producer.flush()
+    tp = TopicPartition(TOPIC_PREFERENCES, 0)
+    trainer = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group_id, enable_auto_commit=False)
+    pace = TrainerBacklog(broker.bootstrap, group_id, limit=2, every_s=0)
+    try:
+        end = trainer.end_offsets([tp])[tp]
+        assert pace.refresh() == end >= 3  # the group never committed: everything on the topic waits for it
+        assert pace.full()
+        trainer.assign([tp])
+        trainer.commit({tp: OffsetAndMetadata(end - 1, "", -1)})  # the trainer trained all but the last pair
+        assert pace.refresh() == 1 and not pace.full()
+        assert pace.held_s > 0
+        assert not TrainerBacklog(broker.bootstrap, group_id, limit=0, every_s=0).full()  # 0: never holds
+    finally:
+        trainer.close()
+        pace.close()
+
+
+def test_an_unreadable_lag_never_holds_the_feed():
+    pace = TrainerBacklog("127.0.0.1:9", "odpo-trainer", limit=1, every_s=0.1).start()  # nothing listens there
+    try:
+        assert pace.lag is None and not pace.full()  # read in its own thread: the caller never waits for it
+        time.sleep(1)
+        assert pace.lag is None and not pace.full()
+    finally:
+        pace.close()
