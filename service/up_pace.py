@@ -12,6 +12,13 @@ those waiting), and feeds again once it is below. The lag is Kafka's own
 measure of a consumer being behind (the group's committed offset against the
 topic's end), read without joining the group.
 
+The default limit, one window, makes sampling and training take turns: the
+window under way is uncommitted, so the feed holds while it trains (the
+prompts already fed are still sampled), and a fresh window is sampled while
+the trainer waits for it. Where both share the same cores (2 here) that costs
+no throughput and every pair is at most a version or two old; where they run
+on separate hardware, two windows (`--pair-backlog 32`) let them overlap.
+
 Fail-open: while the lag cannot be read (broker restarting, no group yet)
 nothing is held, so a fault here never stops the loop.
 """
@@ -38,7 +45,7 @@ class TrainerBacklog:
         self.bootstrap, self.group_id, self.limit, self.every_s = bootstrap, group_id, limit, every_s
         self._consumer: KafkaConsumer | None = None
         self.lag: int | None = None  # pairs the group has not committed (None: unknown)
-        self.held_s = 0.0  # seconds the feed was held, over the run
+        self._held_s = 0.0  # seconds the feed was held, over the run, before the hold under way
         self._held_since: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -78,9 +85,15 @@ class TrainerBacklog:
         if held and self._held_since is None:
             self._held_since = now
         elif not held and self._held_since is not None:
-            self.held_s += now - self._held_since
+            self._held_s += now - self._held_since
             self._held_since = None
         return held
+
+    @property
+    def held_s(self) -> float:
+        """Seconds the feed was held, over the run, the hold under way included."""
+        ongoing = time.monotonic() - self._held_since if self._held_since is not None else 0.0
+        return self._held_s + ongoing
 
     def _close_consumer(self) -> None:
         if self._consumer is not None:
