@@ -19,6 +19,14 @@ the trainer waits for it. Where both share the same cores (2 here) that costs
 no throughput and every pair is at most a version or two old; where they run
 on separate hardware, two windows (`--pair-backlog 32`) let them overlap.
 
+Never a deadlock: the trainer commits past a pair it dropped (a duplicate,
+a stale one) only once no pair before it waits in its window, so dropped
+pairs behind a part-filled window count in the lag, and a lag made of them
+could hold the feed while the trainer waits for pairs that never come. The
+hold therefore lasts only while the trainer makes progress: once its
+committed offsets have not moved for `stall_s` (300 s, longer than a window
+takes here) the feed goes on.
+
 Fail-open: while the lag cannot be read (broker restarting, no group yet)
 nothing is held, so a fault here never stops the loop.
 """
@@ -41,8 +49,11 @@ class TrainerBacklog:
     """The trainer's lag, refreshed every `every_s` by a thread of its own (`start`), so a broker that does not
     answer never blocks odpo up's loop; `refresh` reads it once, in the caller's thread."""
 
-    def __init__(self, bootstrap: str, group_id: str, limit: int, every_s: float = 2.0):
-        self.bootstrap, self.group_id, self.limit, self.every_s = bootstrap, group_id, limit, every_s
+    def __init__(self, bootstrap: str, group_id: str, limit: int, every_s: float = 2.0, stall_s: float = 300.0):
+        self.bootstrap, self.group_id, self.limit = bootstrap, group_id, limit
+        self.every_s, self.stall_s = every_s, stall_s
+        self._committed: int | None = None  # the group's committed offsets, summed, when last read
+        self._progress_at = time.monotonic()  # when they last moved (or the start)
         self._consumer: KafkaConsumer | None = None
         self.lag: int | None = None  # pairs the group has not committed (None: unknown)
         self._held_s = 0.0  # seconds the feed was held, over the run, before the hold under way
@@ -71,7 +82,10 @@ class TrainerBacklog:
             parts = self._consumer.partitions_for_topic(TOPIC_PREFERENCES) or set()
             tps = [TopicPartition(TOPIC_PREFERENCES, p) for p in parts]
             ends = self._consumer.end_offsets(tps) if tps else {}
-            self.lag = sum(max(0, end - (self._consumer.committed(tp) or 0)) for tp, end in ends.items())
+            committed = {tp: self._consumer.committed(tp) or 0 for tp in ends}
+            if sum(committed.values()) != self._committed:
+                self._committed, self._progress_at = sum(committed.values()), time.monotonic()
+            self.lag = sum(max(0, end - committed[tp]) for tp, end in ends.items())
         except Exception as exc:  # noqa: BLE001 (the broker away, or closed under it at stop): unknown, never held
             log.debug("trainer lag unknown: %s", exc)
             self.lag = None
@@ -80,8 +94,9 @@ class TrainerBacklog:
 
     def full(self) -> bool:
         """True while the feed should hold (limit 0: never)."""
-        held = self.limit > 0 and self.lag is not None and self.lag >= self.limit
         now = time.monotonic()
+        held = self.limit > 0 and self.lag is not None and self.lag >= self.limit \
+            and now - self._progress_at < self.stall_s  # a trainer that stopped committing is not waited for
         if held and self._held_since is None:
             self._held_since = now
         elif not held and self._held_since is not None:

@@ -143,7 +143,9 @@ def test_one_full_round(loop):
         for c in cs.completions:
             assert len(c.token_ids) == len(c.logprobs) > 0 and all(lp <= 0 for lp in c.logprobs)
     pairs = [PreferencePair.from_bytes(v) for v in reader.seen[TOPIC_PREFERENCES]]
-    assert len(pairs) >= 4 and all(p.has_token_ids and p.chosen_score > p.rejected_score for p in pairs)
+    assert len(pairs) >= 4 and all(p.chosen_score > p.rejected_score for p in pairs)
+    # sampled pairs carry the sampler's ids; repair pairs (an edited chosen, never sampled) are tokenized by the trainer
+    assert all(p.has_token_ids != p.judge.endswith("+repair") for p in pairs)
 
     _wait(lambda: _ready(url) == 1, 120, launcher, "the gateway to serve policy-v1")
     after = [_greedy(url, "policy", p) for p in probes]
