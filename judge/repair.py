@@ -36,11 +36,13 @@ from typing import Any, Sequence
 
 from judge.surface import surface_form
 from judge.text import include_count, words
+from judge.verifier_formats import section_header
 
 _SENTENCE = re.compile(r"[^.!?…]*[^\s.!?…][^.!?…]*(?:[.!?…]+[\"'”)\]]*|$)")
 _LETTER = re.compile(r"[^\W\d_]")
 _TITLE = re.compile(r"<<[^<>\n]*>>")
 _CLAIM_END = {"end_with", "postscript", "quoted", "json", "max_sentences", "paragraphs", "sections"}
+_DIVIDER = re.compile(r"^\*{3,}$")  # the "***" between paragraphs, the "******" between two answers
 _LAYOUTS = ("bullet_points", "numbered_list", "paragraphs", "sections")
 
 
@@ -78,9 +80,10 @@ def _content(cs: dict[str, dict], text: str) -> list[str]:
     if "max_sentences" in cs:
         parts = parts[: cs["max_sentences"]["n"]]
     if "max_words" in cs:
-        budget, kept = cs["max_words"]["n"], []
+        left, kept = cs["max_words"]["n"], []
         for s in parts:
-            if sum(len(words(k)) for k in kept) + len(words(s)) > budget:
+            left -= len(words(s))
+            if left < 0:
                 break
             kept.append(s)
         parts = kept or parts[:1]
@@ -108,8 +111,9 @@ def _layout(cs: dict[str, dict], parts: list[str], others: Sequence[str], task: 
     return body
 
 
-def _highlight(body: str, n: int) -> str:
-    """The first n sentences (on any line) wrapped in single asterisks."""
+def _highlight(body: str, n: int, marker: str | None) -> str:
+    """The first n sentences (on any line) wrapped in single asterisks; list markers, dividers and the
+    `marker` section headers of the layout stay as they are."""
     done = 0
 
     def wrap(m: re.Match) -> str:
@@ -123,10 +127,10 @@ def _highlight(body: str, n: int) -> str:
 
     lines = []
     for line in body.split("\n"):
-        head = re.match(r"^(?:- |\d{1,2}\. |(?:Part|Section) \d+$|\*{3,}$|\*{6}$)", line)
-        if head and head.end() == len(line):
+        if _DIVIDER.match(line) or marker and re.match(section_header(marker) + "$", line):
             lines.append(line)
             continue
+        head = re.match(r"^(?:- |\d{1,2}\. )", line)
         start = head.end() if head else 0
         lines.append(line[:start] + _SENTENCE.sub(wrap, line[start:]))
     return "\n".join(lines)
@@ -145,7 +149,7 @@ def repair(task: Any, text: str, others: Sequence[str] = ()) -> str | None:
         ps = f"{cs['postscript']['marker']} {parts.pop()}"
     body = _layout(cs, parts, others, task, text)
     if "highlights" in cs:
-        body = _highlight(body, cs["highlights"]["n"])
+        body = _highlight(body, cs["highlights"]["n"], cs.get("sections", {}).get("marker"))
     if "start_with" in cs:
         phrase = cs["start_with"]["phrase"]
         if not body.lower().startswith(phrase.lower()):
