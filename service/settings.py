@@ -269,7 +269,7 @@ class TrainerSettings(_ComponentSettings):
     beta: float = Field(default=0.1, gt=0, description="DPO temperature beta (IPO's tau); the starting value "
                                                      "when kl_target adapts it.")
     kl_target: float = Field(
-        default=0.05, ge=0, description="Drift budget: adapt beta after every window to keep the policy's measured "
+        default=0.1, ge=0, description="Drift budget: adapt beta after every window to keep the policy's measured "
                                        "KL from the reference near this many nats per token (trainer/kl_control.py); "
                                        "0 = a fixed beta.")
     beta_min: float = Field(default=0.05, gt=0, description="Lowest beta kl_target may set (a floor far below "

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from service.settings import TrainerSettings
-from trainer.kl_control import MAX_CHANGE, drift_per_token, next_beta
+from trainer.kl_control import MAX_CUT, MAX_RAISE, drift_per_token, next_beta
 from trainer.recipe import Trainer
 from trainer.tokenize import TokenizedPair
 
@@ -18,9 +18,10 @@ def pairs_of(n: int, tag: str = "p") -> list[TokenizedPair]:
 
 
 def test_beta_moves_towards_the_budget_by_at_most_a_fifth_per_window_within_its_bounds():
-    assert next_beta(0.1, 0.2, 0.1, 0.02, 2.0) == pytest.approx(0.1 * (1 + MAX_CHANGE))  # over budget: dearer
+    assert next_beta(0.1, 0.2, 0.1, 0.02, 2.0) == pytest.approx(0.1 * (1 + MAX_RAISE))  # over budget: dearer
+    assert next_beta(0.1, 0.13, 0.1, 0.02, 2.0) == pytest.approx(0.1 * 1.3)
     assert next_beta(0.1, 0.11, 0.1, 0.02, 2.0) == pytest.approx(0.1 * 1.1)
-    assert next_beta(0.1, 0.0, 0.1, 0.02, 2.0) == pytest.approx(0.1 * (1 - MAX_CHANGE))  # within: cheaper
+    assert next_beta(0.1, 0.0, 0.1, 0.02, 2.0) == pytest.approx(0.1 * (1 - MAX_CUT))  # within: cheaper, slower
     assert next_beta(1.9, 5.0, 0.1, 0.02, 2.0) == 2.0 and next_beta(0.021, -1.0, 0.1, 0.02, 2.0) == 0.02
     assert next_beta(0.1, 5.0, 0.0, 0.02, 2.0) == 0.1  # no budget: a fixed beta
     assert next_beta(0.1, None, 0.1, 0.02, 2.0) == 0.1  # nothing measured: unchanged
@@ -54,16 +55,16 @@ def test_the_adapted_beta_is_published_with_the_version_and_resumed(tiny_model_d
     hot = [TokenizedPair(f"h{i}", 0, p.prompt_ids, p.chosen_ids, p.rejected_ids, tuple(0.0 for _ in p.chosen_ids),
                          tuple(0.0 for _ in p.rejected_ids)) for i, p in enumerate(pairs_of(4))]
     r1 = t.train_window(hot)
-    assert r1.drift > 0.05
+    assert r1.drift > 0.05 * (1 + MAX_RAISE)  # far enough over for the largest rise
     t.publish_version(store, [p.pair_id for p in hot], r1)
-    assert r1.beta == pytest.approx(0.1) and t.state.beta == pytest.approx(0.1 * (1 + MAX_CHANGE))
+    assert r1.beta == pytest.approx(0.1) and t.state.beta == pytest.approx(0.1 * (1 + MAX_RAISE))
     assert t.loss_params.beta == t.state.beta
     resumed = Trainer.open(tiny_model_dir, settings, store)
-    assert resumed.loss_params.beta == pytest.approx(0.12)
+    assert resumed.loss_params.beta == pytest.approx(0.1 * (1 + MAX_RAISE))
     fixed_now = Trainer.open(tiny_model_dir, settings.model_copy(update={"kl_target": 0.0, "beta": 0.3}), store)
     assert fixed_now.loss_params.beta == 0.3  # an operator who fixes beta again gets the beta they set
     r2 = resumed.train_window(pairs_of(4, "q"))
-    assert r2.beta == pytest.approx(0.12) and resumed.next_beta(r2) == pytest.approx(0.12)  # nothing measured
+    assert r2.beta == pytest.approx(0.15) and resumed.next_beta(r2) == pytest.approx(0.15)  # nothing measured
     fixed = Trainer.open(tiny_model_dir, TrainerSettings(steps_per_window=1, beta=0.3, kl_target=0))
     r = fixed.train_window(hot[:2])
     assert r.beta == 0.3 and fixed.next_beta(r) == 0.3  # kl_target 0: beta stays as set
