@@ -33,10 +33,10 @@ import httpx
 
 from benchmarks.common import ClientLoops, model_dir, peft_model, write_adapters, write_json
 from benchmarks.serving_replicas import GATE_ENV, _listed, _ready, _spawn, _stop, _wait
-from service.adapter_store import write_manifest
-from service.broker import EmbeddedBroker, free_port
-from service.bus import ensure_topics, make_producer, publish
-from service.contracts import TOPIC_ADAPTERS, TOPIC_PROMPTS, version_name
+from core.adapter_store import write_manifest
+from core.broker import EmbeddedBroker, free_port
+from core.bus import ensure_topics, make_producer, publish
+from core.contracts import TOPIC_ADAPTERS, TOPIC_PROMPTS, version_name
 from service.task import make_prompts
 from service.up_metrics import sample_value
 from trainer.retention import prune_store

@@ -35,7 +35,7 @@ import httpx
 import psutil
 
 from benchmarks.chaos_audit import ClientLog, Kill, PairTail, audit
-from service.broker import free_port
+from core.broker import free_port
 from trainer.archive import archive_files
 
 TARGETS = ("trainer", "generator", "vllm-engine", "judge", "gateway", "broker")

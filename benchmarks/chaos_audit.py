@@ -17,9 +17,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.adapter_store import announced_versions, published_versions
-from service.bus import TopicTail
-from service.contracts import TOPIC_CANDIDATES, TOPIC_PREFERENCES, PreferencePair
+from core.adapter_store import announced_versions, published_versions
+from core.bus import TopicTail
+from core.contracts import TOPIC_CANDIDATES, TOPIC_PREFERENCES, PreferencePair
 from trainer.export import ExportError, archived_pairs
 from trainer.ledger import trained_ledger
 

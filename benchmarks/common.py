@@ -14,9 +14,9 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from service.adapter_store import adapter_digest, publish_dir, staging_dir
-from service.assets import base_model_dir, base_model_name
-from service.contracts import AdapterReady, TrainMetrics
+from core.adapter_store import adapter_digest, publish_dir, staging_dir
+from core.assets import base_model_dir, base_model_name
+from core.contracts import AdapterReady, TrainMetrics
 from service.task import make_prompts
 
 CACHE_DIR = Path(os.environ.get("ODPO_CACHE_DIR", "~/.cache/odpo")).expanduser()

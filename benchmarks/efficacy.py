@@ -179,9 +179,9 @@ def run(args, out: Path, reuse: dict[int, Path]) -> int:
 
     import torch
 
-    from judge.base import make_judge
+    from judge.registry import make_judge
     from judge.fluency import ReferenceScorer
-    from service.settings import CommonSettings, JudgeSettings
+    from core.settings import CommonSettings, JudgeSettings
 
     torch.set_num_threads(1)  # vLLM computes on the other core
     say("loading the online judge (rules x quality guard, reference log-prob)")

@@ -50,7 +50,7 @@ def odpo_bin() -> str:
 # -- online: `odpo up`, or a folder of one ---------------------------------------------------------------------
 def run_online(seed: int, run_dir: Path, args, log_file: Path) -> None:
     """`odpo up --rounds R` for one seed; its lines are echoed with a prefix and kept in `log_file`."""
-    from service.broker import free_port
+    from core.broker import free_port
 
     rounds = args.pairs // args.window
     cmd = [odpo_bin(), "up", "--rounds", str(rounds), "--window-pairs", str(args.window), "--run-dir", str(run_dir),
@@ -187,7 +187,7 @@ class Engine:
 
     def __init__(self, model: Path, out: Path):
         from generator.server import VllmServer
-        from service.settings import GeneratorSettings
+        from core.settings import GeneratorSettings
 
         self.model = model
         self.server = VllmServer(model, GeneratorSettings(vllm_port=0, startup_timeout_s=900),
@@ -267,8 +267,8 @@ def sample_offline_pairs(engine: Engine, judge, seed: int, budget: int, train_pr
 
     from generator.sampler import Sampler, ServerFailed
     from judge.pairs import PairPolicy, build_pairs
-    from service.contracts import SamplingParams
-    from service.settings import CommonSettings, GeneratorSettings, JudgeSettings
+    from core.contracts import SamplingParams
+    from core.settings import CommonSettings, GeneratorSettings, JudgeSettings
     from service.task import make_prompts
 
     gen = GeneratorSettings()
@@ -356,7 +356,7 @@ def train_offline(seed: int, pairs_file: Path, store: Path, window: int, model: 
 
 
 def offline_arm(engine: Engine, judge, seed: int, args, out: Path, model: Path) -> dict:
-    from service.contracts import version_name
+    from core.contracts import version_name
 
     folder = out / f"offline-s{seed}"
     shutil.rmtree(folder, ignore_errors=True)  # a fresh store: `odpo train` would resume an old one

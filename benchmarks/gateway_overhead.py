@@ -24,10 +24,10 @@ import httpx
 from benchmarks.common import model_dir, quiet_logs, summary, write_json
 from generator.server import VllmServer
 from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
-from service.broker import EmbeddedBroker, free_port
-from service.bus import ensure_topics
+from core.broker import EmbeddedBroker, free_port
+from core.bus import ensure_topics
 from service.launcher import Launcher
-from service.settings import GeneratorSettings
+from core.settings import GeneratorSettings
 
 PROMPT = "The capital of France is"
 TOKEN = "bench-token"

@@ -23,7 +23,7 @@ import httpx
 
 from benchmarks.common import chat_prompt_ids, model_dir, peft_model, quiet_logs, write_adapters, write_json
 from generator.server import VllmServer
-from service.settings import GeneratorSettings
+from core.settings import GeneratorSettings
 
 
 def vllm_run(client: httpx.Client, model: str, prompts: list[list[int]], max_tokens: int):

@@ -32,10 +32,10 @@ import httpx
 
 from benchmarks.common import chat_prompt_ids, model_dir, peft_model, quiet_logs, summary, write_adapters, write_json
 from generator.server import VllmServer
-from service.broker import EmbeddedBroker
-from service.bus import ensure_topics, make_producer, publish
-from service.contracts import TOPIC_ADAPTERS, AdapterReady
-from service.settings import CommonSettings, GeneratorSettings
+from core.broker import EmbeddedBroker
+from core.bus import ensure_topics, make_producer, publish
+from core.contracts import TOPIC_ADAPTERS, AdapterReady
+from core.settings import CommonSettings, GeneratorSettings
 
 SERVED_NAME = "policy"  # the full-weight server's model name
 

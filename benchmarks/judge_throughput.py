@@ -26,10 +26,10 @@ from kafka import TopicPartition
 from judge.pairs import PairPolicy, build_pairs
 from judge.rule_judge import RuleJudge
 from judge.service import JudgeLoop
-from service.broker import EmbeddedBroker
-from service.bus import Inbox, ensure_topics, make_producer
-from service.contracts import CandidateSet, Completion, SamplingParams
-from service.settings import JudgeSettings
+from core.broker import EmbeddedBroker
+from core.bus import Inbox, ensure_topics, make_producer
+from core.contracts import CandidateSet, Completion, SamplingParams
+from core.settings import JudgeSettings
 from service.task import make_prompts
 
 POOL = [

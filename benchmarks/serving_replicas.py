@@ -28,10 +28,10 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import ClientLoops, model_dir, peft_model, summary, write_adapters, write_json
-from service.adapter_store import write_manifest
-from service.broker import EmbeddedBroker, free_port
-from service.bus import ensure_topics, make_producer, publish
-from service.contracts import TOPIC_ADAPTERS, version_name
+from core.adapter_store import write_manifest
+from core.broker import EmbeddedBroker, free_port
+from core.bus import ensure_topics, make_producer, publish
+from core.contracts import TOPIC_ADAPTERS, version_name
 
 GATE_ENV = {"ODPO_GATEWAY_HELDOUT_PROMPTS": "4", "ODPO_GATEWAY_HELDOUT_PROMPTS_MAX": "4",
             "ODPO_GATEWAY_EVAL_MAX_TOKENS": "12", "ODPO_GATEWAY_PROMOTION_TOLERANCE": "1",

@@ -62,7 +62,7 @@ def sample_pairs(model_dir: Path, n: int, seed: int, max_new_tokens: int = 128) 
 
 
 def run_odpo(model_dir: Path, records: list[dict], args) -> tuple[float, list[float], dict]:
-    from service.settings import TrainerSettings
+    from core.settings import TrainerSettings
     from trainer.model import load_policy
     from trainer.pairs_file import pair_from_record
     from trainer.recipe import Trainer
@@ -88,7 +88,7 @@ def run_trl(model_dir: Path, records: list[dict], initial: dict, args) -> tuple[
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from service.settings import TrainerSettings
+    from core.settings import TrainerSettings
     from trainer.model import lora_config
 
     config = DPOConfig(output_dir=tempfile.mkdtemp(prefix="odpo-bench-trl-"), report_to="none", use_cpu=True,
@@ -136,7 +136,7 @@ def main() -> int:
 
     import torch
 
-    from service.assets import base_model_dir
+    from core.assets import base_model_dir
 
     torch.set_num_threads(args.threads)
     model_dir = base_model_dir(Path("~/.cache/odpo").expanduser())

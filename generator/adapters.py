@@ -38,9 +38,9 @@ from typing import Iterator
 import httpx
 
 from generator.metrics import LOADED_VERSIONS, POLICY_VERSION, SWAP_FAILURES, SWAP_LATENCY, UNLOADS
-from service.adapter_store import adapter_digest, published_versions
-from service.assets import base_model_name
-from service.contracts import BASE_MODEL_NAME, AdapterReady, parse_version_name, version_name
+from core.adapter_store import adapter_digest, published_versions
+from core.assets import base_model_name
+from core.contracts import BASE_MODEL_NAME, AdapterReady, parse_version_name, version_name
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from kafka.structs import OffsetAndMetadata
 
 from generator.metrics import PROMPTS, PROMPTS_REJECTED, REQUEST_RETRIES, SAMPLES, TOKENS
 from generator.sampler import PromptRejected, Sampler, ServerFailed
-from service.bus import Envelope, Inbox, publish
-from service.contracts import TOPIC_CANDIDATES, PromptEvent
+from core.bus import Envelope, Inbox, publish
+from core.contracts import TOPIC_CANDIDATES, PromptEvent
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import logging
 import os
 from pathlib import Path
 
-from service.adapter_store import AdapterFolderError, read_manifest, verified_folder
-from service.contracts import parse_version_name
+from core.adapter_store import AdapterFolderError, read_manifest, verified_folder
+from core.contracts import parse_version_name
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pydantic import ValidationError
 
 from generator.adapters import AdapterManager
 from generator.metrics import IN_FLIGHT, REQUEST_LATENCY
-from service.bus import validation_message
-from service.contracts import CandidateSet, Completion, PromptEvent, SamplingParams
-from service.settings import GeneratorSettings
+from core.bus import validation_message
+from core.contracts import CandidateSet, Completion, PromptEvent, SamplingParams
+from core.settings import GeneratorSettings
 
 # A server that is down, restarting or has not re-registered the adapter yet: wait and retry.
 TRANSIENT_STATUS = frozenset({404, 408, 429, 502, 503, 504})

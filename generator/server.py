@@ -30,9 +30,9 @@ import httpx
 from generator.crash_cause import KILLED, CrashCause, crash_cause
 from generator.lora_resolver import STORE_ENV
 from generator.metrics import ENGINE_CRASHES, SERVER_RESTARTS
-from service.broker import free_port, port_open
-from service.runtime import die_with_parent
-from service.settings import GeneratorSettings
+from core.broker import free_port, port_open
+from core.runtime import die_with_parent
+from core.settings import GeneratorSettings
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from generator.sampler import Sampler
 from generator.server import ServerError, Supervisor, VllmServer
 from generator.watcher import AdapterWatcher
 from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
-from service.assets import base_model_dir
-from service.bus import Inbox, ensure_topics, make_producer
-from service.contracts import TOPIC_ADAPTERS, TOPIC_PROMPTS, AdapterReady, PromptEvent
-from service.runtime import EXIT_CAUSE, serve_metrics
-from service.settings import CommonSettings, GeneratorSettings
+from core.assets import base_model_dir
+from core.bus import Inbox, ensure_topics, make_producer
+from core.contracts import TOPIC_ADAPTERS, TOPIC_PROMPTS, AdapterReady, PromptEvent
+from core.runtime import EXIT_CAUSE, serve_metrics
+from core.settings import CommonSettings, GeneratorSettings
 
 log = logging.getLogger(__name__)
 

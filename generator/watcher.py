@@ -26,9 +26,9 @@ import httpx
 
 from generator.adapters import AdapterManager, AdapterRejected
 from generator.metrics import STORE_CATCH_UPS, VERSIONS_BEHIND
-from service.adapter_store import announced_versions, read_manifest
-from service.bus import Envelope, Inbox
-from service.contracts import AdapterReady, version_name
+from core.adapter_store import announced_versions, read_manifest
+from core.bus import Envelope, Inbox
+from core.contracts import AdapterReady, version_name
 
 log = logging.getLogger(__name__)
 

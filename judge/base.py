@@ -1,4 +1,4 @@
-"""The judge plugin protocol and the plugins' registry.
+"""The judge plugin protocol (the plugins' registry is judge/registry.py).
 
 A judge scores the responses of one prompt (`judge`), and a pairwise judge can
 also compare two responses (`compare`). Scoring judges (verifier, reward
@@ -18,14 +18,9 @@ The `human` plugin is no `Judge`: it turns odpo.feedback into pairs (judge/feedb
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
-from service.contracts import PromptEvent
-from service.settings import JudgeSettings
-
-SCORING_JUDGES = ("verifier", "reward_model", "llm_judge")
-
+from core.contracts import PromptEvent
 
 class JudgeUnavailable(RuntimeError):
     """The judge cannot score anything at the moment; retry later, do not dead-letter."""
@@ -79,35 +74,3 @@ class PairwiseJudge(Judge, Protocol):
     def compare(self, prompt: PromptEvent, a: str, b: str) -> int:
         """+1 if `a` is better than `b`, -1 if `b` is, 0 for a tie or no clear verdict."""
         ...
-
-
-def make_judge(settings: JudgeSettings, reference_model: "Path | None" = None) -> Judge:
-    """The configured judge: the plugin `settings.judge` names, composed with the quality guard
-    (`settings.composition`; judge/composite.py). `reference_model` is the base model folder the guard's
-    fluency term scores with (`settings.reference_logprob`)."""
-    plugin = make_plugin(settings)
-    if settings.composition == "rules_only":
-        return plugin
-    from judge.composite import CompositeJudge, guard_from_settings
-
-    return CompositeJudge(plugin, guard_from_settings(settings, reference_model), settings.composition,
-                          settings.quality_weight)
-
-
-def make_plugin(settings: JudgeSettings) -> Judge:
-    """The scoring plugin `settings.judge` names (imports only what that plugin needs)."""
-    if settings.judge == "verifier":
-        from judge.rule_judge import RuleJudge
-        return RuleJudge(settings.verifier_callables)
-    if settings.judge == "reward_model":
-        from judge.reward_model import RewardModelJudge
-        if settings.reward_model_path is None:
-            raise ValueError("judge=reward_model needs ODPO_JUDGE_REWARD_MODEL_PATH (a local HF model folder)")
-        return RewardModelJudge(settings.reward_model_path, device=settings.reward_model_device,
-                                batch_size=settings.reward_model_batch_size,
-                                max_length=settings.reward_model_max_length, threads=settings.reward_model_threads,
-                                dtype=settings.reward_model_dtype)
-    if settings.judge == "llm_judge":
-        from judge.llm_judge import LlmJudge
-        return LlmJudge.from_settings(settings)
-    raise ValueError(f"judge {settings.judge!r} does not score candidate sets (known: {', '.join(SCORING_JUDGES)})")

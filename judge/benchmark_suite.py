@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from judge.stats import bootstrap_mean, paired_difference
-from service.contracts import ChatMessage, PromptEvent
+from core.contracts import ChatMessage, PromptEvent
 
 SUITE = "ifeval"
 _FIELDS = {"key", "prompt", "instruction_id_list", "kwargs"}

@@ -24,8 +24,8 @@ from typing import Sequence
 
 from judge.base import Judge, Judgement
 from judge.quality import GuardLimits, QualityGuard
-from service.contracts import PromptEvent
-from service.settings import JudgeSettings
+from core.contracts import PromptEvent
+from core.settings import JudgeSettings
 
 FAILED_SCORE = -1.0
 

@@ -23,7 +23,7 @@ from judge.base import Judge, chat_messages
 from judge.quality import GuardLimits, ReferenceLogprobs
 from judge.signals import AnswerRow, score_answers, summarize
 from judge.stats import bootstrap_mean, paired_difference
-from service.contracts import PromptEvent
+from core.contracts import PromptEvent
 
 
 @dataclass

@@ -28,7 +28,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from service.contracts import (
+from core.contracts import (
     Feedback,
     PreferencePair,
     PromptEvent,

@@ -30,8 +30,8 @@ import httpx
 
 from judge import metrics as M
 from judge.base import Judgement, JudgeUnavailable
-from service.contracts import PromptEvent
-from service.settings import JudgeSettings
+from core.contracts import PromptEvent
+from core.settings import JudgeSettings
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ dropped as `repair` unless the judge scores the repaired answer higher and
 finds it not degenerate, or as `collapse` when the edits (a word or sentence
 limit) cut it to less than the collapse guard allows.
 
-Pair ids are deterministic (`service.contracts.pair_id`), so a replayed set
+Pair ids are deterministic (`core.contracts.pair_id`), so a replayed set
 gives the same ids and the judge's seen-ids cache and the trainer's ledger
 drop the repeats.
 """
@@ -50,8 +50,8 @@ from typing import Literal, Sequence
 
 from judge.base import Judge, Judgement
 from judge.repair import repair
-from service.contracts import CandidateSet, PreferencePair, pair_id
-from service.settings import JudgeSettings
+from core.contracts import CandidateSet, PreferencePair, pair_id
+from core.settings import JudgeSettings
 
 from judge.verifier import parse_constraints, words
 

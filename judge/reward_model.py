@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from judge.base import Judgement, chat_messages
-from service.contracts import PromptEvent
+from core.contracts import PromptEvent
 
 log = logging.getLogger(__name__)
 

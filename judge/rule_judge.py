@@ -6,7 +6,7 @@ from typing import Sequence
 
 from judge.base import Judgement
 from judge.rules import score_task
-from service.contracts import PromptEvent
+from core.contracts import PromptEvent
 
 
 class RuleJudge:

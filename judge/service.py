@@ -23,12 +23,13 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from judge import metrics as M
-from judge.base import Judge, JudgeUnavailable, make_judge
+from judge.base import Judge, JudgeUnavailable
+from judge.registry import make_judge
 from judge.feedback import FeedbackPairer
 from judge.pairs import PairPolicy, build_pairs, repair_pair
 from judge.seen import SeenIds
-from service.bus import Envelope, Inbox, make_producer
-from service.contracts import (
+from core.bus import Envelope, Inbox, make_producer
+from core.contracts import (
     TOPIC_CANDIDATES,
     TOPIC_FEEDBACK,
     TOPIC_PREFERENCES,
@@ -36,8 +37,8 @@ from service.contracts import (
     Feedback,
     PreferencePair,
 )
-from service.runtime import serve_metrics
-from service.settings import CommonSettings, JudgeSettings
+from core.runtime import serve_metrics
+from core.settings import CommonSettings, JudgeSettings
 
 log = logging.getLogger(__name__)
 
@@ -252,14 +253,14 @@ def _reference_model(common: CommonSettings, settings: JudgeSettings):
     """The base model folder the guard's fluency term needs, or None when it is off."""
     if not settings.reference_logprob or settings.composition == "rules_only":
         return None
-    from service.assets import base_model_dir
+    from core.assets import base_model_dir
 
     return base_model_dir(common.cache_dir, common.base_model)
 
 
 def run(common: CommonSettings, settings: JudgeSettings, stop: threading.Event) -> None:
     """Judge candidate sets (or, with judge=human, feedback) until `stop` is set."""
-    from service.cli import UsageError
+    from core.errors import UsageError
 
     human = settings.judge == "human"
     try:

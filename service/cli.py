@@ -13,9 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-
-class UsageError(Exception):
-    """A mistake of the user's: reported in one line, exit code 2."""
+from core.errors import UsageError
 
 
 def _settings(cls):
@@ -31,8 +29,8 @@ def _settings(cls):
 
 
 def _run_component(name: str) -> int:
-    from service import settings as s
-    from service.runtime import setup_logging, stop_on_signals
+    from core import settings as s
+    from core.runtime import setup_logging, stop_on_signals
 
     component_settings = {"generator": s.GeneratorSettings, "judge": s.JudgeSettings,
                           "trainer": s.TrainerSettings, "gateway": s.GatewaySettings}[name]
@@ -62,9 +60,9 @@ def _run_gateway(settings, common) -> int:
 def _run_broker(args) -> int:
     import time
 
-    from service.broker import EmbeddedBroker
-    from service.bus import ensure_topics
-    from service.runtime import stop_on_signals
+    from core.broker import EmbeddedBroker
+    from core.bus import ensure_topics
+    from core.runtime import stop_on_signals
 
     stop = stop_on_signals()
     with EmbeddedBroker(port=args.port) as broker:
@@ -76,9 +74,9 @@ def _run_broker(args) -> int:
 
 
 def _prepare_model(args) -> int:
-    from service.assets import AssetError, base_model_dir
-    from service.runtime import setup_logging
-    from service.settings import CommonSettings
+    from core.assets import AssetError, base_model_dir
+    from core.runtime import setup_logging
+    from core.settings import CommonSettings
 
     common = _settings(CommonSettings)
     setup_logging(common.log_level)
@@ -90,7 +88,7 @@ def _prepare_model(args) -> int:
 
 
 def _up(args) -> int:
-    from service import settings as s
+    from core import settings as s
     from service.launcher import RestartPolicy
     from service.up import UpOptions, earlier_run, run_up
 
@@ -157,9 +155,9 @@ def _add_eval(sub) -> None:
 
 def _offline(args) -> int:
     """`odpo eval-pairs` / `odpo train` on a JSONL file of pairs (trainer/offline.py)."""
-    from service.assets import AssetError, base_model_dir
-    from service.runtime import setup_logging
-    from service.settings import CommonSettings
+    from core.assets import AssetError, base_model_dir
+    from core.runtime import setup_logging
+    from core.settings import CommonSettings
     from trainer.offline import BadInput, eval_pairs, train_pairs, trainer_settings
 
     common = _settings(CommonSettings)
@@ -203,8 +201,8 @@ def _add_offline(sub) -> None:
 
 
 def _load_dataset(args) -> int:
-    from service.dataset_load import LoadError, load_and_publish
-    from service.settings import CommonSettings
+    from core.dataset_load import LoadError, load_and_publish
+    from core.settings import CommonSettings
 
     common = _settings(CommonSettings)
     try:
@@ -219,7 +217,7 @@ def _add_loaders(sub) -> None:
     for kind, topic in (("pairs", "odpo.preferences"), ("prompts", "odpo.prompts")):
         group = sub.add_parser(kind, help=f"Dataset {kind} onto {topic}.").add_subparsers(dest="action", required=True)
         c = group.add_parser("load", help=f"Check a JSONL file of {kind} line by line and publish it to {topic}.")
-        c.add_argument("file", type=Path, help="JSONL file (formats: service/dataset_load.py).")
+        c.add_argument("file", type=Path, help="JSONL file (formats: core/dataset_load.py).")
         c.add_argument("--on-error", choices=("stop", "skip"), default="stop",
                        help="Any bad line publishes nothing (exit 2), or bad lines are reported and skipped.")
         c.set_defaults(func=_load_dataset, kind=kind)
@@ -235,7 +233,7 @@ def _add_loaders(sub) -> None:
 
 
 def _export_pairs(args) -> int:
-    from service.settings import CommonSettings
+    from core.settings import CommonSettings
     from trainer.export import ExportError, export_pairs
 
     store = args.store if args.store is not None else _settings(CommonSettings).store_dir

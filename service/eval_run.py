@@ -14,15 +14,14 @@ its official checkers (service/eval_suite.py).
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.progress import Progress
 
-from service.cli import UsageError
+from core.errors import UsageError
+from service.eval_suite import served_by
 
 
 @dataclass
@@ -42,18 +41,6 @@ class EvalOptions:
     suites: list[str] = field(default_factory=lambda: ["bundled"])
     suite_max_tokens: int = 256
     suite_limit: int | None = None
-
-
-@contextmanager
-def served_by(target):
-    """A model's HTTP failures as one-line CLI errors naming its URL."""
-    try:
-        yield
-    except httpx.HTTPStatusError as exc:
-        raise UsageError(f"{target.url} refused model {target.model!r}: HTTP {exc.response.status_code} "
-                         f"{exc.response.text[:200]}") from None
-    except httpx.TransportError as exc:
-        raise UsageError(f"cannot reach {target.url}: {exc}") from None
 
 
 def parse_targets(specs: list[str], default_url: str):
@@ -79,10 +66,10 @@ def load_prompts(opts: EvalOptions):
     if opts.prompts < 1:
         raise UsageError("--prompts must be >= 1")
     if opts.prompts_file is None:
-        from service.settings import CommonSettings
+        from core.settings import CommonSettings
 
         return make_prompts("heldout", opts.prompts, curriculum=CommonSettings().task_curriculum)
-    from service.dataset_load import load_file
+    from core.dataset_load import load_file
 
     try:
         loaded = load_file(opts.prompts_file, "prompts")
@@ -103,8 +90,8 @@ def load_prompts(opts: EvalOptions):
 def _win_judge(kind: str, reference):
     if kind == "none":
         return None
-    from judge.base import make_plugin
-    from service.settings import JudgeSettings
+    from judge.registry import make_plugin
+    from core.settings import JudgeSettings
 
     if kind == "llm_judge":
         return make_plugin(JudgeSettings(judge="llm_judge"))
@@ -116,7 +103,7 @@ def _win_judge(kind: str, reference):
 
 def run_eval(opts: EvalOptions) -> int:
     from service.eval_suite import parse_suites, run_benchmark
-    from service.settings import CommonSettings
+    from core.settings import CommonSettings
 
     console = Console(soft_wrap=True)
     targets = parse_targets(opts.models, opts.url)
@@ -159,8 +146,8 @@ def _run_bundled(opts: EvalOptions, targets, ref_index: int, console: Console) -
     reference = None
     if opts.reference_logprob:
         from judge.fluency import CachedScorer, ReferenceScorer
-        from service.assets import AssetError, base_model_dir
-        from service.settings import CommonSettings
+        from core.assets import AssetError, base_model_dir
+        from core.settings import CommonSettings
 
         common = CommonSettings()
         try:

@@ -9,14 +9,28 @@ with every answer and its per-instruction results.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import httpx
 from rich.markup import escape
 from rich.table import Table
 
-from service.cli import UsageError
+from core.errors import UsageError
+
+
+@contextmanager
+def served_by(target):
+    """A model's HTTP failures as one-line CLI errors naming its URL."""
+    try:
+        yield
+    except httpx.HTTPStatusError as exc:
+        raise UsageError(f"{target.url} refused model {target.model!r}: HTTP {exc.response.status_code} "
+                         f"{exc.response.text[:200]}") from None
+    except httpx.TransportError as exc:
+        raise UsageError(f"cannot reach {target.url}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -46,7 +60,6 @@ def run_benchmark(spec: SuiteSpec, targets, ref_index: int, max_tokens: int, lim
                   concurrency: int, data_dir: Path, console) -> dict:
     """Answers of every target to the benchmark, checked; the suite's part of eval.json."""
     from judge import benchmark_suite as bs
-    from service.eval_run import served_by
 
     items = load_items(spec.path, limit, data_dir)
     models = []

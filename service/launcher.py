@@ -38,8 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.adapter_store import write_file_atomic
-from service.runtime import EXIT_CAUSE, die_with_parent
+from core.adapter_store import write_file_atomic
+from core.runtime import EXIT_CAUSE, die_with_parent
 
 
 class ComponentDied(RuntimeError):

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.adapter_store import newest_ready
-from service.bus import TopicTail
-from service.contracts import (
+from core.adapter_store import newest_ready
+from core.bus import TopicTail
+from core.contracts import (
     DATASET_JUDGE,
     TOPIC_ADAPTERS,
     TOPIC_CANDIDATES,

@@ -24,8 +24,8 @@ from pathlib import Path
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from service.adapter_store import write_file_atomic
-from service.contracts import TOPIC_PROMPTS, PromptEvent
+from core.adapter_store import write_file_atomic
+from core.contracts import TOPIC_PROMPTS, PromptEvent
 
 log = logging.getLogger(__name__)
 FEED_FILE = "feed.json"

@@ -42,7 +42,7 @@ import random
 from typing import Any, Literal
 
 from service import task_formats
-from service.contracts import ChatMessage, PromptEvent
+from core.contracts import ChatMessage, PromptEvent
 
 SOURCE = "bundled-constraints"
 FORMATS_SOURCE = "bundled-formats"

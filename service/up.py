@@ -40,15 +40,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from service.adapter_store import newest_ready, published_versions
-from service.assets import base_model_dir
-from service.broker import EmbeddedBroker, free_port
-from service.bus import ensure_topics, make_producer
+from core.adapter_store import newest_ready, published_versions
+from core.assets import base_model_dir
+from core.broker import EmbeddedBroker, free_port
+from core.bus import ensure_topics, make_producer
 from service.launcher import ComponentDied, Launcher, RestartPolicy
 from service.loop_watch import LoopCounts, LoopWatcher
 from service.prompt_feed import FEED_FILE, PromptFeeder, load_position
 from service.up_pace import TrainerBacklog
-from service.settings import CommonSettings, GeneratorSettings, TrainerSettings
+from core.settings import CommonSettings, GeneratorSettings, TrainerSettings
 from service.up_broker import NAME as BROKER
 from service.up_broker import BrokerKeeper
 from service.up_metrics import TrainerDrops, UpMetrics

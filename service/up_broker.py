@@ -1,7 +1,7 @@
 """`odpo up` keeps its embedded broker alive: a broker that dies is started again on the same address.
 
 The broker is memory-only, so a restarted one is empty: its topics are
-recreated (`service.bus.ensure_topics`) and whatever it held is gone. The
+recreated (`core.bus.ensure_topics`) and whatever it held is gone. The
 components reconnect by themselves (and are restarted by the launcher if they
 crash over it); `odpo up` itself rewinds its topic watcher and forgets the
 prompts that were waiting in the old broker (`on_down`, `on_up`). Restarts
@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from service.broker import EmbeddedBroker
-from service.bus import ensure_topics
+from core.broker import EmbeddedBroker
+from core.bus import ensure_topics
 from service.launcher import ComponentDied, RestartPolicy, RestartTracker
 
 NAME = "broker"

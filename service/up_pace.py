@@ -40,7 +40,7 @@ import time
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from service.contracts import TOPIC_PREFERENCES
+from core.contracts import TOPIC_PREFERENCES
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from service.assets import base_model_dir
-from service.broker import EmbeddedBroker
-from service.bus import ensure_topics, make_producer
+from core.assets import base_model_dir
+from core.broker import EmbeddedBroker
+from core.bus import ensure_topics, make_producer
 
 CACHE_DIR = Path(os.environ.get("ODPO_CACHE_DIR", "~/.cache/odpo")).expanduser()
 
@@ -76,7 +76,7 @@ def vllm_server(model_dir, vllm_store, tmp_path_factory):
     adapters under names no other test uses. Its log is `server.log_file`.
     """
     from generator.server import VllmServer
-    from service.settings import GeneratorSettings
+    from core.settings import GeneratorSettings
 
     log_file = tmp_path_factory.mktemp("vllm-log") / "vllm.log"
     server = VllmServer(model_dir, GeneratorSettings(vllm_port=0, startup_timeout_s=400), log_file=log_file,
@@ -100,7 +100,7 @@ def announce(vllm_store):
     """Announce versions in the shared vLLM store for one test (`announce(ready)`); the announcements are
     removed at its end, so the gates of later tests, which take the store's newest announced version, never
     see them."""
-    from service.adapter_store import write_manifest
+    from core.adapter_store import write_manifest
 
     written = []
     yield lambda ready: written.append(write_manifest(vllm_store, ready))

@@ -14,12 +14,12 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from service.adapter_store import adapter_digest, publish_dir, staging_dir
-from service.assets import base_model_name
-from service.broker import free_port
-from service.contracts import AdapterReady, TrainMetrics
+from core.adapter_store import adapter_digest, publish_dir, staging_dir
+from core.assets import base_model_name
+from core.broker import free_port
+from core.contracts import AdapterReady, TrainMetrics
 from service.gateway import create_app
-from service.settings import CommonSettings, GatewaySettings
+from core.settings import CommonSettings, GatewaySettings
 
 
 @contextmanager

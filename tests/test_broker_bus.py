@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from service import bus
-from service.broker import EmbeddedBroker, kafka_ready
-from service.contracts import TOPIC_DLQ, TOPIC_PROMPTS, DeadLetter, PromptEvent
+from core import bus
+from core.broker import EmbeddedBroker, kafka_ready
+from core.contracts import TOPIC_DLQ, TOPIC_PROMPTS, DeadLetter, PromptEvent
 
 
 def _drain(inbox, want, timeout_s=30):

@@ -1,4 +1,4 @@
-"""A consumer group's reader (service.bus.Inbox) across a memory-only broker's restart, on real Tansu.
+"""A consumer group's reader (core.bus.Inbox) across a memory-only broker's restart, on real Tansu.
 
 - Killed with SIGKILL and started again empty on the same address: the new topic is read from its start.
   kafka-python keeps a partition's position across the rebalance and Tansu answers a fetch past a
@@ -17,9 +17,9 @@ import time
 import pytest
 from kafka import TopicPartition
 
-from service.broker import EmbeddedBroker
-from service.bus import Envelope, Inbox, group_stable, ensure_topics, make_producer, publish
-from service.contracts import TOPIC_PREFERENCES, PreferencePair, PromptEvent, pair_id
+from core.broker import EmbeddedBroker
+from core.bus import Envelope, Inbox, group_stable, ensure_topics, make_producer, publish
+from core.contracts import TOPIC_PREFERENCES, PreferencePair, PromptEvent, pair_id
 
 
 def _pair(tag: str, i: int) -> PreferencePair:

@@ -3,7 +3,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from service.contracts import (AdapterReady, CandidateSet, Completion, DeadLetter, Feedback, PreferencePair,
+from core.contracts import (AdapterReady, CandidateSet, Completion, DeadLetter, Feedback, PreferencePair,
                                PromptEvent, SamplingParams, TrainMetrics, pair_id, parse_version_name, version_name)
 
 PROMPT = PromptEvent(id="p1", messages=[{"role": "user", "content": "Say hi."}])

@@ -8,14 +8,14 @@ import uuid
 import pytest
 
 from service.cli import main
-from service.contracts import (
+from core.contracts import (
     TOPIC_PREFERENCES,
     TOPIC_PROMPTS,
     PreferencePair,
     PromptEvent,
     pair_id,
 )
-from service.dataset_load import PARSERS, SOURCE, parse_lines
+from core.dataset_load import PARSERS, SOURCE, parse_lines
 from tests.test_judge_service import read_until
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]

@@ -19,12 +19,12 @@ import httpx
 import pytest
 
 from judge import verifier
-from service.adapter_store import adapter_digest, publish_dir, staging_dir
-from service.assets import base_model_name
-from service.broker import EmbeddedBroker
-from service.bus import ensure_topics, make_producer, publish
-from service.contracts import TOPIC_ADAPTERS, AdapterReady, TrainMetrics
-from service.settings import CommonSettings, GatewaySettings
+from core.adapter_store import adapter_digest, publish_dir, staging_dir
+from core.assets import base_model_name
+from core.broker import EmbeddedBroker
+from core.bus import ensure_topics, make_producer, publish
+from core.contracts import TOPIC_ADAPTERS, AdapterReady, TrainMetrics
+from core.settings import CommonSettings, GatewaySettings
 from service.task import SUBSTANCE_TYPES, make_prompts
 from tests.gateway_server import register_base, running_gateway
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from service.contracts import AdapterReady, PromptEvent, TrainMetrics
+from core.contracts import AdapterReady, PromptEvent, TrainMetrics
 from service.gateway.book import BookError, VersionBook
 from service.gateway.metrics import HELDOUT_SCORE, ScoreGauge
 from service.gateway.served import ServedChoice, ServedStore, StreamTap, served_choices

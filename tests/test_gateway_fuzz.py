@@ -20,9 +20,9 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given
 from schemathesis import GenerationMode
 
-from service.broker import EmbeddedBroker
-from service.bus import ensure_topics
-from service.settings import CommonSettings, GatewaySettings
+from core.broker import EmbeddedBroker
+from core.bus import ensure_topics
+from core.settings import CommonSettings, GatewaySettings
 from tests.gateway_server import register_base, running_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]

@@ -17,10 +17,10 @@ import time
 import httpx
 import pytest
 
-from service.broker import EmbeddedBroker
-from service.bus import ensure_topics, make_producer, publish
-from service.contracts import TOPIC_ADAPTERS
-from service.settings import CommonSettings, GatewaySettings
+from core.broker import EmbeddedBroker
+from core.bus import ensure_topics, make_producer, publish
+from core.contracts import TOPIC_ADAPTERS
+from core.settings import CommonSettings, GatewaySettings
 from tests.gateway_server import noisy_adapter, register_base, running_gateway, silent_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]

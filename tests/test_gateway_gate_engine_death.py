@@ -13,7 +13,7 @@ import httpx
 from service.gateway.book import VersionBook
 from service.gateway.gate import SERVER_ERROR_TRIES, PromotionGate
 from service.gateway.metrics import ScoreGauge
-from service.settings import CommonSettings, GatewaySettings
+from core.settings import CommonSettings, GatewaySettings
 from tests.test_gateway_book import ready
 
 ENGINE_DEAD = (b'{"error":{"message":"EngineCore encountered an issue. See stack trace (above) for the root cause.",'

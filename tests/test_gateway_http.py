@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from service.broker import free_port
-from service.settings import CommonSettings, GatewaySettings
+from core.broker import free_port
+from core.settings import CommonSettings, GatewaySettings
 from tests.gateway_server import running_gateway
 
 TOKEN = "s3cret-admin-token"
@@ -166,7 +166,7 @@ def test_the_gateway_never_imports_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from service.gateway import create_app; from service.settings import GatewaySettings; "
+    code = ("import sys; from service.gateway import create_app; from core.settings import GatewaySettings; "
             "create_app(GatewaySettings()); import judge.evaluate, judge.signals, service.gateway.verdict; "  # the gate's scoring (fluency loads torch only when it scores)
             "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

@@ -16,7 +16,7 @@ from fastapi import HTTPException
 
 from service.gateway.control import CLAIMING, FOLLOWING, LEADING
 from service.gateway.leader_forward import forward
-from service.settings import GatewaySettings
+from core.settings import GatewaySettings
 
 
 class _Control:

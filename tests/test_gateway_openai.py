@@ -16,9 +16,9 @@ import httpx
 import openai
 import pytest
 
-from service.contracts import TOPIC_FEEDBACK, TOPIC_PREFERENCES, TOPIC_PROMPTS, Feedback, PreferencePair, PromptEvent
+from core.contracts import TOPIC_FEEDBACK, TOPIC_PREFERENCES, TOPIC_PROMPTS, Feedback, PreferencePair, PromptEvent
 from service.launcher import Launcher
-from service.settings import CommonSettings, GatewaySettings
+from core.settings import CommonSettings, GatewaySettings
 from tests.gateway_server import noisy_adapter, register_base, running_gateway
 from tests.topics import MessageTail
 

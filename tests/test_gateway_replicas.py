@@ -28,14 +28,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.broker import EmbeddedBroker, free_port
-from service.bus import TopicTail, make_producer, publish
-from service.contracts import TOPIC_ADAPTERS, version_name
+from core.broker import EmbeddedBroker, free_port
+from core.bus import TopicTail, make_producer, publish
+from core.contracts import TOPIC_ADAPTERS, version_name
 from service.gateway.book import VersionBook
 from service.gateway.control import ControlPlane
 from service.gateway.metrics import ScoreGauge
-from service.runtime import die_with_parent
-from service.settings import GatewaySettings
+from core.runtime import die_with_parent
+from core.settings import GatewaySettings
 from tests.gateway_server import noisy_adapter, register_base
 from tests.test_gateway_book import ready
 

@@ -6,7 +6,7 @@ import random
 
 from judge.signals import score_answers
 from service.gateway.verdict import judge_version
-from service.settings import GatewaySettings
+from core.settings import GatewaySettings
 from service.task import make_prompts
 
 LIMITS = GatewaySettings().gate_limits()

@@ -20,9 +20,9 @@ from transformers import AutoTokenizer
 from generator.adapters import AdapterManager, AdapterRejected
 from generator.sampler import Sampler
 from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
-from service.adapter_store import adapter_digest
-from service.contracts import PromptEvent
-from service.settings import GeneratorSettings
+from core.adapter_store import adapter_digest
+from core.contracts import PromptEvent
+from core.settings import GeneratorSettings
 from tests.test_generator_swap import failures, hf_greedy, make_peft_model, publish_adapter, randomize_lora_b, served
 
 pytestmark = pytest.mark.vllm

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from generator.sampler import PromptRejected, Sampler
 from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
-from service.contracts import PromptEvent, SamplingParams
-from service.settings import GeneratorSettings
+from core.contracts import PromptEvent, SamplingParams
+from core.settings import GeneratorSettings
 
 
 CHAT = PromptEvent(id="chat-1", messages=[{"role": "user", "content": "Name three colours of the rainbow."}])

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from generator.adapters import AdapterManager
 from generator.server import ServerError, Supervisor, VllmServer
 from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
-from service.settings import CommonSettings, GatewaySettings, GeneratorSettings
+from core.settings import CommonSettings, GatewaySettings, GeneratorSettings
 from tests.gateway_server import running_gateway
 
 

@@ -23,11 +23,11 @@ from generator.loop import SamplerLoop
 from generator.sampler import Sampler
 from generator.service import run
 from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
-from service.broker import EmbeddedBroker
-from service.bus import Inbox, ensure_topics, make_producer, publish
-from service.contracts import (TOPIC_ADAPTERS, TOPIC_CANDIDATES, TOPIC_DLQ, TOPIC_PROMPTS, CandidateSet,
+from core.broker import EmbeddedBroker
+from core.bus import Inbox, ensure_topics, make_producer, publish
+from core.contracts import (TOPIC_ADAPTERS, TOPIC_CANDIDATES, TOPIC_DLQ, TOPIC_PROMPTS, CandidateSet,
                                DeadLetter, PromptEvent)
-from service.settings import CommonSettings, GeneratorSettings
+from core.settings import CommonSettings, GeneratorSettings
 from tests.test_generator_swap import make_peft_model, publish_adapter, randomize_lora_b
 from tests.topics import MessageTail
 

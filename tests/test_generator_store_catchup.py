@@ -19,9 +19,9 @@ from prometheus_client import REGISTRY
 from generator.adapters import AdapterManager
 from generator.watcher import AdapterWatcher
 from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
-from service.adapter_store import write_manifest
-from service.bus import Inbox, ensure_topics, make_producer
-from service.contracts import AdapterReady
+from core.adapter_store import write_manifest
+from core.bus import Inbox, ensure_topics, make_producer
+from core.contracts import AdapterReady
 from tests.test_generator_swap import make_peft_model, publish_adapter, randomize_lora_b
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]

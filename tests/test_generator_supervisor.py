@@ -13,7 +13,7 @@ import threading
 import time
 
 from generator.server import Supervisor, VllmServer
-from service.settings import GeneratorSettings
+from core.settings import GeneratorSettings
 
 HANGS = """
 import http.server, sys, threading, time

@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from generator.adapters import AdapterManager, AdapterRejected
 from generator.sampler import Sampler
-from service.adapter_store import adapter_digest, publish_dir, staging_dir
-from service.assets import base_model_name
-from service.contracts import AdapterReady, PromptEvent, TrainMetrics
-from service.settings import GeneratorSettings
+from core.adapter_store import adapter_digest, publish_dir, staging_dir
+from core.assets import base_model_name
+from core.contracts import AdapterReady, PromptEvent, TrainMetrics
+from core.settings import GeneratorSettings
 
 pytestmark = pytest.mark.vllm
 

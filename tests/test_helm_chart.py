@@ -14,7 +14,7 @@ import time
 import kubernetes_validate
 import pytest
 
-from service import settings as s
+from core import settings as s
 from tests.chart_tools import CHART, NAMESPACE, RELEASE, find, load_values, one, render, settings_file
 
 KUBE_VERSION = "1.30"
@@ -403,7 +403,7 @@ def test_every_value_is_documented():
 @pytest.mark.integration
 def test_the_trial_broker_command_starts_tansu(tmp_path):
     """The chart's Tansu container command, run here on a loopback port, answers Kafka requests."""
-    from service.broker import free_port, kafka_ready
+    from core.broker import free_port, kafka_ready
 
     docs = render(load_values("values-trial.yaml"))
     c = one(docs, "Deployment", f"{RELEASE}-odpo-kafka")["spec"]["template"]["spec"]["containers"][0]

@@ -13,14 +13,14 @@ import random
 
 import pytest
 
-from judge.base import make_judge, make_plugin
+from judge.registry import make_judge, make_plugin
 from judge.composite import FAILED_SCORE, CompositeJudge
 from judge.pairs import PairPolicy, build_pairs
 from judge.quality import GuardLimits, QualityGuard
 from judge.rule_judge import RuleJudge
 from judge.verifier import on_topic, score, score_constraints, strict_pass, topic_words, words
-from service.contracts import CandidateSet, ChatMessage, Completion, PromptEvent, SamplingParams
-from service.settings import JudgeSettings
+from core.contracts import CandidateSet, ChatMessage, Completion, PromptEvent, SamplingParams
+from core.settings import JudgeSettings
 from service.task import TOPIC_WORDS, make_prompt, make_prompts
 
 STRATEGIES = [PairPolicy(strategy="best_vs_worst"), PairPolicy(strategy="all_pairs", max_pairs=100),

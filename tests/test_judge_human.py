@@ -10,7 +10,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from judge.feedback import FeedbackPairer, prompt_key
 from judge.service import run
-from service.contracts import (
+from core.contracts import (
     TOPIC_DLQ,
     TOPIC_FEEDBACK,
     TOPIC_PREFERENCES,
@@ -22,7 +22,7 @@ from service.contracts import (
     ServedResponse,
     pair_id,
 )
-from service.settings import CommonSettings, JudgeSettings
+from core.settings import CommonSettings, JudgeSettings
 from tests.test_judge_service import read_until
 
 
@@ -156,7 +156,7 @@ def test_feedback_through_the_gateway_ends_as_pairs(vllm_server, model_dir, vllm
     """Served by the real gateway (vLLM behind it), judged by a client on /v1/feedback, paired by the human judge."""
     import httpx
 
-    from service.settings import GatewaySettings
+    from core.settings import GatewaySettings
     from tests.gateway_server import register_base, running_gateway
 
     register_base(vllm_server.url, model_dir, vllm_store)

@@ -21,16 +21,16 @@ from prometheus_client import REGISTRY
 from judge.base import JudgeUnavailable
 from judge.llm_judge import LlmJudge, combine, render_prompt
 from judge.service import JudgeLoop
-from service.broker import free_port
-from service.bus import Inbox, ensure_topics
-from service.contracts import (
+from core.broker import free_port
+from core.bus import Inbox, ensure_topics
+from core.contracts import (
     TOPIC_PREFERENCES,
     CandidateSet,
     ChatMessage,
     PreferencePair,
     PromptEvent,
 )
-from service.settings import CommonSettings, GatewaySettings, JudgeSettings
+from core.settings import CommonSettings, GatewaySettings, JudgeSettings
 from tests.gateway_server import register_base, running_gateway
 from tests.test_judge_service import candidate_set, judge_all, read_until
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import pytest
 
-from judge.base import chat_messages, make_judge
+from judge.base import chat_messages
+from judge.registry import make_judge
 from judge.fluency import ReferenceScorer
 from judge.quality import GuardLimits
 from judge.signals import score_answers, summarize
 from service.gateway.verdict import judge_version
-from service.settings import GatewaySettings, JudgeSettings
+from core.settings import GatewaySettings, JudgeSettings
 from service.task import make_prompts
 
 N_PROMPTS = 8

@@ -9,7 +9,7 @@ from judge.base import Judgement
 from judge.pairs import PairPolicy, best_and_worst, build_pairs, candidate_pairs, select
 from judge.rule_judge import RuleJudge
 from judge.seen import SeenIds
-from service.contracts import (
+from core.contracts import (
     CandidateSet,
     ChatMessage,
     Completion,
@@ -17,7 +17,7 @@ from service.contracts import (
     SamplingParams,
     pair_id,
 )
-from service.settings import JudgeSettings
+from core.settings import JudgeSettings
 
 TASK = {"kind": "constraints", "constraints": [{"type": "max_words", "n": 5}]}
 

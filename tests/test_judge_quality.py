@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from judge.quality import GUARD_REASONS, GuardLimits, QualityGuard, distinct2, rule_failure
-from service.contracts import ChatMessage, PromptEvent
-from service.settings import JudgeSettings
+from core.contracts import ChatMessage, PromptEvent
+from core.settings import JudgeSettings
 from service.task import make_prompt
 
 BEACH = make_prompt("heldout", 2)  # Tell me about the beach. lowercase, include "beautiful", on topic

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from judge.base import make_judge
+from judge.registry import make_judge
 from judge.pairs import REPAIR_SUFFIX, PairPolicy, repair_pair
 from judge.repair import repair, sentences
 from judge.rule_judge import RuleJudge
 from judge.text import words
 from judge.verifier import score_constraints, strict_pass
-from service.contracts import CandidateSet, ChatMessage, Completion, PreferencePair, PromptEvent, SamplingParams
-from service.settings import JudgeSettings
+from core.contracts import CandidateSet, ChatMessage, Completion, PreferencePair, PromptEvent, SamplingParams
+from core.settings import JudgeSettings
 
 ANSWER = ("The river runs to the sea, past old mills and quiet towns. Fish swim in its cold water. "
           "Children play on its banks in summer. At night the water shines under the moon.")

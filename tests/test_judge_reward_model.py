@@ -14,17 +14,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-from judge.base import make_judge
+from judge.registry import make_judge
 from judge.reward_model import RewardModelJudge
 from judge.service import run
-from service.contracts import (
+from core.contracts import (
     TOPIC_CANDIDATES,
     TOPIC_PREFERENCES,
     ChatMessage,
     PreferencePair,
     PromptEvent,
 )
-from service.settings import CommonSettings, JudgeSettings
+from core.settings import CommonSettings, JudgeSettings
 from tests.test_judge_service import candidate_set, read_until
 
 pytestmark = pytest.mark.integration

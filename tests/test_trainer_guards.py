@@ -13,7 +13,7 @@ import torch
 from kafka import TopicPartition
 from safetensors.torch import load_file
 
-from service.adapter_store import (
+from core.adapter_store import (
     adapter_digest,
     announced_versions,
     mark_published,
@@ -21,14 +21,14 @@ from service.adapter_store import (
     published_version,
     published_versions,
 )
-from service.bus import Inbox, publish
-from service.contracts import (
+from core.bus import Inbox, publish
+from core.contracts import (
     TOPIC_ADAPTERS,
     TOPIC_PREFERENCES,
     AdapterReady,
     PreferencePair,
 )
-from service.settings import CommonSettings, TrainerSettings
+from core.settings import CommonSettings, TrainerSettings
 from tests.test_trainer_crash import random_pairs
 from tests.test_trainer_service import end_offset, metric, read_from, start_group_at_end
 from trainer.recipe import Trainer

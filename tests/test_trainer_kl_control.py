@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from service.settings import TrainerSettings
+from core.settings import TrainerSettings
 from trainer.kl_control import MAX_CUT, MAX_RAISE, drift_per_token, next_beta
 from trainer.recipe import Trainer
 from trainer.tokenize import TokenizedPair

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.settings import TrainerSettings
+from core.settings import TrainerSettings
 from trainer.logps import pair_logps, reference_logps, score_pairs, sequence_logps
 from trainer.model import load_policy
 from trainer.tokenize import TokenizedPair

@@ -8,7 +8,7 @@ import typing
 import pytest
 import torch
 
-from service.settings import TrainerSettings
+from core.settings import TrainerSettings
 from trainer.losses import LOSSES, LossParams, PairLogps, dpo_loss, reward_metrics
 
 PC, PR = [-10.0, -20.0, -7.5, -30.0], [-12.0, -15.0, -7.5, -26.0]  # policy chosen / rejected

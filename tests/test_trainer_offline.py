@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from service.adapter_store import published_versions
+from core.adapter_store import published_versions
 from service.cli import main
-from service.settings import TrainerSettings
+from core.settings import TrainerSettings
 from trainer.checkpoint import STATE_FILE
 from trainer.logps import pair_logps
 from trainer.model import load_policy

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from service.contracts import PreferencePair, PromptEvent, pair_id
-from service.settings import TrainerSettings
+from core.contracts import PreferencePair, PromptEvent, pair_id
+from core.settings import TrainerSettings
 from trainer import metrics as M
 from trainer.logps import score_pairs
 from trainer.recipe import Trainer

@@ -14,11 +14,11 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import REGISTRY
 from transformers import AutoTokenizer
 
-from service.adapter_store import adapter_digest, published_versions
-from service.bus import GROUP_SETTINGS, publish
-from service.contracts import (DATASET_JUDGE, TOPIC_ADAPTERS, TOPIC_DLQ, TOPIC_PREFERENCES, AdapterReady,
+from core.adapter_store import adapter_digest, published_versions
+from core.bus import GROUP_SETTINGS, publish
+from core.contracts import (DATASET_JUDGE, TOPIC_ADAPTERS, TOPIC_DLQ, TOPIC_PREFERENCES, AdapterReady,
                                DeadLetter)
-from service.settings import CommonSettings, TrainerSettings
+from core.settings import CommonSettings, TrainerSettings
 from tests.test_trainer_train import make_pairs
 from trainer.checkpoint import STATE_FILE
 from trainer.service import run
@@ -203,8 +203,8 @@ def test_loop_keeps_its_group_through_a_slow_window_and_dead_letters_a_nonfinite
         broker, producer, group_id, model_dir, tok, tmp_path):
     import torch
 
-    from service.bus import Inbox
-    from service.contracts import PreferencePair
+    from core.bus import Inbox
+    from core.contracts import PreferencePair
     from trainer.recipe import Trainer
     from trainer.service import TrainerLoop
 

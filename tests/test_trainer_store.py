@@ -12,16 +12,16 @@ import uuid
 
 import torch
 
-from service.adapter_store import (
+from core.adapter_store import (
     announced_versions,
     hold_versions,
     newest_ready,
     published_versions,
     version_path,
 )
-from service.bus import Inbox, publish
-from service.contracts import TOPIC_PREFERENCES, PreferencePair
-from service.settings import CommonSettings, TrainerSettings
+from core.bus import Inbox, publish
+from core.contracts import TOPIC_PREFERENCES, PreferencePair
+from core.settings import CommonSettings, TrainerSettings
 from tests.test_trainer_crash import random_pairs
 from tests.test_trainer_service import metric, start_group_at_end
 from trainer.archive import archive_files

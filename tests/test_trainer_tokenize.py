@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from service.contracts import ChatMessage, PreferencePair, PromptEvent, pair_id
+from core.contracts import ChatMessage, PreferencePair, PromptEvent, pair_id
 from trainer.tokenize import UntrainablePair, tokenize_pair
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service.adapter_store import adapter_digest, published_versions
-from service.contracts import ChatMessage, PreferencePair, PromptEvent, pair_id
-from service.settings import TrainerSettings
+from core.adapter_store import adapter_digest, published_versions
+from core.contracts import ChatMessage, PreferencePair, PromptEvent, pair_id
+from core.settings import TrainerSettings
 from trainer.checkpoint import OPTIMIZER_FILE, STATE_FILE, optimizer_path
 from trainer.recipe import NonFiniteWeights, Trainer, train_window
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.settings import TrainerSettings
+from core.settings import TrainerSettings
 from trainer.losses import LOSSES, reward_metrics
 from trainer.model import load_policy, lora_config
 from trainer.pairs_file import pair_from_record

@@ -8,9 +8,9 @@ import os
 import signal
 import time
 
-from service.broker import EmbeddedBroker
-from service.bus import TopicTail, ensure_topics, make_producer
-from service.contracts import TOPIC_CANDIDATES, TOPIC_PROMPTS
+from core.broker import EmbeddedBroker
+from core.bus import TopicTail, ensure_topics, make_producer
+from core.contracts import TOPIC_CANDIDATES, TOPIC_PROMPTS
 from service.launcher import RestartPolicy
 from service.loop_watch import LoopWatcher
 from service.prompt_feed import PromptFeeder

@@ -7,7 +7,7 @@ import time
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from service.contracts import TOPIC_PREFERENCES
+from core.contracts import TOPIC_PREFERENCES
 from service.up_pace import TrainerBacklog
 
 

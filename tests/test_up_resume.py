@@ -9,8 +9,8 @@ import json
 from kafka.errors import KafkaError
 from kafka.future import Future
 
-from service.adapter_store import write_manifest
-from service.contracts import AdapterReady, PromptEvent, TrainMetrics
+from core.adapter_store import write_manifest
+from core.contracts import AdapterReady, PromptEvent, TrainMetrics
 from service.gateway.book import VersionBook
 from service.loop_watch import LoopCounts
 from service.prompt_feed import PromptFeeder, load_position

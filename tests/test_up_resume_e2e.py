@@ -21,10 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.adapter_store import newest_ready
-from service.broker import free_port
-from service.bus import TopicTail
-from service.contracts import TOPIC_PREFERENCES, PreferencePair
+from core.adapter_store import newest_ready
+from core.broker import free_port
+from core.bus import TopicTail
+from core.contracts import TOPIC_PREFERENCES, PreferencePair
 from service.prompt_feed import load_position
 from service.up_metrics import sample_value
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from service.contracts import AdapterReady, TrainMetrics
+from core.contracts import AdapterReady, TrainMetrics
 from service.gateway.book import VersionBook
 from service.loop_watch import LoopCounts
 from service.up_plot import plot_versions

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from service.bus import TopicTail
+from core.bus import TopicTail
 
 
 class MessageTail:

@@ -40,7 +40,7 @@ import os
 import time
 from pathlib import Path
 
-from service.contracts import PreferencePair
+from core.contracts import PreferencePair
 from trainer import metrics as M
 
 log = logging.getLogger(__name__)

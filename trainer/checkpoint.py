@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from service.adapter_store import (
+from core.adapter_store import (
     ANNOUNCED_DIR,
     PUBLISHED_FILE,
     adapter_digest,
@@ -44,7 +44,7 @@ from service.adapter_store import (
     version_path,
     write_file_atomic,
 )
-from service.contracts import version_name
+from core.contracts import version_name
 from trainer.ledger import append_trained
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.contracts import PreferencePair
+from core.contracts import PreferencePair
 from trainer.archive import ARCHIVE_DIR, archive_files
 
 FORMATS = ("trl", "odpo")
@@ -108,7 +108,7 @@ def trl_row(pair: PreferencePair) -> dict:
                "rejected": [{"role": "assistant", "content": pair.rejected}]}
     else:
         row = {"id": pair.id, "prompt": pair.prompt.text, "chosen": pair.chosen, "rejected": pair.rejected}
-    # never a `judge` key: a line with one is read as a PreferencePair (service/dataset_load.py)
+    # never a `judge` key: a line with one is read as a PreferencePair (core/dataset_load.py)
     row.update(prompt_id=pair.prompt.id, policy_version=pair.policy_version, judged_by=pair.judge,
                chosen_score=pair.chosen_score, rejected_score=pair.rejected_score, margin=pair.margin,
                created_at=pair.created_at)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.adapter_store import published_versions
+from core.adapter_store import published_versions
 
 log = logging.getLogger(__name__)
 

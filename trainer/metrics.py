@@ -1,4 +1,4 @@
-"""Prometheus metrics of the trainer (default registry, served by `service.runtime.serve_metrics`).
+"""Prometheus metrics of the trainer (default registry, served by `core.runtime.serve_metrics`).
 
 The gauges of an update mirror what TRL's DPOTrainer logs (rewards/*, logps/*,
 logits/*, loss, grad_norm, learning_rate), taken at the last optimizer step

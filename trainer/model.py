@@ -15,8 +15,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from service.assets import base_model_name
-from service.settings import TrainerSettings
+from core.assets import base_model_name
+from core.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
 

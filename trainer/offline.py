@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.settings import TrainerSettings
+from core.settings import TrainerSettings
 from trainer.pairs_file import BadLine, read_pairs
 from trainer.tokenize import TokenizedPair, UntrainablePair, tokenize_pair
 

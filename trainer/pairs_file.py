@@ -23,8 +23,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service.contracts import PreferencePair
-from service.dataset_load import pair_from_line
+from core.contracts import PreferencePair
+from core.dataset_load import pair_from_line
 
 
 class BadLine(ValueError):
@@ -61,7 +61,7 @@ def read_pairs(path: Path) -> Iterator[Line | BadLine]:
 def pair_from_record(record: Any) -> PreferencePair:
     """A `PreferencePair` from one decoded line (either form); ValueError says why not.
 
-    The forms and ids are those of `odpo pairs load` (service/dataset_load.py), so a file trained
+    The forms and ids are those of `odpo pairs load` (core/dataset_load.py), so a file trained
     offline and the same file loaded onto odpo.preferences give the same pair ids (the ledger dedupes).
     """
     if not isinstance(record, dict):

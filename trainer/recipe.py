@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from service.contracts import PreferencePair
-from service.settings import TrainerSettings
+from core.contracts import PreferencePair
+from core.settings import TrainerSettings
 from trainer.checkpoint import (
     Checkpoint,
     TrainerState,

@@ -3,7 +3,7 @@
 After each publish the store keeps
 - the newest `keep_versions` versions (`ODPO_TRAINER_KEEP_VERSIONS`, default 5;
   0 keeps every version), the newest of all always;
-- every version some component holds (`service.adapter_store.held_versions`:
+- every version some component holds (`core.adapter_store.held_versions`:
   the gateway holds its promoted, pinned and rollback-history versions);
 and deletes every other version's folder and manifest (`announced/`). A
 folder is first renamed to a hidden `.policy-v<N>.tmp-delete` name and then
@@ -23,13 +23,13 @@ import os
 import shutil
 from pathlib import Path
 
-from service.adapter_store import (
+from core.adapter_store import (
     ANNOUNCED_DIR,
     held_versions,
     published_versions,
     version_path,
 )
-from service.contracts import version_name
+from core.contracts import version_name
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ counts the restarts whose newest version had never been announced at all.
 Settings beyond the update itself: `keep_versions` (retention),
 `archive_rotate_mb` (pair archive) and `stuck_consumer_s` (exit when offset
 commits keep failing, so the supervisor restarts the trainer), in
-service/settings.py.
+core/settings.py.
 
 Training runs in a worker thread while this thread keeps polling the paused
 consumer: a window takes longer than the group's max poll interval (10 s, the
@@ -56,7 +56,7 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from service.adapter_store import (
+from core.adapter_store import (
     adapter_digest,
     mark_published,
     published_version,
@@ -64,9 +64,9 @@ from service.adapter_store import (
     version_path,
     write_manifest,
 )
-from service.assets import base_model_dir
-from service.bus import Envelope, Inbox, ensure_topics, make_producer, publish
-from service.contracts import (
+from core.assets import base_model_dir
+from core.bus import Envelope, Inbox, ensure_topics, make_producer, publish
+from core.contracts import (
     DATASET_JUDGE,
     TOPIC_ADAPTERS,
     TOPIC_PREFERENCES,
@@ -75,8 +75,8 @@ from service.contracts import (
     TrainMetrics,
     version_name,
 )
-from service.runtime import serve_metrics
-from service.settings import CommonSettings, TrainerSettings
+from core.runtime import serve_metrics
+from core.settings import CommonSettings, TrainerSettings
 from trainer import metrics as M
 from trainer.archive import PairArchive
 from trainer.checkpoint import remove_staging_leftovers

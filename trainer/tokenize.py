@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from service.contracts import PreferencePair
+from core.contracts import PreferencePair
 
 
 class UntrainablePair(ValueError):

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from service.contracts import TrainMetrics
+from core.contracts import TrainMetrics
 from trainer.logps import Scored
 from trainer.losses import LossOutput, reward_metrics
 

@@ -23,14 +23,14 @@ import anyio
 import httpx
 from fastapi import APIRouter, Depends, HTTPException, Request
 
-from service.contracts import version_name
+from core.contracts import version_name
 from service.gateway.book import BookError
 from service.gateway.engine import PolicyUnavailable
 from service.gateway.leader_forward import forward, published
 from service.gateway.metrics import PROMOTIONS, sync_promoted
 from service.gateway.protocol import PinRequest, VersionRequest
 from service.gateway.state import GatewayState, state_of
-from service.settings import GatewaySettings
+from core.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 

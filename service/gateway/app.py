@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.adapter_store import hold_versions
+from core.adapter_store import hold_versions
 from service.gateway import admin, feedback, forwarding, health
 from service.gateway.book import VersionBook
 from service.gateway.control import ControlPlane
@@ -27,7 +27,7 @@ from service.gateway.protocol import error
 from service.gateway.registry_file import RegistryFile
 from service.gateway.served import ServedStore
 from service.gateway.state import BrokerCheck, GatewayState
-from service.settings import CommonSettings, GatewaySettings
+from core.settings import CommonSettings, GatewaySettings
 
 log = logging.getLogger(__name__)
 

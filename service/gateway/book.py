@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from service.contracts import AdapterReady, version_name
+from core.contracts import AdapterReady, version_name
 
 PENDING, EVALUATING, PASSED, REFUSED, SUPERSEDED, FAILED, ROLLED_BACK = (
     "pending", "evaluating", "passed", "refused", "superseded", "failed", "rolled_back")

@@ -31,14 +31,14 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
-from service.bus import COMPACT, ensure_topics, topic_id_of
+from core.bus import COMPACT, ensure_topics, topic_id_of
 from service.gateway.book import VersionBook
 from service.gateway.control_log import CLAIM, RECORD_PREFIX, ControlLog
 from service.gateway.control_publish import NotReplicated, Publisher
 from service.gateway.leader import LeaderElection
 from service.gateway.metrics import LEADER, ScoreGauge, sync_promoted
 from service.gateway.registry_file import RegistryFile
-from service.settings import GatewaySettings
+from core.settings import GatewaySettings
 
 __all__ = ["ControlPlane", "NotReplicated", "advertise_url"]
 

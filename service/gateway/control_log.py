@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from service.contracts import version_name
+from core.contracts import version_name
 from service.gateway.book import VersionBook
 from service.gateway.metrics import CONTROL_EPOCH, CONTROL_SEQ, ScoreGauge
 

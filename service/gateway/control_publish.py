@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from service.bus import make_producer
+from core.bus import make_producer
 from service.gateway.book import VersionBook
 from service.gateway.control_log import (
     CLAIM,

@@ -28,8 +28,8 @@ from pathlib import Path
 import anyio
 import httpx
 
-from service.adapter_store import AdapterFolderError, read_manifest, verified_folder
-from service.contracts import BASE_MODEL_NAME, POLICY_ALIAS, parse_version_name, version_name
+from core.adapter_store import AdapterFolderError, read_manifest, verified_folder
+from core.contracts import BASE_MODEL_NAME, POLICY_ALIAS, parse_version_name, version_name
 from service.gateway.book import VersionBook, VersionRecord
 from service.gateway.endpoints import EnginePool
 

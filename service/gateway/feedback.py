@@ -12,7 +12,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from service.contracts import TOPIC_FEEDBACK, TOPIC_PROMPTS, Feedback
+from core.contracts import TOPIC_FEEDBACK, TOPIC_PROMPTS, Feedback
 from service.gateway.metrics import ENQUEUED, FEEDBACK
 from service.gateway.outbox import BrokerUnavailable
 from service.gateway.protocol import ERROR_RESPONSES, FeedbackRequest, PromptsRequest, error

@@ -20,7 +20,7 @@ import httpx
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response, StreamingResponse
 
-from service.contracts import POLICY_ALIAS, version_name
+from core.contracts import POLICY_ALIAS, version_name
 from service.gateway.engine import PolicyUnavailable, UnknownModel, engine_died
 from service.gateway.metrics import ENGINE_REQUESTS, alias_label
 from service.gateway.protocol import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, SamplingRequest, error

@@ -37,13 +37,13 @@ from collections.abc import Callable
 
 import httpx
 
-from service.adapter_store import announced_versions, read_manifest
-from service.bus import Inbox, make_producer
-from service.contracts import TOPIC_ADAPTERS, AdapterReady, version_name
+from core.adapter_store import announced_versions, read_manifest
+from core.bus import Inbox, make_producer
+from core.contracts import TOPIC_ADAPTERS, AdapterReady, version_name
 from service.gateway.book import VersionBook
 from service.gateway.engine import EngineAdapters, NotServable, engine_died
 from service.gateway.metrics import EVAL_SECONDS, PROMOTIONS, REFUSALS, REFUSED_BY, ScoreGauge, sync_promoted
-from service.settings import CommonSettings, GatewaySettings
+from core.settings import CommonSettings, GatewaySettings
 from service.task import make_prompts
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ class PromotionGate:
             return None
         if self._reference is None:
             from judge.fluency import ReferenceScorer
-            from service.assets import base_model_dir
+            from core.assets import base_model_dir
 
             try:
                 self._reference = ReferenceScorer(base_model_dir(self.common.cache_dir, self.common.base_model))

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.contracts import version_name
+from core.contracts import version_name
 from service.gateway.engine import PolicyUnavailable
 from service.gateway.protocol import error
 from service.gateway.state import state_of

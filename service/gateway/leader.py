@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
-from service.bus import ensure_topics, group_stable
+from core.bus import ensure_topics, group_stable
 
 log = logging.getLogger(__name__)
 

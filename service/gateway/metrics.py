@@ -12,7 +12,7 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from service.contracts import BASE_MODEL_NAME, POLICY_ALIAS, parse_version_name
+from core.contracts import BASE_MODEL_NAME, POLICY_ALIAS, parse_version_name
 
 REQUESTS = Counter("odpo_gateway_requests_total", "Requests by route, model alias and status.",
                    ["route", "alias", "status"])

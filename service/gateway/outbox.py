@@ -18,7 +18,7 @@ import threading
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from service.contracts import TOPIC_PROMPTS, PromptEvent, _Message
+from core.contracts import TOPIC_PROMPTS, PromptEvent, _Message
 from service.gateway.metrics import MIRROR_DROPPED, MIRRORED
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class Outbox:
     def _connect(self) -> KafkaProducer:
         with self._producer_lock:
             if self._producer is None:
-                # service.bus.make_producer's settings, plus a bound on how long send() may block for metadata.
+                # core.bus.make_producer's settings, plus a bound on how long send() may block for metadata.
                 wait_ms = int(self.publish_timeout_s * 1000)
                 self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5, retries=5,
                                                enable_idempotence=False, max_block_ms=wait_ms,

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from service.bus import validation_message
-from service.contracts import ChatMessage, PromptEvent
+from core.bus import validation_message
+from core.contracts import ChatMessage, PromptEvent
 
 MODEL_HELP = "`policy` (the promoted version), `base` or `policy-v<N>`."
 NO_LEARN_HEADER = "x-odpo-no-learn"

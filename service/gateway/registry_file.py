@@ -22,8 +22,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from service.adapter_store import write_file_atomic
-from service.contracts import version_name
+from core.adapter_store import write_file_atomic
+from core.contracts import version_name
 from service.gateway.book import VersionBook
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from service.contracts import ChatMessage, PromptEvent, ServedResponse
+from core.contracts import ChatMessage, PromptEvent, ServedResponse
 from service.gateway.metrics import SERVED_KEPT
 from service.gateway.protocol import ChatCompletionRequest, CompletionRequest
 

@@ -14,7 +14,7 @@ from service.gateway.engine import EngineAdapters, EngineClients, ModelRouter
 from service.gateway.metrics import ScoreGauge
 from service.gateway.outbox import Outbox
 from service.gateway.served import ServedStore
-from service.settings import CommonSettings, GatewaySettings
+from core.settings import CommonSettings, GatewaySettings
 
 
 @dataclass
@@ -28,7 +28,7 @@ class BrokerCheck:
     _lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     async def ok(self) -> bool:
-        from service.broker import kafka_ready
+        from core.broker import kafka_ready
 
         async with self._lock:
             if time.monotonic() - self._at > self.ttl_s:

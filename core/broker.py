@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from service.runtime import die_with_parent
+from core.runtime import die_with_parent
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from service.contracts import AdapterReady, version_name
+from core.contracts import AdapterReady, version_name
 
 _VERSION_DIR = re.compile(r"^policy-v([1-9][0-9]*)$")
 ANNOUNCED_DIR = "announced"

@@ -19,7 +19,7 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter
 from pydantic import ValidationError
 
-from service.contracts import ALL_TOPICS, TOPIC_ADAPTERS, TOPIC_DLQ, TOPIC_GATEWAY_CONTROL, DeadLetter, _Message
+from core.contracts import ALL_TOPICS, TOPIC_ADAPTERS, TOPIC_DLQ, TOPIC_GATEWAY_CONTROL, DeadLetter, _Message
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable
 
 from pydantic import ValidationError
 
-from service.bus import validation_message
-from service.contracts import (
+from core.bus import validation_message
+from core.contracts import (
     DATASET_JUDGE,
     ChatMessage,
     PreferencePair,
@@ -153,8 +153,8 @@ def load_and_publish(path: Path, kind: str, bootstrap: str, on_error: str = "sto
     """
     from kafka.errors import KafkaError
 
-    from service.bus import ensure_topics, make_producer
-    from service.contracts import TOPIC_PREFERENCES, TOPIC_PROMPTS
+    from core.bus import ensure_topics, make_producer
+    from core.contracts import TOPIC_PREFERENCES, TOPIC_PROMPTS
 
     topic = {"pairs": TOPIC_PREFERENCES, "prompts": TOPIC_PROMPTS}[kind]
     try:
