@@ -10,12 +10,15 @@ tests' consumers.
 
 from __future__ import annotations
 
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 
+from core.bus import ensure_topics
 from core.contracts import TOPIC_FEEDBACK, TOPIC_PREFERENCES, TOPIC_PROMPTS, Feedback, PreferencePair, PromptEvent
 from service.launcher import Launcher
 from core.settings import CommonSettings, GatewaySettings
@@ -198,3 +201,46 @@ def test_new_tokens_are_capped(vllm_server, own_broker, vllm_store):
         assert resp.status_code == 200, resp.text
         usage = resp.json()["usage"]
         assert usage["prompt_tokens"] + usage["completion_tokens"] <= 2048
+
+
+def test_a_broker_outage_does_not_stop_serving(client, gateway, own_broker):
+    """Serving needs no Kafka: with the broker gone, 100 completions are all answered and /readyz stays 200
+    (the outage in its body and in odpo_gateway_broker_up); feedback answers 503 meanwhile (nothing taken
+    and lost) and flows again once the broker is back."""
+    assert httpx.get(f"{gateway}/readyz", timeout=30).json()["broker"] == "ok"
+    own_broker.stop()
+    try:
+        deadline = time.monotonic() + 30  # /readyz reuses a broker check for broker_check_s (5 s)
+        while (ready := httpx.get(f"{gateway}/readyz", timeout=30)).json().get("broker") != "unreachable":
+            assert ready.status_code == 200 and time.monotonic() < deadline, ready.text
+            time.sleep(1)
+        assert ready.status_code == 200, ready.text
+        assert "odpo_gateway_broker_up 0.0" in httpx.get(f"{gateway}/metrics").text
+        with ThreadPoolExecutor(8) as pool:  # what a client sees: every completion answered
+            answers = list(pool.map(lambda i: client.chat.completions.create(
+                model="policy", messages=[{"role": "user", "content": f"Say a number: {i}"}], max_tokens=2,
+                temperature=0), range(100)))
+        assert all(a.choices[0].message.content is not None for a in answers) and len(answers) == 100
+        outage_id = answers[0].id
+        lost = httpx.post(f"{gateway}/v1/feedback", json={"response_id": outage_id, "rating": 1.0}, timeout=60)
+        assert lost.status_code == 503 and lost.json()["error"]["message"], lost.text
+    finally:
+        own_broker.start()  # the same address, empty (memory-only): the topics come back with it
+        ensure_topics(own_broker.bootstrap)
+    tail = MessageTail(own_broker.bootstrap, TOPIC_FEEDBACK, Feedback)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the gateway's producer reconnects
+            resp = httpx.post(f"{gateway}/v1/feedback", json={"response_id": outage_id, "rating": 1.0}, timeout=60)
+            if resp.status_code == 202 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert resp.status_code == 202, resp.text
+        got = tail.wait_for(lambda f: f.response_id == outage_id, 30, "feedback after the outage")[0]
+        assert got.rating == 1.0 and got.response.text == answers[0].choices[0].message.content
+    finally:
+        tail.close()
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{gateway}/readyz", timeout=30).json().get("broker") != "ok":
+        assert time.monotonic() < deadline, "the broker's return did not show in /readyz"
+        time.sleep(1)

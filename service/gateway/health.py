@@ -1,4 +1,12 @@
-"""/healthz (the process answers), /readyz (broker, serving engine and a servable policy), /metrics."""
+"""/healthz (the process answers), /readyz (able to serve: the engine answers and the policy is servable), /metrics.
+
+Ready means able to serve completions, which needs no Kafka: a broker outage
+is reported in /readyz's body (`broker`), in `odpo_gateway_broker_up` and by
+the OdpoGatewayBrokerDown alert, but does not take the gateway out of its
+Service. Meanwhile mirrored prompts are dropped and counted
+(`odpo_gateway_mirror_dropped_total`) and feedback answers 503 (the client
+keeps it and retries; nothing is taken and then lost).
+"""
 
 from __future__ import annotations
 
@@ -34,11 +42,10 @@ async def readyz(request: Request):
             await state.router.make_servable(promoted)
         except (PolicyUnavailable, httpx.HTTPError) as exc:
             problems.append(f"{version_name(promoted)} is not servable: {exc}")
-    if not await state.broker.ok():
-        problems.append(f"broker {state.broker.bootstrap} unreachable")
+    broker = "ok" if await state.broker.ok() else "unreachable"
     if problems:
-        return error(503, "; ".join(problems), "unavailable")
-    return {"status": "ready", "policy_version": promoted, "pinned": state.book.pinned}
+        return error(503, "; ".join(problems + [f"broker {state.broker.bootstrap} {broker}"]), "unavailable")
+    return {"status": "ready", "policy_version": promoted, "pinned": state.book.pinned, "broker": broker}
 
 
 @router.get("/metrics")

@@ -47,6 +47,9 @@ FEEDBACK = Counter("odpo_gateway_feedback_total", "Feedback published to odpo.fe
 ENQUEUED = Counter("odpo_gateway_enqueued_prompts_total", "Prompts published through /v1/prompts.")
 ENGINE_UP = Gauge("odpo_gateway_engine_up", "1 while a serving engine (vLLM replica) answers, 0 while it is "
                   "skipped as down.", ["engine"])
+BROKER_UP = Gauge("odpo_gateway_broker_up", "1 while the Kafka broker answers the gateway's checks, 0 while it does "
+                  "not: completions are still served; mirrored prompts are dropped (odpo_gateway_mirror_dropped_total) "
+                  "and feedback answers 503 meanwhile.")
 ENGINE_REQUESTS = Counter("odpo_gateway_engine_requests_total", "Requests forwarded to each serving engine.",
                           ["engine"])
 SERVED_KEPT = Gauge("odpo_gateway_served_responses", "Served responses kept for feedback.")

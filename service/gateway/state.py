@@ -29,11 +29,13 @@ class BrokerCheck:
 
     async def ok(self) -> bool:
         from core.broker import kafka_ready
+        from service.gateway.metrics import BROKER_UP
 
         async with self._lock:
             if time.monotonic() - self._at > self.ttl_s:
                 self._ok = await anyio.to_thread.run_sync(kafka_ready, self.bootstrap, 2.0)
                 self._at = time.monotonic()
+                BROKER_UP.set(1 if self._ok else 0)
             return self._ok
 
 
