@@ -24,8 +24,11 @@ a stale one) only once no pair before it waits in its window, so dropped
 pairs behind a part-filled window count in the lag, and a lag made of them
 could hold the feed while the trainer waits for pairs that never come. The
 hold therefore lasts only while the trainer makes progress: once its
-committed offsets have not moved for `stall_s` (300 s, longer than a window
-takes here) the feed goes on.
+committed offsets have not moved for `stall_s` (600 s), or three times the
+longest wait between two of its commits so far if that is longer, the feed
+goes on. The trainer sets the pace: measured, a first window (the model
+loading, the first reference passes) took 380 s on a busy machine, and a
+300 s floor let the feed run 99 pairs ahead.
 
 Fail-open: while the lag cannot be read (broker restarting, no group yet)
 nothing is held, so a fault here never stops the loop.
@@ -49,11 +52,12 @@ class TrainerBacklog:
     """The trainer's lag, refreshed every `every_s` by a thread of its own (`start`), so a broker that does not
     answer never blocks odpo up's loop; `refresh` reads it once, in the caller's thread."""
 
-    def __init__(self, bootstrap: str, group_id: str, limit: int, every_s: float = 2.0, stall_s: float = 300.0):
+    def __init__(self, bootstrap: str, group_id: str, limit: int, every_s: float = 2.0, stall_s: float = 600.0):
         self.bootstrap, self.group_id, self.limit = bootstrap, group_id, limit
         self.every_s, self.stall_s = every_s, stall_s
         self._committed: int | None = None  # the group's committed offsets, summed, when last read
         self._progress_at = time.monotonic()  # when they last moved (or the start)
+        self._longest_gap = 0.0  # the longest wait between two moves so far
         self._consumer: KafkaConsumer | None = None
         self.lag: int | None = None  # pairs the group has not committed (None: unknown)
         self._held_s = 0.0  # seconds the feed was held, over the run, before the hold under way
@@ -84,7 +88,10 @@ class TrainerBacklog:
             ends = self._consumer.end_offsets(tps) if tps else {}
             committed = {tp: self._consumer.committed(tp) or 0 for tp in ends}
             if sum(committed.values()) != self._committed:
-                self._committed, self._progress_at = sum(committed.values()), time.monotonic()
+                now = time.monotonic()
+                if self._committed is not None:  # the first read is where the trainer stands, not a move
+                    self._longest_gap = max(self._longest_gap, now - self._progress_at)
+                self._committed, self._progress_at = sum(committed.values()), now
             self.lag = sum(max(0, end - committed[tp]) for tp, end in ends.items())
         except Exception as exc:  # noqa: BLE001 (the broker away, or closed under it at stop): unknown, never held
             log.debug("trainer lag unknown: %s", exc)
@@ -96,13 +103,18 @@ class TrainerBacklog:
         """True while the feed should hold (limit 0: never)."""
         now = time.monotonic()
         held = self.limit > 0 and self.lag is not None and self.lag >= self.limit \
-            and now - self._progress_at < self.stall_s  # a trainer that stopped committing is not waited for
+            and now - self._progress_at < self.patience_s  # a trainer that stopped committing is not waited for
         if held and self._held_since is None:
             self._held_since = now
         elif not held and self._held_since is not None:
             self._held_s += now - self._held_since
             self._held_since = None
         return held
+
+    @property
+    def patience_s(self) -> float:
+        """How long the hold waits for the trainer's next commit: stall_s, or 3x its slowest window so far."""
+        return max(self.stall_s, 3 * self._longest_gap)
 
     @property
     def held_s(self) -> float:

@@ -54,3 +54,27 @@ def test_a_hold_ends_when_the_trainer_stops_committing(broker, producer, group_i
         assert pace.refresh() >= 3 and not pace.full()  # no commit for stall_s: the feed goes on
     finally:
         pace.close()
+
+
+def test_the_hold_waits_longer_for_a_trainer_whose_windows_are_slow(broker, producer, group_id):
+    """stall_s is a floor: a trainer whose windows take longer on this machine gets three times its slowest."""
+    for i in range(4):
+        producer.send(TOPIC_PREFERENCES, key=f"{group_id}-{i}".encode(), value=b"{}")
+        producer.flush()
+    tp = TopicPartition(TOPIC_PREFERENCES, 0)
+    trainer = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group_id, enable_auto_commit=False)
+    pace = TrainerBacklog(broker.bootstrap, group_id, limit=2, every_s=0, stall_s=0.5)
+    try:
+        assert pace.refresh() >= 4 and pace.full() and pace.patience_s == 0.5
+        time.sleep(0.4)
+        trainer.assign([tp])
+        trainer.commit({tp: OffsetAndMetadata(1, "", -1)})  # one slow window: ~0.4 s between commits
+        assert pace.refresh() >= 2 and pace.full()
+        assert 1.2 <= pace.patience_s < 10
+        time.sleep(0.8)  # past stall_s, within three slow windows: still held
+        assert pace.refresh() >= 2 and pace.full()
+        time.sleep(pace.patience_s)
+        assert not pace.full()  # the trainer stopped committing: the feed goes on
+    finally:
+        trainer.close()
+        pace.close()
