@@ -156,9 +156,10 @@ def run_up(opts: UpOptions) -> int:
                               backlog=2 * gen.max_in_flight, start=position, state_file=run_dir / FEED_FILE)
         keeper.on_down, keeper.on_up = _on_broker_down(watcher), _on_broker_up(watcher, feeder)
         window = opts.window_pairs or trainer.window_pairs
-        pace = TrainerBacklog(broker.bootstrap, trainer.group_id,
-                              window if opts.pair_backlog is None else opts.pair_backlog).start()
-        drops = TrainerDrops(f"http://127.0.0.1:{env['ODPO_TRAINER_METRICS_PORT']}/metrics")
+        trainer_metrics = f"http://127.0.0.1:{env['ODPO_TRAINER_METRICS_PORT']}/metrics"
+        pace = TrainerBacklog(broker.bootstrap, trainer.group_id, window if opts.pair_backlog is None
+                              else opts.pair_backlog, trainer_metrics=trainer_metrics).start()
+        drops = TrainerDrops(trainer_metrics)
         admin = GatewayAdmin(gateway_url, token)
         for counts, view, dropped in _follow(sup, watcher, feeder, pace, admin, drops, metrics, target,
                                              start_version, started, console):
@@ -315,7 +316,7 @@ def _follow(sup: Supervision, watcher: LoopWatcher, feeder: PromptFeeder, pace: 
                 next_status += STATUS_EVERY_S
                 lines.append(f"{elapsed:.0f}s: policy {view['promoted_name'] if view else '-'}, pairs {counts.pairs} "
                              f"({pairs_per_s:.2f}/s), stale now {st.stale}/{st.window}, dropped as stale "
-                             f"{dropped}, trainer lag {pace.lag}, feed held {pace.held_s:.0f}s, candidate sets "
+                             f"{dropped}, trainer lag {pace.lag} ({pace.pending} to train), feed held {pace.held_s:.0f}s, candidate sets "
                              f"{counts.candidate_sets}, dead letters "
                              f"{counts.dead_letters}, restarts {restarts_text(sup.restarts())}")
             for line in lines:

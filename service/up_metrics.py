@@ -72,6 +72,11 @@ def sample_value(text: str, sample: str, labels: dict[str, str] | None = None) -
     return None
 
 
+def sample_sum(text: str, sample: str) -> float:
+    """The sum of every sample of that name (all label values) in a Prometheus text exposition (0 if none)."""
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == sample)
+
+
 class TrainerDrops:
     """Pairs the trainer dropped as stale, over its restarts, read from its /metrics every `every_s`."""
 

@@ -22,8 +22,12 @@ on separate hardware, two windows (`--pair-backlog 32`) let them overlap.
 Never a deadlock: the trainer commits past a pair it dropped (a duplicate,
 a stale one) only once no pair before it waits in its window, so dropped
 pairs behind a part-filled window count in the lag, and a lag made of them
-could hold the feed while the trainer waits for pairs that never come. The
-hold therefore lasts only while the trainer makes progress: once its
+could hold the feed while the trainer waits for pairs that never come
+(measured: a run whose trainer dropped 24 stale pairs held its feed 5
+minutes at a time). So the pairs it dropped since its offsets last moved
+(`odpo_trainer_pairs_dropped_total` on its /metrics, `trainer_metrics`) are
+taken off the lag: `pending` is what it will still train. And the hold
+lasts only while the trainer makes progress: once its
 committed offsets have not moved for `stall_s` (600 s), or three times the
 longest wait between two of its commits so far if that is longer, the feed
 goes on. The trainer sets the pace: measured, a first window (the model
@@ -40,10 +44,12 @@ import logging
 import threading
 import time
 
+import httpx
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from core.contracts import TOPIC_PREFERENCES
+from service.up_metrics import sample_sum
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +58,14 @@ class TrainerBacklog:
     """The trainer's lag, refreshed every `every_s` by a thread of its own (`start`), so a broker that does not
     answer never blocks odpo up's loop; `refresh` reads it once, in the caller's thread."""
 
-    def __init__(self, bootstrap: str, group_id: str, limit: int, every_s: float = 2.0, stall_s: float = 600.0):
+    def __init__(self, bootstrap: str, group_id: str, limit: int, every_s: float = 2.0, stall_s: float = 600.0,
+                 trainer_metrics: str | None = None):
         self.bootstrap, self.group_id, self.limit = bootstrap, group_id, limit
-        self.every_s, self.stall_s = every_s, stall_s
+        self.every_s, self.stall_s, self.trainer_metrics = every_s, stall_s, trainer_metrics
+        self._dropped: float | None = None  # the trainer's dropped-pairs counter when last read
+        self._dropped_at_progress = 0.0  # ... when its committed offsets last moved
+        self.pending: int | None = None  # the lag less the pairs dropped since then: what it will still train
+        self._dropped_read_at = float("-inf")
         self._committed: int | None = None  # the group's committed offsets, summed, when last read
         self._progress_at = time.monotonic()  # when they last moved (or the start)
         self._longest_gap = 0.0  # the longest wait between two moves so far
@@ -97,12 +108,30 @@ class TrainerBacklog:
             log.debug("trainer lag unknown: %s", exc)
             self.lag = None
             self._close_consumer()
+        self.pending = None if self.lag is None else max(0, self.lag - self._dropped_since_progress())
         return self.lag
+
+    def _dropped_since_progress(self) -> int:
+        """Pairs the trainer dropped since its committed offsets last moved (0 while its /metrics cannot be read)."""
+        if self.trainer_metrics is None:
+            return 0
+        try:
+            now = sample_sum(httpx.get(self.trainer_metrics, timeout=2).text, "odpo_trainer_pairs_dropped_total")
+        except (httpx.HTTPError, ValueError) as exc:
+            log.debug("trainer drops unknown: %s", exc)
+            return 0
+        if self._dropped is not None and now < self._dropped:  # a new trainer process counts from 0
+            self._dropped_at_progress = 0.0
+        self._dropped = now
+        if self._progress_at > self._dropped_read_at:  # the offsets moved since the last read: a new baseline
+            self._dropped_at_progress = now
+        self._dropped_read_at = time.monotonic()
+        return int(now - self._dropped_at_progress)
 
     def full(self) -> bool:
         """True while the feed should hold (limit 0: never)."""
         now = time.monotonic()
-        held = self.limit > 0 and self.lag is not None and self.lag >= self.limit \
+        held = self.limit > 0 and self.pending is not None and self.pending >= self.limit \
             and now - self._progress_at < self.patience_s  # a trainer that stopped committing is not waited for
         if held and self._held_since is None:
             self._held_since = now

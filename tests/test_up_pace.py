@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 
 from kafka import KafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 from kafka.structs import OffsetAndMetadata
 
+from core.broker import free_port
 from core.contracts import TOPIC_PREFERENCES
 from service.up_pace import TrainerBacklog
 
@@ -78,3 +80,29 @@ def test_the_hold_waits_longer_for_a_trainer_whose_windows_are_slow(broker, prod
     finally:
         trainer.close()
         pace.close()
+
+
+def test_pairs_the_trainer_dropped_do_not_hold_the_feed(broker, producer, group_id):
+    """The trainer commits past dropped pairs only once its part-filled window is trained: those pairs count in
+    the lag but will never be trained, so what its /metrics says it dropped since its offsets moved comes off."""
+    registry = CollectorRegistry()
+    dropped = Counter("odpo_trainer_pairs_dropped", "Pairs not trained, by reason.", ["reason"], registry=registry)
+    dropped.labels("duplicate").inc(0)
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    for i in range(3):
+        producer.send(TOPIC_PREFERENCES, key=f"{group_id}-{i}".encode(), value=b"{}")
+        producer.flush()
+    pace = TrainerBacklog(broker.bootstrap, group_id, limit=2, every_s=0,
+                          trainer_metrics=f"http://127.0.0.1:{port}/metrics")
+    try:
+        assert pace.refresh() >= 3 and pace.pending == pace.lag and pace.full()
+        dropped.labels("stale").inc(pace.lag - 1)  # all but one were stale: one pair waits in a window
+        pace.refresh()
+        assert pace.pending == 1 and not pace.full()
+        assert TrainerBacklog(broker.bootstrap, group_id, limit=2, every_s=0,  # its /metrics unreadable: the lag
+                              trainer_metrics="http://127.0.0.1:9/metrics").refresh() >= 3
+    finally:
+        pace.close()
+        server.shutdown()
+        thread.join(timeout=5)
