@@ -26,8 +26,12 @@ could hold the feed while the trainer waits for pairs that never come
 (measured: a run whose trainer dropped 24 stale pairs held its feed 5
 minutes at a time). So the pairs it dropped since its offsets last moved
 (`odpo_trainer_pairs_dropped_total` on its /metrics, `trainer_metrics`) are
-taken off the lag: `pending` is what it will still train. And the hold
-lasts only while the trainer makes progress: once its
+taken off the lag: `pending` is what it will still train. A trainer whose
+/metrics answer is alive and busy with `pending`, so the hold waits for it
+however long its window takes (measured: a fixed 300 s limit released the
+feed under a 380 s first window; vLLM and the judge then took the cores, the
+next window took over 17 minutes and the lag grew to 289 pairs). Only where
+its /metrics cannot be read does the hold last just while it makes progress: once its
 committed offsets have not moved for `stall_s` (600 s), or three times the
 longest wait between two of its commits so far if that is longer, the feed
 goes on. The trainer sets the pace: measured, a first window (the model
@@ -66,6 +70,7 @@ class TrainerBacklog:
         self._dropped_at_progress = 0.0  # ... when its committed offsets last moved
         self.pending: int | None = None  # the lag less the pairs dropped since then: what it will still train
         self._dropped_read_at = float("-inf")
+        self.trainer_seen = False  # its /metrics answered at the last refresh: it is alive, so no stall limit
         self._committed: int | None = None  # the group's committed offsets, summed, when last read
         self._progress_at = time.monotonic()  # when they last moved (or the start)
         self._longest_gap = 0.0  # the longest wait between two moves so far
@@ -113,6 +118,7 @@ class TrainerBacklog:
 
     def _dropped_since_progress(self) -> int:
         """Pairs the trainer dropped since its committed offsets last moved (0 while its /metrics cannot be read)."""
+        self.trainer_seen = False
         if self.trainer_metrics is None:
             return 0
         try:
@@ -120,6 +126,7 @@ class TrainerBacklog:
         except (httpx.HTTPError, ValueError) as exc:
             log.debug("trainer drops unknown: %s", exc)
             return 0
+        self.trainer_seen = True
         if self._dropped is not None and now < self._dropped:  # a new trainer process counts from 0
             self._dropped_at_progress = 0.0
         self._dropped = now
@@ -132,7 +139,7 @@ class TrainerBacklog:
         """True while the feed should hold (limit 0: never)."""
         now = time.monotonic()
         held = self.limit > 0 and self.pending is not None and self.pending >= self.limit \
-            and now - self._progress_at < self.patience_s  # a trainer that stopped committing is not waited for
+            and (self.trainer_seen or now - self._progress_at < self.patience_s)
         if held and self._held_since is None:
             self._held_since = now
         elif not held and self._held_since is not None:
