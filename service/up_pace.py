@@ -66,10 +66,8 @@ class TrainerBacklog:
                  trainer_metrics: str | None = None):
         self.bootstrap, self.group_id, self.limit = bootstrap, group_id, limit
         self.every_s, self.stall_s, self.trainer_metrics = every_s, stall_s, trainer_metrics
-        self._dropped: float | None = None  # the trainer's dropped-pairs counter when last read
-        self._dropped_at_progress = 0.0  # ... when its committed offsets last moved
+        self._dropped_at_progress: float | None = None  # its dropped-pairs counter when its offsets last moved
         self.pending: int | None = None  # the lag less the pairs dropped since then: what it will still train
-        self._dropped_read_at = float("-inf")
         self.trainer_seen = False  # its /metrics answered at the last refresh: it is alive, so no stall limit
         self._committed: int | None = None  # the group's committed offsets, summed, when last read
         self._progress_at = time.monotonic()  # when they last moved (or the start)
@@ -94,6 +92,8 @@ class TrainerBacklog:
 
     def refresh(self) -> int | None:
         """Read the lag now: odpo.preferences' end offsets against the group's committed ones."""
+        dropped = self._trainer_dropped()
+        self.trainer_seen = dropped is not None
         try:
             if self._consumer is None:  # the group's id, never subscribed: reads its offsets without joining it
                 self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.group_id,
@@ -108,32 +108,31 @@ class TrainerBacklog:
                 if self._committed is not None:  # the first read is where the trainer stands, not a move
                     self._longest_gap = max(self._longest_gap, now - self._progress_at)
                 self._committed, self._progress_at = sum(committed.values()), now
+                self._dropped_at_progress = dropped  # a new baseline (None: taken at the next read)
             self.lag = sum(max(0, end - committed[tp]) for tp, end in ends.items())
         except Exception as exc:  # noqa: BLE001 (the broker away, or closed under it at stop): unknown, never held
             log.debug("trainer lag unknown: %s", exc)
             self.lag = None
             self._close_consumer()
-        self.pending = None if self.lag is None else max(0, self.lag - self._dropped_since_progress())
+        since = 0
+        if dropped is not None:
+            if self._dropped_at_progress is None:
+                self._dropped_at_progress = dropped
+            elif dropped < self._dropped_at_progress:  # a new trainer process counts from 0
+                self._dropped_at_progress = 0.0
+            since = int(dropped - self._dropped_at_progress)
+        self.pending = None if self.lag is None else max(0, self.lag - since)
         return self.lag
 
-    def _dropped_since_progress(self) -> int:
-        """Pairs the trainer dropped since its committed offsets last moved (0 while its /metrics cannot be read)."""
-        self.trainer_seen = False
+    def _trainer_dropped(self) -> float | None:
+        """The trainer's odpo_trainer_pairs_dropped_total, all reasons (None: its /metrics cannot be read)."""
         if self.trainer_metrics is None:
-            return 0
+            return None
         try:
-            now = sample_sum(httpx.get(self.trainer_metrics, timeout=2).text, "odpo_trainer_pairs_dropped_total")
+            return sample_sum(httpx.get(self.trainer_metrics, timeout=2).text, "odpo_trainer_pairs_dropped_total")
         except (httpx.HTTPError, ValueError) as exc:
             log.debug("trainer drops unknown: %s", exc)
-            return 0
-        self.trainer_seen = True
-        if self._dropped is not None and now < self._dropped:  # a new trainer process counts from 0
-            self._dropped_at_progress = 0.0
-        self._dropped = now
-        if self._progress_at > self._dropped_read_at:  # the offsets moved since the last read: a new baseline
-            self._dropped_at_progress = now
-        self._dropped_read_at = time.monotonic()
-        return int(now - self._dropped_at_progress)
+            return None
 
     def full(self) -> bool:
         """True while the feed should hold (limit 0: never)."""

@@ -13,10 +13,15 @@ from core.contracts import TOPIC_PREFERENCES
 from service.up_pace import TrainerBacklog
 
 
-def test_the_feed_holds_while_the_trainer_lags_and_goes_on_once_it_commits(broker, producer, group_id):
-    for i in range(3):  # one batch each (Tansu's end offset is the last batch's first offset + 1)
+def _publish(producer, group_id: str, n: int) -> None:
+    """n pairs' worth of records, one batch each (Tansu's end offset is the last batch's first offset + 1)."""
+    for i in range(n):
         producer.send(TOPIC_PREFERENCES, key=f"{group_id}-{i}".encode(), value=b"{}")
         producer.flush()
+
+
+def test_the_feed_holds_while_the_trainer_lags_and_goes_on_once_it_commits(broker, producer, group_id):
+    _publish(producer, group_id, 3)
     tp = TopicPartition(TOPIC_PREFERENCES, 0)
     trainer = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group_id, enable_auto_commit=False)
     pace = TrainerBacklog(broker.bootstrap, group_id, limit=2, every_s=0)
@@ -46,9 +51,7 @@ def test_an_unreadable_lag_never_holds_the_feed():
 
 def test_a_hold_ends_when_the_trainer_stops_committing(broker, producer, group_id):
     """Pairs the trainer dropped behind a part-filled window count in the lag: the hold must not wait for them."""
-    for i in range(3):
-        producer.send(TOPIC_PREFERENCES, key=f"{group_id}-{i}".encode(), value=b"{}")
-        producer.flush()
+    _publish(producer, group_id, 3)
     pace = TrainerBacklog(broker.bootstrap, group_id, limit=2, every_s=0, stall_s=1.0)
     try:
         assert pace.refresh() >= 3 and pace.full()
@@ -60,9 +63,7 @@ def test_a_hold_ends_when_the_trainer_stops_committing(broker, producer, group_i
 
 def test_the_hold_waits_longer_for_a_trainer_whose_windows_are_slow(broker, producer, group_id):
     """stall_s is a floor: a trainer whose windows take longer on this machine gets three times its slowest."""
-    for i in range(4):
-        producer.send(TOPIC_PREFERENCES, key=f"{group_id}-{i}".encode(), value=b"{}")
-        producer.flush()
+    _publish(producer, group_id, 4)
     tp = TopicPartition(TOPIC_PREFERENCES, 0)
     trainer = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group_id, enable_auto_commit=False)
     pace = TrainerBacklog(broker.bootstrap, group_id, limit=2, every_s=0, stall_s=0.5)
@@ -91,9 +92,7 @@ def test_pairs_the_trainer_dropped_do_not_hold_the_feed(broker, producer, group_
     dropped.labels("duplicate").inc(0)
     port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
-    for i in range(3):
-        producer.send(TOPIC_PREFERENCES, key=f"{group_id}-{i}".encode(), value=b"{}")
-        producer.flush()
+    _publish(producer, group_id, 3)
     pace = TrainerBacklog(broker.bootstrap, group_id, limit=2, every_s=0, stall_s=0.5,
                           trainer_metrics=f"http://127.0.0.1:{port}/metrics")
     try:
