@@ -19,7 +19,7 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter
 from pydantic import ValidationError
 
-from core.contracts import ALL_TOPICS, TOPIC_ADAPTERS, TOPIC_DLQ, TOPIC_GATEWAY_CONTROL, DeadLetter, _Message
+from core.contracts import ALL_TOPICS, TOPIC_ADAPTERS, TOPIC_CONTROL, TOPIC_DLQ, DeadLetter, _Message
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,10 @@ GROUP_SETTINGS = dict(max_poll_interval_ms=10_000, session_timeout_ms=6_000, hea
 
 # odpo.adapters is compacted, not deleted by age: its keys are version names, so compaction keeps one message
 # per version and retention never empties it. (The adapter store stays the record; this is the fast path.)
-# odpo.gateway.control likewise: one message per version record plus the head (service/gateway/control_log.py), so
-# compaction keeps the gateway replicas' whole state and nothing else.
+# odpo.control likewise: one message per version record plus the head (service/registry/control_log.py), so
+# compaction keeps the gate's whole registry and nothing else.
 COMPACT = {"cleanup.policy": "compact"}
-TOPIC_CONFIGS = {TOPIC_ADAPTERS: COMPACT, TOPIC_GATEWAY_CONTROL: COMPACT}
+TOPIC_CONFIGS = {TOPIC_ADAPTERS: COMPACT, TOPIC_CONTROL: COMPACT}
 
 
 def ensure_topics(bootstrap: str, topics: Iterable[str] = ALL_TOPICS, partitions: int = 1,

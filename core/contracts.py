@@ -23,12 +23,11 @@ TOPIC_PREFERENCES = "odpo.preferences"
 TOPIC_ADAPTERS = "odpo.adapters"
 TOPIC_FEEDBACK = "odpo.feedback"
 TOPIC_DLQ = "odpo.dlq"
-# The gateway replicas' shared state (compacted; service/gateway/control.py) and the one-partition topic whose
-# owner in the consumer group `odpo-gateway-leader` is the replica that runs the promotion gate (leader.py).
-TOPIC_GATEWAY_CONTROL = "odpo.gateway.control"
-TOPIC_GATEWAY_LEADER = "odpo.gateway.leader"
+# The gate's decisions: the policy registry, written by the gate, read by every gateway replica (compacted, one
+# partition; service/registry/control_log.py).
+TOPIC_CONTROL = "odpo.control"
 ALL_TOPICS = (TOPIC_PROMPTS, TOPIC_CANDIDATES, TOPIC_PREFERENCES, TOPIC_ADAPTERS, TOPIC_FEEDBACK, TOPIC_DLQ,
-              TOPIC_GATEWAY_CONTROL, TOPIC_GATEWAY_LEADER)
+              TOPIC_CONTROL)
 
 BASE_MODEL_NAME = "base"
 POLICY_ALIAS = "policy"

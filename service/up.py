@@ -3,7 +3,7 @@
 Starts the embedded broker, prepares the packaged model, starts every
 component as its own `odpo <component>` process, feeds the bundled train
 prompts and shows progress: the promoted version, the held-out score of
-every version (the gateway's promotion gate scores `base` and each new
+every version (the promotion gate, `odpo gate`, scores `base` and each new
 version before promoting it) and pairs/s. On a terminal that is a live
 table; otherwise one plain line per event. With `--rounds N` it stops once
 the gate has decided on N more versions, prints the versions and their
@@ -18,7 +18,7 @@ last log lines. Restarts are counted in the table, `summary.json` and
 
 Resume: a run folder that already holds a run (a store with versions, or
 `feed.json`) is continued: the trainer starts from the newest version in the
-store, the gateway keeps its decisions (`<store>/gateway-registry.json`), the
+store, the gate keeps its decisions (`<store>/gate-registry.json`), the
 prompts continue after the last one fed (`feed.json`), and `--rounds N`
 counts N versions beyond the newest one found.
 """
@@ -55,7 +55,7 @@ from service.up_metrics import TrainerDrops, UpMetrics
 from service.up_view import (
     LOUD,
     EventLog,
-    GatewayAdmin,
+    GateAdmin,
     PairRate,
     decided_through,
     progress_table,
@@ -67,7 +67,8 @@ from service.up_view import (
 # (log name, `odpo` command, extra environment). The second judge turns clients' feedback on the gateway
 # (/v1/feedback) into pairs, beside the verifier that judges the sampled candidates.
 COMPONENTS = (("judge", "judge", {}), ("judge-human", "judge", {"ODPO_JUDGE_JUDGE": "human"}),
-              ("trainer", "trainer", {}), ("generator", "generator", {}), ("gateway", "gateway", {}))
+              ("trainer", "trainer", {}), ("generator", "generator", {}), ("gate", "gate", {}),
+              ("gateway", "gateway", {}))
 STATUS_EVERY_S = 60  # a plain status line this often when stdout is not a terminal
 COMPONENTS_FILE = "components.json"
 
@@ -84,6 +85,7 @@ class UpOptions:
     pair_backlog: int | None = None  # pairs the trainer may lag before the feed holds (None: one window; 0: never)
     ready_timeout_s: float = 900
     metrics_port: int = 0
+    gate_port: int = 0  # 0: a free one
     restart: RestartPolicy = field(default_factory=RestartPolicy)
 
 
@@ -135,6 +137,7 @@ def run_up(opts: UpOptions) -> int:
         gateway_url = f"http://127.0.0.1:{opts.port}"
         token = _admin_token(run_dir)
         env = _child_env(broker.bootstrap, run_dir, opts, model_dir, token, gen, trainer)
+        gate_url = f"http://127.0.0.1:{env['ODPO_GATE_PORT']}"
         launcher = Launcher(run_dir / "logs", env, policy=opts.restart, state_file=run_dir / COMPONENTS_FILE,
                             on_restart=metrics.restarted, on_exit_cause=metrics.exit_cause, adopt_orphans=True,
                             keep_pids=lambda: {broker.pid} - {None})
@@ -142,9 +145,9 @@ def run_up(opts: UpOptions) -> int:
         for name, command, extra_env in COMPONENTS:
             launcher.start(command, extra_env, name=name)
         console.print(f"components started; logs in {run_dir / 'logs'}, pids in {run_dir / COMPONENTS_FILE}")
-        _wait_ready(gateway_url, sup, opts.ready_timeout_s, console)
-        console.print(f"gateway: {gateway_url}/v1 (models `policy`, `base`, `policy-v<N>`); admin API "
-                      f"{gateway_url}/admin/versions with the bearer token in {run_dir / 'admin-token'}")
+        _wait_ready([gateway_url, gate_url], sup, opts.ready_timeout_s, console)
+        console.print(f"gateway: {gateway_url}/v1 (models `policy`, `base`, `policy-v<N>`); the gate's admin API "
+                      f"{gate_url}/admin/versions with the bearer token in {run_dir / 'admin-token'}")
         console.print(f"the gate scores `base` and every new version on {opts.heldout_prompts}-"
                       f"{opts.heldout_prompts_max} held-out prompts (task score with its interval, answer length, "
                       "topic, fluency) before promoting it")
@@ -160,7 +163,7 @@ def run_up(opts: UpOptions) -> int:
         pace = TrainerBacklog(broker.bootstrap, trainer.group_id, window if opts.pair_backlog is None
                               else opts.pair_backlog, trainer_metrics=trainer_metrics).start()
         drops = TrainerDrops(trainer_metrics)
-        admin = GatewayAdmin(gateway_url, token)
+        admin = GateAdmin(gate_url, token)
         for counts, view, dropped in _follow(sup, watcher, feeder, pace, admin, drops, metrics, target,
                                              start_version, started, console):
             pass
@@ -232,7 +235,7 @@ def _interrupt(signum, frame):
 
 
 def _admin_token(run_dir: Path) -> str:
-    """A fresh admin token for this run's gateway, also left in the run folder (owner-only) for the operator."""
+    """A fresh admin token for this run's gate, also left in the run folder (owner-only) for the operator."""
     token = secrets.token_urlsafe(24)
     path = run_dir / "admin-token"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -250,12 +253,14 @@ def _child_env(bootstrap: str, run_dir: Path, opts: UpOptions, model_dir: Path, 
         "ODPO_BASE_MODEL": str(model_dir),
         "ODPO_GENERATOR_VLLM_PORT": str(vllm_port),
         "ODPO_GATEWAY_VLLM_URL": f"http://127.0.0.1:{vllm_port}",
+        "ODPO_GATE_VLLM_URL": f"http://127.0.0.1:{vllm_port}",
         "ODPO_GENERATOR_LOG_FILE": str(run_dir / "logs" / "vllm.log"),
         "ODPO_GATEWAY_PORT": str(opts.port),
-        "ODPO_GATEWAY_ADMIN_TOKEN": token,
-        "ODPO_GATEWAY_HELDOUT_PROMPTS": str(opts.heldout_prompts),
-        "ODPO_GATEWAY_HELDOUT_PROMPTS_MAX": str(opts.heldout_prompts_max),
-        "ODPO_GATEWAY_EVAL_MAX_TOKENS": str(gen.max_tokens),
+        "ODPO_GATE_PORT": str(opts.gate_port or free_port()),  # fixed for the run: kept over the gate's restarts
+        "ODPO_GATE_ADMIN_TOKEN": token,  # the gate's only: no other component gets it
+        "ODPO_GATE_HELDOUT_PROMPTS": str(opts.heldout_prompts),
+        "ODPO_GATE_HELDOUT_PROMPTS_MAX": str(opts.heldout_prompts_max),
+        "ODPO_GATE_EVAL_MAX_TOKENS": str(gen.max_tokens),
         # a dead vLLM ends the generator, so it is restarted and counted here like any component
         "ODPO_GENERATOR_RESTART_SERVER": os.environ.get("ODPO_GENERATOR_RESTART_SERVER", "false"),
         # a fixed port (kept over restarts) so `odpo up` can read the trainer's stale-pair count
@@ -275,22 +280,26 @@ def _say(console: Console, line: str, style: str | None = None) -> None:
         print(line, flush=True)
 
 
-def _wait_ready(url: str, sup: Supervision, timeout_s: float, console: Console) -> None:
+def _wait_ready(urls: list[str], sup: Supervision, timeout_s: float, console: Console) -> None:
+    """Until each of `urls` (the gateway, the gate) answers /readyz with 200."""
     deadline = time.monotonic() + timeout_s
-    with console.status("waiting for vLLM and the gateway (about a minute on a CPU)"):
+    waiting = list(urls)
+    with console.status("waiting for vLLM, the gateway and the gate (about a minute on a CPU)"):
         while time.monotonic() < deadline:
             for line in sup.tick():
                 _say(console, line, "yellow")
             try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    return
+                while waiting and httpx.get(f"{waiting[0]}/readyz", timeout=5).status_code == 200:
+                    waiting.pop(0)
             except httpx.HTTPError:
                 pass
+            if not waiting:
+                return
             time.sleep(1)
-    raise ComponentDied(f"the gateway was not ready within {timeout_s:.0f}s")
+    raise ComponentDied(f"{waiting[0]} was not ready within {timeout_s:.0f}s")
 
 
-def _follow(sup: Supervision, watcher: LoopWatcher, feeder: PromptFeeder, pace: TrainerBacklog, admin: GatewayAdmin,
+def _follow(sup: Supervision, watcher: LoopWatcher, feeder: PromptFeeder, pace: TrainerBacklog, admin: GateAdmin,
             drops: TrainerDrops, metrics: UpMetrics, target: int | None, start_version: int, started: float, console: Console):
     """Yield (counts, versions view, pairs the trainer dropped as stale) every second; stops once the gate decided
     on version `target`."""

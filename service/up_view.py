@@ -27,8 +27,8 @@ QUALITY_SIGNALS = ("score_ci", "strict_pass", "mean_words", "empty_share", "dist
                    "ref_logprob", "guard_pass", "score_difference")
 
 
-class GatewayAdmin:
-    """Reads the gateway's admin API with the token `odpo up` gave it."""
+class GateAdmin:
+    """Reads the gate's admin API with the token `odpo up` gave it."""
 
     def __init__(self, url: str, token: str):
         self.url, self.headers = url, {"authorization": f"Bearer {token}"}

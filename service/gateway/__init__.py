@@ -1,10 +1,10 @@
-"""The gateway: OpenAI-compatible front door, feedback, and the policy registry with its promotion gate.
+"""The gateway: OpenAI-compatible front door and feedback; a stateless reader of the gate's decisions.
 
-Modules: `protocol` (request models), `forwarding` (completions, models),
-`feedback` (/v1/feedback, /v1/prompts), `admin` (versions, promote, pin,
-rollback), `health` (/healthz, /readyz, /metrics), `engine` (what vLLM
-serves), `book` (versions and promotion rules), `gate` (held-out scoring of
-new versions), `served` (responses kept for feedback), `outbox` (Kafka).
+Modules: `protocol` (request models, JSON errors), `forwarding` (completions,
+models), `feedback` (/v1/feedback, /v1/prompts), `health` (/healthz,
+/readyz, /metrics), `engine` and `endpoints` (what the vLLM engines serve),
+`served` (responses kept for feedback), `outbox` (Kafka). The registry it
+routes by is the gate's (service/gate/), read through service/registry/.
 """
 
 from service.gateway.app import create_app

@@ -30,7 +30,7 @@ import httpx
 
 from core.adapter_store import AdapterFolderError, read_manifest, verified_folder
 from core.contracts import BASE_MODEL_NAME, POLICY_ALIAS, parse_version_name, version_name
-from service.gateway.book import VersionBook, VersionRecord
+from service.registry.book import VersionBook, VersionRecord
 from service.gateway.endpoints import EnginePool
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,8 @@ async def readyz(request: Request):
     broker = "ok" if await state.broker.ok() else "unreachable"
     if problems:
         return error(503, "; ".join(problems + [f"broker {state.broker.bootstrap} {broker}"]), "unavailable")
-    return {"status": "ready", "policy_version": promoted, "pinned": state.book.pinned, "broker": broker}
+    return {"status": "ready", "policy_version": promoted, "pinned": state.book.pinned, "broker": broker,
+            "registry": state.registry.view()}
 
 
 @router.get("/metrics")

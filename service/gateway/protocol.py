@@ -157,3 +157,40 @@ class VersionRequest(_Strict):
 
 class PinRequest(_Strict):
     version: int | None = Field(default=None, ge=0, le=1 << 31, description="Default: the promoted version.")
+
+
+ERROR_KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error",
+               503: "unavailable"}
+
+
+def json_errors(app) -> None:
+    """Every error of `app` as an OpenAI-shaped JSON body, never a traceback (the gateway and the gate)."""
+    import logging
+
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    log = logging.getLogger(app.title)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail), ERROR_KINDS.get(exc.status_code, "invalid_request_error"),
+                     headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error(400, "the request body is not valid JSON")
+        return error(400, "; ".join(_describe(e) for e in errors[:5]))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error(500, f"internal error: {exc.__class__.__name__}", "internal_error")
+
+
+def _describe(err: dict) -> str:
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    return f"{'.'.join(loc) or 'body'}: {err.get('msg')}"

@@ -8,13 +8,12 @@ from dataclasses import dataclass, field
 import anyio
 from fastapi import Request
 
-from service.gateway.book import VersionBook
-from service.gateway.control import ControlPlane
+from core.settings import CommonSettings, GatewaySettings
 from service.gateway.engine import EngineAdapters, EngineClients, ModelRouter
-from service.gateway.metrics import ScoreGauge
 from service.gateway.outbox import Outbox
 from service.gateway.served import ServedStore
-from core.settings import CommonSettings, GatewaySettings
+from service.registry.book import VersionBook
+from service.registry.follower import RegistryFollower
 
 
 @dataclass
@@ -44,14 +43,13 @@ class GatewayState:
     settings: GatewaySettings
     common: CommonSettings
     clients: EngineClients  # one pooled client per serving engine (router.pool says which exist)
-    book: VersionBook
+    book: VersionBook  # a copy of the gate's registry, kept by `registry`
     adapters: EngineAdapters
     router: ModelRouter
     served: ServedStore
     outbox: Outbox
-    scores: ScoreGauge
     broker: BrokerCheck
-    control: ControlPlane | None = None  # None: the control plane is off (this replica decides alone)
+    registry: RegistryFollower
 
 
 def state_of(request: Request) -> GatewayState:

@@ -1,16 +1,18 @@
-"""The admin API: list versions with their scores and metrics, read their held-out answers, promote, pin,
-unpin, roll back, and which replica leads.
+"""The admin API, on the gate only: list versions with their scores, read their held-out answers, promote, pin,
+unpin, roll back.
 
 Every route needs `Authorization: Bearer <token>`; the token comes from
-`ODPO_GATEWAY_ADMIN_TOKEN` or the file `ODPO_GATEWAY_ADMIN_TOKEN_FILE` (a
+`ODPO_GATE_ADMIN_TOKEN` or the file `ODPO_GATE_ADMIN_TOKEN_FILE` (a
 Kubernetes Secret mount, read on each request so a rotated secret applies
 without a restart) and is compared in constant time. With no token
 configured the admin routes answer 404, as if they did not exist.
 
-With several replicas (service/gateway/control.py) the reads answer from
-this replica's copy of the shared registry, and the changes are made by the
-leader: a follower forwards them (service/gateway/leader_forward.py) and
-answers once its own copy holds the result.
+A change answers once it is on the control topic (with the `seq` of the
+state that holds it: every gateway replica serves it once its `/readyz` shows
+that seq, within about 0.1 s); while the broker is unreachable the change is
+made and kept (registry file) but the answer is 503 with `Retry-After`, and
+the gate publishes it once the broker is back. A gate that a newer one fenced
+refuses changes (409).
 """
 
 from __future__ import annotations
@@ -24,22 +26,22 @@ import httpx
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from core.contracts import version_name
-from service.gateway.book import BookError
+from core.settings import GateSettings
+from service.gate.control import NotReplicated
+from service.gate.metrics import PROMOTIONS, sync_promoted
+from service.gate.state import GateState, state_of
 from service.gateway.engine import PolicyUnavailable
-from service.gateway.leader_forward import forward, published
-from service.gateway.metrics import PROMOTIONS, sync_promoted
-from service.gateway.protocol import PinRequest, VersionRequest
-from service.gateway.state import GatewayState, state_of
-from core.settings import GatewaySettings
+from service.gateway.protocol import RETRY_AFTER_S, PinRequest, VersionRequest
+from service.registry.book import BookError
 
 log = logging.getLogger(__name__)
 
 ADMIN_ERRORS = {401: {"description": "Missing or wrong bearer token"}, 404: {"description": "Admin off, or unknown"},
                 409: {"description": "Not possible now"},
-                503: {"description": "No leader replica reachable, or the change not shared yet (see Retry-After)"}}
+                503: {"description": "The change is made but not on the control topic yet (see Retry-After)"}}
 
 
-def configured_token(settings: GatewaySettings) -> str | None:
+def configured_token(settings: GateSettings) -> str | None:
     if settings.admin_token is not None and settings.admin_token.get_secret_value():
         return settings.admin_token.get_secret_value()
     if settings.admin_token_file is not None:
@@ -52,7 +54,7 @@ def configured_token(settings: GatewaySettings) -> str | None:
     return None
 
 
-def require_admin(request: Request) -> GatewayState:
+def require_admin(request: Request) -> GateState:
     state = state_of(request)
     token = configured_token(state.settings)
     if token is None:
@@ -64,7 +66,7 @@ def require_admin(request: Request) -> GatewayState:
     return state
 
 
-Admin = Annotated[GatewayState, Depends(require_admin)]
+Admin = Annotated[GateState, Depends(require_admin)]
 router = APIRouter(prefix="/admin", tags=["admin"], responses=ADMIN_ERRORS)
 
 
@@ -77,17 +79,8 @@ async def versions(state: Admin):
         listed = set()
     for v in view["versions"]:
         v["loaded"] = v["version"] in listed
-    if state.control is not None:
-        view["control"] = state.control.view()
+    view["control"] = state.control.view()
     return view
-
-
-@router.get("/leader")
-async def leader(state: Admin):
-    """Which replica leads (runs the promotion gate, makes admin changes) and what this one holds."""
-    if state.control is None:
-        return {"control_plane": False, "leading": True}
-    return {"control_plane": True, **state.control.view()}
 
 
 @router.get("/versions/{version}/answers")
@@ -103,18 +96,16 @@ async def answers(version: int, state: Admin):
 
 
 @router.post("/promote")
-async def promote(body: VersionRequest, request: Request, state: Admin):
-    if (answer := await forward(state, request, body.model_dump())) is not None:
-        return answer
+async def promote(body: VersionRequest, state: Admin):
+    _writing(state)
     await _servable(state, body.version)
     previous = await _book(state.book.promote, body.version)
     return await _changed(state, "operator", f"promoted {version_name(body.version)} (was {version_name(previous)})")
 
 
 @router.post("/pin")
-async def pin(request: Request, state: Admin, body: PinRequest | None = None):
-    if (answer := await forward(state, request, body.model_dump() if body else None)) is not None:
-        return answer
+async def pin(state: Admin, body: PinRequest | None = None):
+    _writing(state)
     version = body.version if body and body.version is not None else state.book.promoted
     await _servable(state, version)
     before = state.book.promoted
@@ -124,17 +115,15 @@ async def pin(request: Request, state: Admin, body: PinRequest | None = None):
 
 
 @router.post("/unpin")
-async def unpin(request: Request, state: Admin):
-    if (answer := await forward(state, request, None)) is not None:
-        return answer
+async def unpin(state: Admin):
+    _writing(state)
     await _book(state.book.unpin)
     return await _changed(state, None, "unpinned: the gate promotes again")
 
 
 @router.post("/rollback")
-async def rollback(request: Request, state: Admin):
-    if (answer := await forward(state, request, None)) is not None:
-        return answer
+async def rollback(state: Admin):
+    _writing(state)
     history = state.book.snapshot()["history"]
     if len(history) >= 2:
         await _servable(state, history[-2])
@@ -142,7 +131,7 @@ async def rollback(request: Request, state: Admin):
     return await _changed(state, "rollback", f"rolled back from {version_name(current)} to {version_name(now)}")
 
 
-async def _servable(state: GatewayState, version: int) -> None:
+async def _servable(state: GateState, version: int) -> None:
     if state.book.record(version) is None:
         raise HTTPException(404, f"unknown version {version}")
     try:
@@ -153,9 +142,20 @@ async def _servable(state: GatewayState, version: int) -> None:
         raise HTTPException(503, "serving engine unreachable") from None
 
 
+def _writing(state: GateState) -> None:
+    """Changes are made only while this gate writes the registry: 503 while it starts (it reads the control topic
+    first), 409 once a newer gate fenced it."""
+    role = state.control.role
+    if role == "fenced":
+        raise HTTPException(409, "a newer gate writes the registry: this one decides nothing (stop it)")
+    if not state.control.term:
+        raise HTTPException(503, f"the gate is starting ({role}): it reads the control topic first",
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 async def _book(method, *args):
-    """A change of the book, in a worker thread: with the control plane it is published to Kafka before
-    `on_change` returns."""
+    """A change of the book, in a worker thread: it is published to the control topic before `on_change`
+    returns (or marked to be published once the broker answers)."""
     def change():
         try:
             return method(*args)
@@ -165,10 +165,15 @@ async def _book(method, *args):
     return await anyio.to_thread.run_sync(change)
 
 
-async def _changed(state: GatewayState, trigger: str | None, what: str) -> dict:
+async def _changed(state: GateState, trigger: str | None, what: str) -> dict:
     if trigger:
         PROMOTIONS.labels(trigger).inc()
     sync_promoted(state.book)
     log.warning("admin: %s", what)
-    shared = await published(state)
-    return {"done": what, **state.book.snapshot(), **({"control": shared} if shared else {})}
+    try:
+        seq = await anyio.to_thread.run_sync(state.control.published_seq)
+    except NotReplicated as exc:
+        raise HTTPException(503, f"{what}; kept by the gate but not on the control topic yet ({exc}): the "
+                                 "gateways serve it once the broker answers",
+                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    return {"done": what, **state.book.snapshot(), "control": {**state.control.view(), "seq": seq}}

@@ -1,9 +1,9 @@
 """The promotion gate: scores every published version on the held-out prompts before it may become `policy`.
 
 A thread follows `odpo.adapters` from the start (no consumer group) and
-records each `AdapterReady` in the `VersionBook`. With several gateway
-replicas it runs only on the elected leader (service/gateway/control.py),
-whose book the others copy. The adapter store is the record, the topic only the fast
+records each `AdapterReady` in the `VersionBook`. It decides only while its
+gate writes the registry (service/gate/control.py), which the gateway
+replicas copy. The adapter store is the record, the topic only the fast
 path: at start and every `store_check_s` the gate also records the store's
 announced versions newer than any it knows, so a topic that lost messages (a
 new broker, retention) does not hide versions from it. It scores `base` first,
@@ -19,7 +19,7 @@ saying its engine core died) is no verdict on the version: it is scored again
 once the engine is back. Other 5xx answers are retried twice, then the
 version fails.
 
-The verdict (service/gateway/verdict.py) compares the candidate with the
+The verdict (service/gate/verdict.py) compares the candidate with the
 promoted version prompt by prompt, and with base: it starts on
 `heldout_prompts` prompts and doubles them (scoring the promoted version and
 base on the new prompts too) while the interval of the paired score
@@ -40,34 +40,34 @@ import httpx
 from core.adapter_store import announced_versions, read_manifest
 from core.bus import Inbox, make_producer
 from core.contracts import TOPIC_ADAPTERS, AdapterReady, version_name
-from service.gateway.book import VersionBook
+from core.settings import CommonSettings, GateSettings
+from service.gate.metrics import EVAL_SECONDS, PROMOTIONS, REFUSALS, REFUSED_BY, ScoreGauge, sync_promoted
 from service.gateway.engine import EngineAdapters, NotServable, engine_died
-from service.gateway.metrics import EVAL_SECONDS, PROMOTIONS, REFUSALS, REFUSED_BY, ScoreGauge, sync_promoted
-from core.settings import CommonSettings, GatewaySettings
+from service.registry.book import VersionBook
 from service.task import make_prompts
 
 log = logging.getLogger(__name__)
 
-COMPONENT = "gateway"
+COMPONENT = "gate"
 SERVER_ERROR_TRIES = 3  # 5xx answers (other than an engine death) while scoring a version before it fails
 
 
 class PromotionGate:
-    def __init__(self, book: VersionBook, adapters: EngineAdapters, settings: GatewaySettings, bootstrap: str,
+    def __init__(self, book: VersionBook, adapters: EngineAdapters, settings: GateSettings, bootstrap: str,
                  scores: ScoreGauge, common: CommonSettings | None = None,
-                 leading: Callable[[], object] | None = None):
+                 term: Callable[[], object] | None = None):
         self.book, self.adapters, self.settings, self.bootstrap, self.scores = (
             book, adapters, settings, bootstrap, scores)
-        # With several replicas only the leader gates (service/gateway/control.py); the others wait here.
-        # `leading` returns the leader's term (falsy when not leading): a version is decided only in the term
-        # it was picked in, so one that leadership moved away from (and back) during its scoring is scored again.
-        self._leading = leading or (lambda: True)
+        # `term` returns the epoch the gate writes the registry in (falsy while it does not: starting, or fenced
+        # by a newer gate): a version is decided only in the term it was picked in, so one whose scoring spanned a
+        # reconnect is scored again.
+        self._leading = term or (lambda: True)
         self._term: object = None
         self.common = common or CommonSettings()
         self.prompts = make_prompts("heldout", settings.heldout_prompts_max, curriculum=self.common.task_curriculum)
         self._reference = None  # the base model for the fluency signal, loaded on first use
         self._halt = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="odpo-gateway-gate", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="odpo-gate", daemon=True)
         self._inbox: Inbox[AdapterReady] | None = None
         self._producer = None
         self._next_connect = 0.0
@@ -182,7 +182,7 @@ class PromotionGate:
             self._failed(version, f"scoring failed: {exc}", "eval_failed")
             return
         self._server_errors.pop(version, None)
-        if self._halt.is_set() or self._leading() != self._term:  # an ex-leader decides nothing: the leader scores it
+        if self._halt.is_set() or self._leading() != self._term:  # a fenced gate decides nothing: the writing gate scores it
             self.book.requeue(version)
             return
         score = verdict.signals["score"]
@@ -225,7 +225,7 @@ class PromotionGate:
     def _judge(self, version: int):
         """The verdict on `version` and its evaluation rows, on as many prompts as the verdict needs."""
         from judge.signals import AnswerRow  # judge modules: HTTP and plain Python (torch only for fluency)
-        from service.gateway.verdict import judge_version
+        from service.gate.verdict import judge_version
 
         s = self.settings
         promoted = self.book.promoted
@@ -278,7 +278,7 @@ class PromotionGate:
     def _reference_scorer(self):
         """The base model for the fluency signal; None when off or when it cannot be loaded (said once, loudly:
         the gate then decides without `ref_logprob`)."""
-        if not self.settings.gate_reference_logprob or self._reference is False:
+        if not self.settings.reference_logprob or self._reference is False:
             return None
         if self._reference is None:
             from judge.fluency import ReferenceScorer
@@ -288,7 +288,7 @@ class PromotionGate:
                 self._reference = ReferenceScorer(base_model_dir(self.common.cache_dir, self.common.base_model))
             except Exception as exc:  # noqa: BLE001 - no model here (a pod without it): decide on the rest
                 log.error("gate: cannot load the base model for the ref_logprob signal (%s: %s); deciding "
-                          "without it (set ODPO_GATEWAY_GATE_REFERENCE_LOGPROB=false to say so)",
+                          "without it (set ODPO_GATE_REFERENCE_LOGPROB=false to say so)",
                           type(exc).__name__, exc)
                 self._reference = False
                 return None

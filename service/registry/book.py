@@ -1,7 +1,8 @@
-"""The policy registry: every version the gateway knows, its held-out score, and which one is promoted.
+"""The policy registry: every version the gate knows, its held-out score, and which one is promoted.
 
-Pure bookkeeping (no I/O), shared by the promotion gate's thread and the HTTP
-handlers, so every method takes the lock and returns quickly.
+Pure bookkeeping (no I/O), shared by the promotion gate's thread and its admin
+handlers, and read by every gateway replica's router, so every method takes
+the lock and returns quickly.
 
 Rules:
 - Version 0 (`base`) is promoted at start; the gate scores it first.
@@ -10,7 +11,7 @@ Rules:
   newest version behind stale ones). When the newest one cannot be scored
   (`failed`: damaged files, engine errors), those wait again.
 - A scored version is promoted unless the gate's verdict
-  (service/gateway/verdict.py: the paired score difference against the
+  (service/gate/verdict.py: the paired score difference against the
   promoted version and the quality signals) refuses it, naming the signal
   (then `refused`); without a verdict, unless its score is below the promoted
   version's by more than `tolerance`. While pinned, a version that passes
@@ -22,10 +23,10 @@ Rules:
   version promoted before the current one.
 
 The book can be exported and restored (`export_state` / `restore_state`) and
-calls `on_change` after every change, so the gateway keeps it in a file
-(`service.gateway.registry_file`) and a restart forgets no decision, and the
-leader replica publishes it to the other replicas, which take it over with
-`apply_replicated` (`service.gateway.control_log`).
+calls `on_change` after every change, so the gate keeps it in a file
+(`service.gate.registry_file`) and a restart forgets no decision, and
+publishes it on the control topic; each gateway replica's copy takes it over
+with `apply_replicated` (`service.registry.control_log`).
 """
 
 from __future__ import annotations
@@ -350,7 +351,7 @@ class VersionBook:
             self._pinned = bool(state.get("pinned", False))
             self._evaluating = None
 
-    # -- replication (service/gateway/control_log.py) ------------------------------------------------
+    # -- replication (service/registry/control_log.py) ------------------------------------------------
     def apply_replicated(self, records: Iterable[dict[str, Any]], removed: Iterable[int], head: dict[str, Any],
                          full: bool = False) -> None:
         """Take over what the leader replica published: these records (each replacing the record of its

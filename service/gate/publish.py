@@ -1,12 +1,12 @@
-"""What the leading gateway replica writes on the control topic: its claim, then every change of its book.
+"""What the gate writes on the control topic: its claim, then every change of its book.
 
 A change goes out as the records that changed since the log last had them (a
 tombstone for a version the book forgot), then the head that names every
 record by digest, with the next sequence number; the first head of an epoch,
-and one after another replica's late claim, comes after the leader's claim
-again. A record another writer wrote while this replica leads (a fenced
-ex-leader) is written again after it, so compaction cannot leave it last.
-The messages are those service/gateway/control_log.py reads.
+and one after another gate's late claim, comes after this gate's claim
+again. A record another writer wrote while this gate writes (a fenced gate of
+an older epoch) is written again after it, so compaction cannot leave it
+last. The messages are those service/registry/control_log.py reads.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 from core.bus import make_producer
-from service.gateway.book import VersionBook
-from service.gateway.control_log import (
+from service.gate.registry_file import RegistryFile
+from service.registry.book import VersionBook
+from service.registry.control_log import (
     CLAIM,
     HEAD,
     RECORD_PREFIX,
@@ -28,18 +29,17 @@ from service.gateway.control_log import (
     ControlLog,
     canonical,
 )
-from service.gateway.registry_file import RegistryFile
 
-log = logging.getLogger("service.gateway.control")  # the control plane's logger, as its lines always said
+log = logging.getLogger("service.gate.control")
 
 
 class NotReplicated(Exception):
-    """The leader changed its book but could not publish it (the broker is unreachable); it retries."""
+    """The gate changed its book but could not publish it (the broker is unreachable); it retries."""
 
 
 class Publisher:
-    """The leader's writes, and what it knows the log holds (`sent`, `sent_head`), so that only changes go out.
-    `term` says the epoch this replica leads in (0: it does not lead, and publishes nothing)."""
+    """The gate's writes, and what it knows the log holds (`sent`, `sent_head`), so that only changes go out.
+    `term` says the epoch this gate writes in (0: it does not write, and publishes nothing)."""
 
     def __init__(self, bootstrap: str, topic: str, book: VersionBook, shared: ControlLog, evaluation: dict[str, Any],
                  registry: RegistryFile | None, replica: str, url: str, term: Callable[[], int]):
@@ -48,12 +48,12 @@ class Publisher:
         self.lock = threading.Lock()
         self.producer = None
         self.foreign: set[int] = set()  # versions another writer wrote while we lead: written again
-        self.dirty = False  # the leader's last publish failed
+        self.dirty = False  # the last publish failed
         self.forget()
 
     def forget(self) -> None:
         """A new reading pass: nothing is known to be in the log."""
-        self.sent: dict[int, str | None] = {}  # the leader's view of the newest message per key
+        self.sent: dict[int, str | None] = {}  # the gate's view of the newest message per key
         self.sent_head: bytes | None = None
 
     def lead(self, in_log: dict[int, str | None]) -> None:
@@ -68,7 +68,7 @@ class Publisher:
         return bool(self.dirty or self.sent_head is None or self.foreign)
 
     def saw_record(self, version: int, msg: dict[str, Any] | None, epoch: int) -> None:
-        """A version's message read while leading in `epoch`: not ours (a fenced ex-leader's), it is written
+        """A version's message read while writing in `epoch`: not ours (a fenced gate's), it is written
         again after it."""
         if (self.sent.get(version) is not None if msg is None else
                 (msg.get("writer"), msg.get("epoch")) != (self.replica, epoch)):
@@ -83,7 +83,7 @@ class Publisher:
         with self.lock:
             epoch = self.term()
             if not epoch:
-                raise NotReplicated("not leading")
+                raise NotReplicated("not writing")
             while self.foreign:
                 self.sent[self.foreign.pop()] = "foreign"  # matches no digest: written again (or deleted)
             state = self.book.export_state()
@@ -127,13 +127,13 @@ class Publisher:
             self.sent_head = body
             self.shared.seq = self.shared.memory_seq = seq
             if self.registry is not None:
-                self.registry.control = {"epoch": epoch, "seq": seq, "leader": self.replica}
+                self.registry.control = {"epoch": epoch, "seq": seq, "writer": self.replica}
             return seq
 
     def published_seq(self) -> int:
-        """The leader's seq after a change of its book (the change was published by `on_change`)."""
+        """The gate's seq after a change of its book (the change was published by `on_change`)."""
         if not self.term():
-            raise NotReplicated("this replica no longer leads")
+            raise NotReplicated("this gate no longer writes the registry")
         if self.dirty:
             self.publish()
         return self.shared.seq

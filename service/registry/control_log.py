@@ -1,29 +1,29 @@
-"""The gateway replicas' shared state as one replica reads it from the control topic, and its book kept equal to it.
+"""The gate's decisions as one process reads them from the control topic, and its book kept equal to them.
 
-The shared state lives on the compacted, one-partition `control_topic`
-(`odpo.gateway.control`), one message per key so that compaction keeps the
-whole state and no message gets big:
+The registry lives on the compacted, one-partition `control_topic`
+(`odpo.control`), one message per key so that compaction keeps the whole
+state and no message gets big:
 
 - `version-<N>`: that version's `VersionRecord` (evaluation rows included)
   and its digest; a tombstone when the book forgot the version;
 - `head`: promoted version, history, pin, the held-out evaluation the scores
   belong to, the digest of every record it is made of, a sequence number
   `seq`, and the writer's `epoch`, id and URL;
-- `claim`: a replica that the leader election (leader.py) made the owner
-  claims epoch = (highest it has seen) + 1, with its URL.
+- `claim`: a gate that starts claims epoch = (highest it has seen) + 1.
 
-Every replica reads the topic from its start (no group) and, once it has read
-to the end, makes its book the state of the newest accepted head (the records
+Every reader (each gateway replica, and the gate itself) reads the topic
+from its start (no group) and, once it has read to the end, makes its book the state of the newest accepted head (the records
 it names by digest, all at once). Acceptance is decided by the log alone, so
-every replica reading it takes the same state: a claim is accepted if its
+every process reading it takes the same state: a claim is accepted if its
 epoch is higher than every epoch before it; a head if its epoch is higher, or
-equal and from the same writer. An older epoch's message (a paused ex-leader
-that woke up) is ignored, and the leader writes the key again after it, so
-compaction cannot leave it last.
+equal and from the same writer. An older epoch's message (a second gate
+started by mistake, or a paused one that woke up) is ignored, and the gate of
+the newest epoch writes the key again after it, so compaction cannot leave it
+last.
 
 `ControlLog` is one reading pass of the topic (no thread, no Kafka client):
-the control plane (service/gateway/control.py) polls the topic, hands it each
-message and reacts to what `take` says the message was (its own claim read
+service/registry/follower.py polls the topic, hands it each message and
+reacts to what `take` says the message was (the gate: its own claim read
 back, a higher epoch, a fenced write).
 """
 
@@ -37,10 +37,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from core.contracts import version_name
-from service.gateway.book import VersionBook
-from service.gateway.metrics import CONTROL_EPOCH, CONTROL_SEQ, ScoreGauge
+from service.registry.book import VersionBook
+from service.registry.metrics import CONTROL_EPOCH, CONTROL_SEQ
 
-log = logging.getLogger("service.gateway.control")  # the control plane's logger, as its lines always said
+log = logging.getLogger("service.registry")
 
 SCHEMA = 1
 HEAD, CLAIM, RECORD_PREFIX = "head", "claim", "version-"
@@ -64,17 +64,17 @@ class Taken(NamedTuple):
 
 
 class ControlLog:
-    """What this replica read of the control topic in the current pass, and the book made the newest accepted
+    """What this process read of the control topic in the current pass, and the book made the newest accepted
     head's state. `lock` guards what other threads read (the view, `wait_applied`)."""
 
-    def __init__(self, topic: str, book: VersionBook, scores: ScoreGauge, remembered: dict[str, Any],
+    def __init__(self, topic: str, book: VersionBook, scores, remembered: dict[str, Any],
                  changed: Callable[[dict[str, Any]], None]):
         self.topic, self.book, self.scores, self.changed = topic, book, scores, changed
-        self.memory_epoch = int(remembered.get("epoch", 0))  # highest epoch this replica ever saw (claims)
+        self.memory_epoch = int(remembered.get("epoch", 0))  # highest epoch this process ever saw (claims)
         self.memory_seq = int(remembered.get("seq", 0))
         self.lock = threading.RLock()
         self.applied = threading.Condition(self.lock)
-        self.diverged = False  # the book changed here while not leading: take the shared state again
+        self.diverged = False  # the book changed here while not writing: take the log's state again
         self.reset()
 
     def reset(self) -> None:
@@ -108,9 +108,9 @@ class ControlLog:
         more): from now on the book takes the shared state."""
         with self.lock:
             self.caught_up = True
-        log.info("control plane: read %s to its end: %s", self.topic,
+        log.info("registry: read %s to its end: %s", self.topic,
                  "no shared state yet" if self.head is None else
-                 f"{version_name(self.head['promoted'])} promoted (seq {self.head['seq']}, leader "
+                 f"{version_name(self.head['promoted'])} promoted (seq {self.head['seq']}, gate "
                  f"{self.head['writer']})")
 
     def take(self, key: str, value: bytes | None) -> Taken | None:
@@ -132,15 +132,15 @@ class ControlLog:
         if key not in (HEAD, CLAIM) or value is None:
             return None
         msg = json.loads(value)
-        epoch, writer = int(msg["epoch"]), msg["writer"]
+        epoch, writer = int(msg["epoch"]), str(msg["writer"])
         newer = epoch > self.epoch
         if key == CLAIM:
             if newer:
-                self.accept(epoch, writer, msg["url"])
+                self.accept(epoch, writer, msg.get("url", ""))
             return Taken(CLAIM, None, msg, epoch, writer, newer)
         if not (newer or (epoch == self.epoch and writer == self.owner)):
             return Taken(HEAD, None, msg, epoch, writer, False)
-        self.accept(epoch, writer, msg["url"])
+        self.accept(epoch, writer, msg.get("url", ""))
         with self.lock:
             self.head = msg
             self.seq = max(self.seq, int(msg["seq"]))
@@ -165,7 +165,7 @@ class ControlLog:
         if self.applied_digests == wanted and self.applied_seq >= int(head["seq"]):
             return
         missing = [v for v, d in wanted.items() if d not in self.store.get(v, {})]
-        if missing:  # its records come after it in a compacted log (written again by the leader)
+        if missing:  # its records come after it in a compacted log (written again by the gate)
             return
         full = self.applied_digests is None
         have = self.applied_digests or {}
@@ -174,12 +174,12 @@ class ControlLog:
             records = [json.loads(self.store[v][wanted[v]]) for v in changed]
             self.book.apply_replicated(records, [v for v in have if v not in wanted], head, full=full)
         except (ValueError, TypeError, KeyError) as exc:  # a head this book cannot hold: skipped, said once
-            log.error("control plane: cannot apply the shared state of seq %s (%s); keeping this replica's",
+            log.error("registry: cannot apply the shared state of seq %s (%s); keeping the state held",
                       head.get("seq"), exc)
             self.head = None
             return
         self.applied_digests = wanted
-        for rec in records:
+        for rec in records if self.scores is not None else ():
             if rec.get("score") is not None:
                 self.scores.set(rec["version"], rec["score"], rec.get("signals"))
         self.changed(head)

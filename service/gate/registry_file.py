@@ -1,17 +1,17 @@
-"""The policy registry kept in a file, so a gateway restart forgets no score, promotion, pin or rollback.
+"""The policy registry kept in a file, so a gate restart forgets no score, promotion, pin or rollback.
 
 The file lives in the adapter store by default (a shared volume in
 Kubernetes). It also records how versions were scored (held-out prompt count,
 answer length): scores from another evaluation are not comparable, so they
 are dropped on load and the promoted version is scored again.
-A file that cannot be read is moved aside and the gateway starts fresh
+A file that cannot be read is moved aside and the gate starts fresh
 rather than refusing to start.
 
-With the control plane (service/gateway/control.py) the shared state lives on
-Kafka and this file is its cache, written by every replica after each change
-it applies: read at start before the topic is, and the state the leader
-publishes again when the topic has lost it (a memory-only broker restarted).
-It then also keeps the control plane's epoch and sequence number (`control`).
+The gate also publishes the registry on the control topic (service/gate/
+control.py), where the gateway replicas read it; this file is the gate's own
+record: read at start before the topic is, and the state it publishes again
+when the topic has lost it (a memory-only broker restarted). It also keeps
+the gate's epoch and sequence number on the topic (`control`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from core.adapter_store import write_file_atomic
 from core.contracts import version_name
-from service.gateway.book import VersionBook
+from service.registry.book import VersionBook
 
 log = logging.getLogger(__name__)
 
