@@ -4,15 +4,17 @@ clients on `policy`, the newest `policy-v<N>` and an older one at once, for half
     python -m benchmarks.adapter_soak --minutes 30 --interval-s 30 --out runs/soak
 
 Real parts: the Tansu broker, `odpo generator` (its vLLM, the store's LoRA resolver, sampling a trickle of
-bundled prompts, so its own requests mix with the others), `odpo gateway` with its promotion gate (few
-held-out prompts, limits wide open: this run measures serving, not learning). Versions are published as the
-trainer publishes them (folder renamed into the store, announcement, AdapterReady on odpo.adapters), with
-random LoRA weights instead of a training run, and after each publication the trainer's own retention
-(`trainer.retention.prune_store`, keep 5 plus what the gateway holds) deletes old versions, so the
+bundled prompts, so its own requests mix with the others), `odpo gate` scoring on that vLLM (few held-out
+prompts, limits wide open: this run measures serving, not learning) and `odpo gateway` in front of it,
+routing `policy` as the gate decides (odpo.control). Versions are published as the trainer publishes them
+(folder renamed into the store, announcement, AdapterReady on odpo.adapters), with random LoRA weights
+instead of a training run, and after each publication the trainer's own retention
+(`trainer.retention.prune_store`, keep 5 plus what the gate holds) deletes old versions, so the
 generator's unloading of deleted names is exercised too.
 
 Measured: engine crashes (the generator's `odpo_generator_engine_crashes_total`, and whether vLLM's pid
-changed), every client answer (status, served model), every version's verdict at the end (admin API), and
+changed), every client answer (status, served model), every version's verdict at the end (the gate's admin
+API, /admin/versions), and
 vLLM's memory of adapters at the start and the end: the names it lists and the resident memory of its
 processes (API server, engine core, worker). Exit code 0 only with no crash, no failed request and every
 version decided.
@@ -32,7 +34,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import ClientLoops, model_dir, peft_model, write_adapters, write_json
-from benchmarks.serving_replicas import GATE_ENV, _listed, _ready, _spawn, _stop, _wait
+from benchmarks.serving_replicas import GATE_ENV, _listed, _ready, _spawn, _stop, _wait, start_gate, start_gateway
 from core.adapter_store import write_manifest
 from core.broker import EmbeddedBroker, free_port
 from core.bus import ensure_topics, make_producer, publish
@@ -125,18 +127,20 @@ def run(minutes: float, interval_s: float, out: Path | None) -> dict:
         env = {**os.environ, "ODPO_BOOTSTRAP_SERVERS": broker.bootstrap, "ODPO_STORE_DIR": str(store),
                "HF_HUB_OFFLINE": "1", **GATE_ENV}
         vllm_port, metrics_port = free_port(), free_port()
-        engine, gateway = f"http://127.0.0.1:{vllm_port}", f"http://127.0.0.1:{free_port()}"
+        engine = f"http://127.0.0.1:{vllm_port}"
         try:
             procs.append(_spawn("generator", work / "generator.log", {
                 **env, "ODPO_GENERATOR_VLLM_PORT": str(vllm_port), "ODPO_GENERATOR_METRICS_PORT": str(metrics_port),
                 "ODPO_GENERATOR_MAX_TOKENS": "16", "ODPO_GENERATOR_N": "2",
                 "ODPO_GENERATOR_LOG_FILE": str(work / "vllm.log")}))
             _wait(lambda: "base" in _listed(engine), 900, "vLLM serving base", procs)
-            procs.append(_spawn("gateway", work / "gateway.log", {
-                **env, "ODPO_GATEWAY_VLLM_URL": engine, "ODPO_GATEWAY_PORT": gateway.rsplit(":", 1)[1],
-                "ODPO_GATEWAY_ADMIN_TOKEN": TOKEN}))
+            gate, proc = start_gate(work, env, [engine], token=TOKEN)
+            procs.append(proc)
+            gateway, proc = start_gateway(work, env, [engine])
+            procs.append(proc)
+            _wait(lambda: _ready(gate), 300, "the gate ready (writing the registry)", procs)
             _wait(lambda: _ready(gateway), 300, "the gateway ready", procs)
-            result = _soak(gateway, engine, vllm_port, f"http://127.0.0.1:{metrics_port}/metrics", store,
+            result = _soak(gateway, gate, engine, vllm_port, f"http://127.0.0.1:{metrics_port}/metrics", store,
                            broker.bootstrap, minutes, interval_s, procs)
         finally:
             _stop(procs)
@@ -145,7 +149,7 @@ def run(minutes: float, interval_s: float, out: Path | None) -> dict:
     return result
 
 
-def _soak(gateway: str, engine: str, vllm_port: int, gen_metrics: str, store: Path, bootstrap: str,
+def _soak(gateway: str, gate: str, engine: str, vllm_port: int, gen_metrics: str, store: Path, bootstrap: str,
           minutes: float, interval_s: float, procs: list) -> dict:
     import torch
 
@@ -179,7 +183,7 @@ def _soak(gateway: str, engine: str, vllm_port: int, gen_metrics: str, store: Pa
             if any(p.poll() is not None for p in procs):
                 raise RuntimeError("a component exited during the soak")
             time.sleep(3)
-        verdicts = _wait_decided(gateway, v, timeout_s=180)
+        verdicts = _wait_decided(gate, v, timeout_s=180)
     finally:
         results = clients.stop()
         producer.close()
@@ -199,11 +203,12 @@ def _soak(gateway: str, engine: str, vllm_port: int, gen_metrics: str, store: Pa
             "memory_start": start, "memory_end": end, "memory_series": series}
 
 
-def _wait_decided(gateway: str, newest: int, timeout_s: float) -> list[dict]:
-    """The gate's record of every version once none is pending or being scored (or after `timeout_s`)."""
+def _wait_decided(gate: str, newest: int, timeout_s: float) -> list[dict]:
+    """The gate's record of every version (its admin API) once none is pending or being scored (or after
+    `timeout_s`)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        versions = httpx.get(f"{gateway}/admin/versions", timeout=30,
+        versions = httpx.get(f"{gate}/admin/versions", timeout=30,
                              headers={"authorization": f"Bearer {TOKEN}"}).json()["versions"]
         waiting = [r for r in versions if r["status"] in ("pending", "evaluating")]
         if (not waiting and max(r["version"] for r in versions) >= newest) or time.monotonic() > deadline:

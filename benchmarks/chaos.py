@@ -4,11 +4,15 @@ killed with SIGKILL every `--interval-s` seconds, for `--kills` kills.
     python -m benchmarks.chaos --kills 12 --interval-s 60 --out runs/chaos
 
 Targets (`--targets`): trainer, generator, vllm-engine (vLLM's engine core process, a grandchild of the
-generator), judge, gateway, broker (the embedded Tansu broker `odpo up` supervises). Clients use the
-official `openai` client on the gateway (`policy`, streaming and not). A kill is recovered once the
-component runs again under a new pid (for vllm-engine: the generator), a new preference pair has been
-published since the kill, and the gateway answers /readyz; a new generator must also have published a
-candidate set, a new trainer must have archived a pair. After the last kill the loop runs
+generator), judge (the verifier judge, `judge` in components.json), gateway, gate (`odpo gate`, the
+promotion gate and the one writer of the registry on odpo.control), broker (the embedded Tansu broker
+`odpo up` supervises); the components are `odpo up`'s (service/up.py COMPONENTS), their pids read from
+components.json. Clients use the official `openai` client on the gateway (`policy`, streaming and not). A
+kill is recovered once the component runs again under a new pid (for vllm-engine: the generator), a new
+preference pair has been published since the kill, and both the gateway and the gate answer /readyz (the
+gate: it writes the registry again); a new generator must also have published a candidate set, a new
+trainer must have archived a pair, and after a gate kill every gateway must route `policy` to the version
+the gate has promoted (a decision read from odpo.control). After the last kill the loop runs
 `--cooldown-s`, the clients stop, the trainer's archive is given time to catch up, and `odpo up` stops.
 
 Reported (chaos.json in `--out`, and a table): versions produced and whether they are consecutive; pairs
@@ -35,17 +39,15 @@ import httpx
 import psutil
 
 from benchmarks.chaos_audit import ClientLog, Kill, PairTail, audit
+from benchmarks.common import OPEN_GATE_ENV
 from core.broker import free_port
 from trainer.archive import archive_files
 
-TARGETS = ("trainer", "generator", "vllm-engine", "judge", "gateway", "broker")
-# Faster loop settings for a machine with 2 cores: a small window, a short answer, a gate on few prompts that
-# promotes any version (this run checks survival, not learning; benchmarks/efficacy.py checks learning).
-LOOP_ENV = {"ODPO_GENERATOR_MAX_TOKENS": "24", "ODPO_GATEWAY_PROMOTION_TOLERANCE": "1",
-            "ODPO_GATEWAY_GATE_REFERENCE_LOGPROB": "false",
-            **{f"ODPO_GATEWAY_LIMIT_{s}": "1" for s in ("MEAN_WORDS", "EMPTY_SHARE", "DISTINCT2", "ON_TOPIC_SHARE",
-                                                      "GUARD_PASS")},
-            "ODPO_GATEWAY_LIMIT_REF_LOGPROB": "100", "HF_HUB_OFFLINE": "1"}
+TARGETS = ("trainer", "generator", "vllm-engine", "judge", "gateway", "gate", "broker")
+# Faster loop settings for a machine with 2 cores: a small window, a short answer, a gate (ODPO_GATE_*) on few
+# prompts that promotes any version (this run checks survival, not learning; benchmarks/efficacy.py checks
+# learning). The held-out prompt count goes to `odpo up` as arguments, which set the gate's.
+LOOP_ENV = {"ODPO_GENERATOR_MAX_TOKENS": "24", **OPEN_GATE_ENV, "HF_HUB_OFFLINE": "1"}
 
 
 @dataclass
@@ -68,10 +70,13 @@ class ChaosOptions:
 
 def run(opts: ChaosOptions) -> dict:
     opts.out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    gateway = f"http://127.0.0.1:{port}"
+    port, gate_port = free_port(), free_port()
+    while gate_port == port:
+        gate_port = free_port()
+    gateway, gate = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{gate_port}"
     cmd = [sys.executable, "-m", "service.cli", "up", "--run-dir", str(opts.out), "--port", str(port),
-           "--window-pairs", str(opts.window_pairs), "--heldout-prompts", "4", "--heldout-prompts-max", "4"]
+           "--gate-port", str(gate_port), "--window-pairs", str(opts.window_pairs), "--heldout-prompts", "4",
+           "--heldout-prompts-max", "4"]
     env = {**os.environ, **LOOP_ENV, **opts.extra_env}
     with open(opts.out / "up.out", "ab") as up_log:
         up = subprocess.Popen(cmd, env=env, stdout=up_log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -81,7 +86,8 @@ def run(opts: ChaosOptions) -> dict:
     before = after = 0.0
     log = ClientLog()
     try:
-        _wait(lambda: _ready(gateway), opts.ready_timeout_s, up, "the gateway to be ready")
+        _wait(lambda: _ready(gateway) and _ready(gate), opts.ready_timeout_s, up,
+              "the gateway and the gate to be ready")
         bootstrap = _bootstrap(opts.out / "up.out")
         tail = PairTail(bootstrap)
         tail.start()
@@ -90,7 +96,7 @@ def run(opts: ChaosOptions) -> dict:
         started = time.time()
         time.sleep(opts.warmup_s)
         before = tail.seen_between(started, time.time()) / max(1e-9, time.time() - started)
-        _chaos(opts, up, gateway, tail, kills, broker_kills)
+        _chaos(opts, up, gateway, gate, tail, kills, broker_kills)
         recovered = max((k.recovered_at or k.at for k in kills), default=time.time())
         time.sleep(opts.cooldown_s)
         after = tail.seen_between(recovered, time.time()) / max(1e-9, time.time() - recovered)
@@ -111,7 +117,8 @@ def run(opts: ChaosOptions) -> dict:
     return report
 
 
-def _chaos(opts: ChaosOptions, up, gateway: str, tail: PairTail, kills: list[Kill], broker_kills: list[float]):
+def _chaos(opts: ChaosOptions, up, gateway: str, gate: str, tail: PairTail, kills: list[Kill],
+           broker_kills: list[float]):
     rng, bag = random.Random(opts.seed), []
     for i in range(opts.kills):
         if opts.in_turn:
@@ -140,7 +147,9 @@ def _chaos(opts: ChaosOptions, up, gateway: str, tail: PairTail, kills: list[Kil
                 return False  # the new generator has not sampled yet
             if owner == "trainer" and _archive_mtime(opts.out / "store") <= since:
                 return False  # the new trainer has not taken a pair yet
-            return tail.first_after(at) is not None and _ready(gateway)
+            if owner == "gate" and not _routes_promoted(gateway, gate):
+                return False  # the gateway does not route `policy` as the new gate decided (yet)
+            return tail.first_after(at) is not None and _ready(gateway) and _ready(gate)
 
         try:
             _wait(recovered, opts.recover_timeout_s, up, f"recovery from killing {target}")
@@ -250,6 +259,18 @@ def _ready(gateway: str) -> bool:
     try:
         return httpx.get(f"{gateway}/readyz", timeout=5).status_code == 200
     except httpx.HTTPError:
+        return False
+
+
+def _routes_promoted(gateway: str, gate: str) -> bool:
+    """The gateway's `policy` is the version the gate has promoted (both /readyz; the gate's decision reaches
+    the gateway through odpo.control)."""
+    try:
+        decided = httpx.get(f"{gate}/readyz", timeout=5)
+        routed = httpx.get(f"{gateway}/readyz", timeout=5)
+        return decided.status_code == routed.status_code == 200 and \
+            decided.json().get("promoted") == routed.json().get("policy_version")
+    except (httpx.HTTPError, ValueError):
         return False
 
 

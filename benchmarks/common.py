@@ -21,6 +21,13 @@ from service.task import make_prompts
 
 CACHE_DIR = Path(os.environ.get("ODPO_CACHE_DIR", "~/.cache/odpo")).expanduser()
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# The promotion gate (`odpo gate`, settings ODPO_GATE_*) opened wide, for the benchmarks that measure serving or
+# survival, not learning: any version is promoted (tolerance 1, every degeneration limit off) and the gate loads
+# no reference model (no base log-prob per token). The held-out prompt count is each benchmark's own.
+OPEN_GATE_ENV = {"ODPO_GATE_PROMOTION_TOLERANCE": "1", "ODPO_GATE_REFERENCE_LOGPROB": "false",
+                 "ODPO_GATE_LIMIT_REF_LOGPROB": "100",
+                 **{f"ODPO_GATE_LIMIT_{s}": "1" for s in ("MEAN_WORDS", "EMPTY_SHARE", "DISTINCT2", "ON_TOPIC_SHARE",
+                                                         "GUARD_PASS")}}
 
 
 def quiet_logs() -> None:

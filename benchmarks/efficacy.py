@@ -4,9 +4,9 @@ For each seed and one pair budget (`--pairs`, in windows of `--window`):
 
 - ONLINE: the real loop, `odpo up --rounds R --window-pairs W` (R = pairs / W), as a subprocess with
   ODPO_TRAINER_SEED and ODPO_GENERATOR_SEED set to the seed; or an existing run folder of it
-  (`--reuse-online SEED=DIR`). Its learning curve comes from what the promotion gate already scored:
-  every version's per-prompt rows and publish time in DIR/store/gateway-registry.json (nothing is
-  re-evaluated for the curve).
+  (`--reuse-online SEED=DIR`). Its learning curve comes from what the promotion gate (`odpo gate`) already
+  scored: every version's per-prompt rows and publish time in DIR/store/gate-registry.json (in a run folder
+  of an earlier odpo, DIR/store/gateway-registry.json; nothing is re-evaluated for the curve).
 - OFFLINE: the same number of pairs sampled ONCE from base (the generator's sampler: n=4, temperature 1,
   48 tokens, the train prompts in the online loop's order), judged by the online judge
   (`make_judge(JudgeSettings())`: rules x quality guard with the reference log-prob) into pairs by the

@@ -22,6 +22,9 @@ from benchmarks.efficacy_report import _f
 
 CURVE_SIGNALS = ("score", "score_ci", "strict_pass", "mean_words", "empty_share", "distinct2", "on_topic_share",
                  "ref_logprob", "guard_pass")
+# The gate's registry in the store (service/gate/app.py REGISTRY_FILE), and its name in run folders of an odpo
+# before the gate was its own component (the gateway kept it); the first one present is read.
+REGISTRY_FILES = ("gate-registry.json", "gateway-registry.json")
 STARTED = time.monotonic()
 
 
@@ -93,11 +96,13 @@ def read_online(seed: int, run_dir: Path, budget: int, window: int, curve_n: int
     """The online arm of one seed from its run folder: final and promoted versions and the gate's curve."""
     from judge.signals import AnswerRow, summarize
 
-    summary_file, registry_file = run_dir / "summary.json", run_dir / "store" / "gateway-registry.json"
+    summary_file = run_dir / "summary.json"
+    registry_file = next((f for f in (run_dir / "store" / name for name in REGISTRY_FILES) if f.is_file()), None)
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
-    registry = json.loads(registry_file.read_text()) if registry_file.is_file() else None
+    registry = json.loads(registry_file.read_text()) if registry_file is not None else None
     if summary is None and registry is None:
-        raise BenchFailed(f"{run_dir}: neither summary.json nor store/gateway-registry.json: not an `odpo up` run")
+        raise BenchFailed(f"{run_dir}: neither summary.json nor store/{' or store/'.join(REGISTRY_FILES)}: "
+                          "not an `odpo up` run")
     records = {r["version"]: r for r in (registry or {}).get("records", [])}
     srows = {r["version"]: r for r in (summary or {}).get("versions", [])}
     store = run_dir / "store"

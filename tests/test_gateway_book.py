@@ -7,8 +7,8 @@ import json
 import pytest
 
 from core.contracts import AdapterReady, PromptEvent, TrainMetrics
-from service.gateway.book import BookError, VersionBook
-from service.gateway.metrics import HELDOUT_SCORE, ScoreGauge
+from service.registry.book import BookError, VersionBook
+from service.gate.metrics import HELDOUT_SCORE, ScoreGauge
 from service.gateway.served import ServedChoice, ServedStore, StreamTap, served_choices
 
 SHA = "0" * 64

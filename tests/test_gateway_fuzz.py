@@ -27,7 +27,7 @@ from tests.gateway_server import register_base, running_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
-TOKEN = "fuzz-admin-token"
+TOKEN = "fuzz-token"  # sent with every case: the gateway has no admin API (the gate has), it must ignore it
 EXAMPLES = {"POST /v1/chat/completions": 60, "POST /v1/completions": 60, "POST /v1/feedback": 40,
             "POST /v1/prompts": 40}
 DEFAULT_EXAMPLES = 12
@@ -38,10 +38,10 @@ def fuzzed(vllm_server, model_dir, vllm_store):
     register_base(vllm_server.url, model_dir, vllm_store)
     with EmbeddedBroker() as broker:
         ensure_topics(broker.bootstrap)
-        settings = GatewaySettings(vllm_url=vllm_server.url, admin_token=TOKEN, mirror_fraction=1.0,
+        settings = GatewaySettings(vllm_url=vllm_server.url, mirror_fraction=1.0,
                                    request_timeout_s=120)
         common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=vllm_store)
-        with running_gateway(settings, common, gate=False) as url:
+        with running_gateway(settings, common) as url:
             yield url
 
 

@@ -1,19 +1,18 @@
-"""The gateway over real HTTP (uvicorn on a free port) with its engine and broker down.
+"""The gateway and the gate over real HTTP (uvicorn on a free port) with their engine (and broker) down.
 
 Errors are OpenAI-shaped JSON, never tracebacks; bad input is a 4xx; the
-admin API refuses missing or wrong tokens and is absent without one.
+gateway has no admin API; the gate's refuses missing or wrong tokens and is
+absent without one.
 """
 
 from __future__ import annotations
-
-import time
 
 import httpx
 import pytest
 
 from core.broker import free_port
-from core.settings import CommonSettings, GatewaySettings
-from tests.gateway_server import running_gateway
+from core.settings import CommonSettings, GateSettings, GatewaySettings
+from tests.gateway_server import running_gate, running_gateway
 
 TOKEN = "s3cret-admin-token"
 ADMIN_ROUTES = [("GET", "/admin/versions", None), ("POST", "/admin/promote", {"version": 0}),
@@ -21,16 +20,14 @@ ADMIN_ROUTES = [("GET", "/admin/versions", None), ("POST", "/admin/promote", {"v
 
 
 def _down_settings(**kw) -> tuple[GatewaySettings, CommonSettings]:
-    """Nothing listens on the engine's or the broker's port; one replica alone (no control plane), unless
-    `control_plane=True`."""
-    kw.setdefault("control_plane", False)
+    """Nothing listens on the engine's or the broker's port."""
     return (GatewaySettings(vllm_url=f"http://127.0.0.1:{free_port()}", publish_timeout_s=2, **kw),
             CommonSettings(bootstrap_servers=f"127.0.0.1:{free_port()}"))
 
 
 @pytest.fixture(scope="module")
 def gateway():
-    with running_gateway(*_down_settings(), gate=False) as url:
+    with running_gateway(*_down_settings()) as url:
         yield url
 
 
@@ -113,21 +110,34 @@ def test_prompts_are_validated(gateway, body, status, needle):
     assert needle in _is_error(resp, status)["message"]
 
 
-def test_admin_is_off_without_a_token(gateway):
+def test_the_gateway_has_no_admin_api(gateway):
+    """Admin lives on the gate only: the gateway answers 404 with a JSON body, whatever token is sent."""
     for method, path, body in ADMIN_ROUTES:
         resp = httpx.request(method, f"{gateway}{path}", json=body, headers={"authorization": f"Bearer {TOKEN}"})
         _is_error(resp, 404)
 
 
+def _gate_settings(**kw) -> GateSettings:
+    """A gate whose engine is down (nothing listens there) and that promotes nothing by itself."""
+    return GateSettings(vllm_url=f"http://127.0.0.1:{free_port()}", **kw)
+
+
+def test_the_gate_admin_is_off_without_a_token(broker):
+    with running_gate(_gate_settings(), CommonSettings(bootstrap_servers=broker.bootstrap), promote=False) as url:
+        for method, path, body in ADMIN_ROUTES:
+            _is_error(httpx.request(method, f"{url}{path}", json=body, headers={"authorization": f"Bearer {TOKEN}"}),
+                      404)
+
+
 @pytest.mark.parametrize("source", ["env", "file"])
-def test_admin_refuses_missing_or_wrong_tokens(tmp_path, source, monkeypatch):
+def test_the_gate_admin_refuses_missing_or_wrong_tokens(broker, tmp_path, source, monkeypatch):
     if source == "env":
-        monkeypatch.setenv("ODPO_GATEWAY_ADMIN_TOKEN", TOKEN)
-        settings, common = _down_settings()
+        monkeypatch.setenv("ODPO_GATE_ADMIN_TOKEN", TOKEN)
+        settings = _gate_settings()
     else:  # a Kubernetes Secret mount: the file's content (a trailing newline is ignored)
         (tmp_path / "token").write_text(TOKEN + "\n")
-        settings, common = _down_settings(admin_token_file=tmp_path / "token")
-    with running_gateway(settings, common, gate=False) as url:
+        settings = _gate_settings(admin_token_file=tmp_path / "token")
+    with running_gate(settings, CommonSettings(bootstrap_servers=broker.bootstrap), promote=False) as url:
         for method, path, body in ADMIN_ROUTES:
             for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": f"Basic {TOKEN}"},
                             {"authorization": f"Bearer {TOKEN}x"}, {"authorization": "Bearer"}):
@@ -136,30 +146,28 @@ def test_admin_refuses_missing_or_wrong_tokens(tmp_path, source, monkeypatch):
                 assert resp.headers["www-authenticate"] == "Bearer"
         ok = httpx.get(f"{url}/admin/versions", headers={"authorization": f"Bearer {TOKEN}"})
         assert ok.status_code == 200 and ok.json()["promoted"] == 0
-        assert ok.json()["versions"][0]["name"] == "base"
+        assert ok.json()["versions"][0]["name"] == "base" and ok.json()["control"]["writing"] is True
         nothing = httpx.post(f"{url}/admin/rollback", headers={"authorization": f"Bearer {TOKEN}"})
         assert "nothing to roll back" in _is_error(nothing, 409)["message"]
         unknown = httpx.post(f"{url}/admin/promote", json={"version": 5}, headers={"authorization": f"Bearer {TOKEN}"})
         assert "unknown version" in _is_error(unknown, 404)["message"]
 
 
-def test_admin_changes_without_a_leader_are_503_with_retry_after():
-    """With the control plane on and no broker, no replica leads: reads answer from the local registry,
-    changes are refused with a JSON 503 and Retry-After (never made on one replica alone), once they have
-    waited twice the session timeout for a leader."""
-    settings, common = _down_settings(control_plane=True, admin_token=TOKEN, leader_session_timeout_s=1)
+def test_a_gate_without_its_broker_is_not_ready_and_makes_no_change():
+    """No broker: the gate cannot read the control topic, so it does not write the registry: /readyz is a JSON
+    503, reads answer from its registry file, changes are refused with 503 and Retry-After (never made where no
+    gateway could learn of them)."""
+    settings = _gate_settings(admin_token=TOKEN)
+    common = CommonSettings(bootstrap_servers=f"127.0.0.1:{free_port()}")
     auth = {"authorization": f"Bearer {TOKEN}"}
-    with running_gateway(settings, common, gate=False) as url:
+    with running_gate(settings, common, promote=False, ready=False) as url:
+        assert "reading the control topic" in _is_error(httpx.get(f"{url}/readyz", timeout=10), 503)["message"]
         assert httpx.get(f"{url}/admin/versions", headers=auth).json()["promoted"] == 0
-        leader = httpx.get(f"{url}/admin/leader", headers=auth).json()
-        assert leader["control_plane"] is True and leader["leading"] is False and leader["leader_url"] is None
         for method, path, body in ADMIN_ROUTES[1:]:
-            started = time.monotonic()
             resp = httpx.request(method, f"{url}{path}", json=body, headers=auth, timeout=30)
-            assert 1.9 < time.monotonic() - started < 10
-            assert "no gateway replica leads" in _is_error(resp, 503)["message"]
+            assert "the gate is starting" in _is_error(resp, 503)["message"]
             assert int(resp.headers["retry-after"]) > 0
-        assert "odpo_gateway_leader 0.0" in httpx.get(f"{url}/metrics").text
+        assert "odpo_gate_writing 0.0" in httpx.get(f"{url}/metrics").text
 
 
 def test_the_gateway_never_imports_torch():
@@ -167,7 +175,7 @@ def test_the_gateway_never_imports_torch():
     import sys
 
     code = ("import sys; from service.gateway import create_app; from core.settings import GatewaySettings; "
-            "create_app(GatewaySettings()); import judge.evaluate, judge.signals, service.gateway.verdict; "  # the gate's scoring (fluency loads torch only when it scores)
+            "create_app(GatewaySettings()); "
             "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

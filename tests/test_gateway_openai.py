@@ -41,7 +41,7 @@ def gateway(vllm_server, model_dir, vllm_store, own_broker):
     assert resp.status_code == 200 or "already been loaded" in resp.text, resp.text
     settings = GatewaySettings(vllm_url=vllm_server.url, mirror_fraction=1.0)
     common = CommonSettings(bootstrap_servers=own_broker.bootstrap, store_dir=vllm_store)
-    with running_gateway(settings, common, gate=False) as url:
+    with running_gateway(settings, common) as url:
         yield url
 
 
@@ -181,7 +181,7 @@ def test_new_tokens_are_capped(vllm_server, own_broker, vllm_store):
     and where a long prompt leaves less room than the cap the engine lowers it instead of failing."""
     settings = GatewaySettings(vllm_url=vllm_server.url, max_tokens_cap=5)
     common = CommonSettings(bootstrap_servers=own_broker.bootstrap, store_dir=vllm_store)
-    with running_gateway(settings, common, gate=False) as url:
+    with running_gateway(settings, common) as url:
         capped = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         with pytest.raises(openai.BadRequestError, match="at most 5 new tokens") as refused:
             capped.chat.completions.create(model="base", messages=QUESTION, max_tokens=6)
@@ -194,7 +194,7 @@ def test_new_tokens_are_capped(vllm_server, own_broker, vllm_store):
         assert text.usage.completion_tokens <= 5
 
     # The default cap (1024) with a prompt that leaves only a few hundred tokens of the 2048 context.
-    with running_gateway(GatewaySettings(vllm_url=vllm_server.url), common, gate=False) as url:
+    with running_gateway(GatewaySettings(vllm_url=vllm_server.url), common) as url:
         long_prompt = "one two three four five six seven eight nine ten " * 180  # about 1,980 tokens: ~68 left
         resp = httpx.post(f"{url}/v1/completions", timeout=300, json={
             "model": "base", "prompt": long_prompt, "temperature": 0})

@@ -105,7 +105,7 @@ def test_supervisor_restarts_a_dead_server_and_restores_its_adapters(model_dir, 
             adapters.register_base(write_zero_adapter(model_dir, vllm_store / ZERO_ADAPTER_DIR))
             first_pid = server.pid
             crashes = _engine_crashes()
-            with running_gateway(settings, common, gate=False) as gateway, ThreadPoolExecutor(2) as pool:
+            with running_gateway(settings, common) as gateway, ThreadPoolExecutor(2) as pool:
                 long = {"model": "base", "prompt": "Once upon a time", "n": 8, "max_tokens": 300,
                         "temperature": 1.0, "seed": 7}
                 plain = pool.submit(httpx.post, f"{gateway}/v1/completions", json=long, timeout=120)

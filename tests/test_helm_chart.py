@@ -13,6 +13,7 @@ import time
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from core import settings as s
 from tests.chart_tools import CHART, NAMESPACE, RELEASE, find, load_values, one, render, settings_file
@@ -146,18 +147,29 @@ def _load_settings(docs, tmp_path, monkeypatch):
     for key in [k for k in os.environ if k.startswith("ODPO_")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("ODPO_CONFIG", str(path))
-    return (s.CommonSettings(), s.GeneratorSettings(), s.JudgeSettings(), s.TrainerSettings(), s.GatewaySettings())
+    return (s.CommonSettings(), s.GeneratorSettings(), s.JudgeSettings(), s.TrainerSettings(), s.GatewaySettings(),
+            s.GateSettings())
 
 
 def test_rendered_settings_load_in_the_real_settings_classes(rendered, tmp_path, monkeypatch):
     name, docs = rendered
-    common, generator, judge, trainer, gateway = _load_settings(docs, tmp_path, monkeypatch)
-    assert common.metrics_host == "0.0.0.0" and gateway.host == "0.0.0.0"
+    common, generator, judge, trainer, gateway, gate = _load_settings(docs, tmp_path, monkeypatch)
+    assert common.metrics_host == "0.0.0.0" and gateway.host == "0.0.0.0" and gate.host == "0.0.0.0"
     store_mounts = {m["mountPath"] for _, c in _containers(docs) for m in c["volumeMounts"] if m["name"] == "adapters"}
     assert store_mounts == {str(common.store_dir)}
+    store_writers = {d["metadata"]["name"] for d, c in _containers(docs) for m in c["volumeMounts"]
+                     if m["name"] == "adapters" and not m.get("readOnly")}
+    # the gate keeps its registry file and holds in the store; a gateway only reads adapter folders there
+    assert f"{RELEASE}-odpo-gate" in store_writers and f"{RELEASE}-odpo-gateway" not in store_writers
+    assert f"{RELEASE}-odpo-gate" in {d["metadata"]["name"] for d, c in _containers(docs)
+                                      for m in c["volumeMounts"] if m["name"] == "adapters"}
     ports = {d["metadata"]["name"]: {p["name"]: p["containerPort"] for c in d["spec"]["template"]["spec"]["containers"]
                                      for p in c["ports"]} for d in find(docs, "Deployment")}
     assert ports[f"{RELEASE}-odpo-gateway"]["http"] == gateway.port
+    assert ports[f"{RELEASE}-odpo-gate"]["http"] == gate.port != gateway.port
+    # the gate scores versions on the same engines the gateways route to
+    assert (gate.vllm_url, gate.vllm_resolve_dns) == (gateway.vllm_url, gateway.vllm_resolve_dns)
+    assert gate.control_topic == gateway.control_topic == "odpo.control"
     assert ports[f"{RELEASE}-odpo-judge"]["metrics"] == judge.metrics_port
     assert ports[f"{RELEASE}-odpo-trainer"]["metrics"] == trainer.metrics_port
     assert ports[f"{RELEASE}-odpo-generator"]["metrics"] == generator.metrics_port
@@ -181,7 +193,7 @@ def test_rendered_settings_load_in_the_real_settings_classes(rendered, tmp_path,
 def test_custom_values_take_effect(tmp_path, monkeypatch):
     values = load_values("values-cpu-external.yaml")
     docs = render(values)
-    common, generator, _, trainer, gateway = _load_settings(docs, tmp_path, monkeypatch)
+    common, generator, _, trainer, gateway, gate = _load_settings(docs, tmp_path, monkeypatch)
     # External Kafka, no broker pod.
     assert common.bootstrap_servers == values["kafka"]["bootstrapServers"]
     assert not find(docs, "Deployment", f"{RELEASE}-odpo-kafka")
@@ -190,18 +202,21 @@ def test_custom_values_take_effect(tmp_path, monkeypatch):
     assert generator.dtype == "float32"
     # Existing secret and claims: used, not created.
     assert not find(docs, "Secret") and not find(docs, "PersistentVolumeClaim")
-    gw = one(docs, "Deployment", f"{RELEASE}-odpo-gateway")["spec"]["template"]["spec"]
-    token = next(v["secret"] for v in gw["volumes"] if v["name"] == "admin-token")
+    gate_pod = one(docs, "Deployment", f"{RELEASE}-odpo-gate")["spec"]["template"]["spec"]
+    token = next(v["secret"] for v in gate_pod["volumes"] if v["name"] == "admin-token")
     assert token["secretName"] == "odpo-admin-token" and token["items"] == [{"key": "token", "path": "token"}]
-    mount = next(m for m in gw["containers"][0]["volumeMounts"] if m["name"] == "admin-token")
-    assert str(gateway.admin_token_file) == f"{mount['mountPath']}/token"
+    mount = next(m for m in gate_pod["containers"][0]["volumeMounts"] if m["name"] == "admin-token")
+    assert str(gate.admin_token_file) == f"{mount['mountPath']}/token" and mount["readOnly"] is True
+    assert not hasattr(gateway, "admin_token_file")
     assert str(common.base_model) == values["baseModel"]["path"]
     # config.* reaches the components; the chart's own wiring wins where it must.
     assert (trainer.beta, trainer.window_pairs, generator.max_tokens) == (0.2, 32, 64)
     assert gateway.request_timeout_s == 120 and common.log_level == "DEBUG"
     gen_pod = one(docs, "Deployment", f"{RELEASE}-odpo-generator")["spec"]["template"]["spec"]
     assert gen_pod["nodeSelector"] == {"node-pool": "cpu-large"} and gen_pod["tolerations"][0]["value"] == "llm"
-    assert len(find(docs, "ServiceMonitor")) == 4
+    assert len(find(docs, "ServiceMonitor")) == 5
+    gate_sm = one(docs, "ServiceMonitor", f"{RELEASE}-odpo-gate")
+    assert [e["port"] for e in gate_sm["spec"]["endpoints"]] == ["http"]  # /metrics beside the admin API
     assert one(docs, "ConfigMap", f"{RELEASE}-odpo-dashboard")["metadata"]["namespace"] == "monitoring"
 
 
@@ -212,6 +227,10 @@ def test_defaults_request_gpus_and_keep_one_trainer():
         assert dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     trainer = one(docs, "Deployment", f"{RELEASE}-odpo-trainer")["spec"]
     assert trainer["replicas"] == 1 and trainer["strategy"]["type"] == "Recreate"
+    gate = one(docs, "Deployment", f"{RELEASE}-odpo-gate")["spec"]
+    assert gate["replicas"] == 1 and gate["strategy"]["type"] == "Recreate"
+    assert all("nvidia.com/gpu" not in c["resources"].get("limits", {})
+               for c in gate["template"]["spec"]["containers"])  # the reference model runs on CPU
     secret = one(docs, "Secret", f"{RELEASE}-odpo-admin")
     assert len(base64.b64decode(secret["data"]["admin-token"])) == 40
     pvc = one(docs, "PersistentVolumeClaim")
@@ -225,10 +244,11 @@ def test_defaults_request_gpus_and_keep_one_trainer():
     ({"replicas": 1}, None),
     ({"podDisruptionBudget": {"enabled": False, "minAvailable": 1}}, None),
 ], ids=["defaults", "three", "one", "budget-off"])
-def test_gateway_replicas_share_one_control_plane(gateway, budget, tmp_path, monkeypatch):
-    """Two gateway replicas by default, sharing the registry through Kafka (the control plane is on): a
+def test_gateway_replicas_are_stateless_readers(gateway, budget, tmp_path, monkeypatch):
+    """Two gateway replicas by default, each reading the gate's decisions from odpo.control: a
     PodDisruptionBudget keeps one of them up during drains (none for a single replica, which must stay
-    evictable), and each pod advertises its pod IP, where the others forward admin changes while it leads."""
+    evictable). No replica leads any more: no pod IP to advertise, no election settings, no admin token, and
+    the gate stays one pod whatever the gateway's replica count."""
     docs = render({"gateway": gateway})
     name = f"{RELEASE}-odpo-gateway"
     dep = one(docs, "Deployment", name)
@@ -240,13 +260,109 @@ def test_gateway_replicas_share_one_control_plane(gateway, budget, tmp_path, mon
         (pdb,) = budgets
         assert pdb["spec"]["minAvailable"] == budget and "maxUnavailable" not in pdb["spec"]
         assert pdb["spec"]["selector"] == dep["spec"]["selector"]
-    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
-    assert env["ODPO_GATEWAY_ADVERTISE_URL"]["value"] == "http://$(POD_IP):8000"
-    names = [e["name"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]]
-    assert names.index("POD_IP") < names.index("ODPO_GATEWAY_ADVERTISE_URL"), "$(POD_IP) expands only if defined before"
-    settings = _load_settings(docs, tmp_path, monkeypatch)[-1]
-    assert settings.control_plane and settings.port == 8000
+    env = {e["name"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert not env & {"POD_IP", "ODPO_GATEWAY_ADVERTISE_URL"}
+    assert not {n for n in env if n.startswith("ODPO_GATE_") or "ADMIN" in n}
+    assert one(docs, "Deployment", f"{RELEASE}-odpo-gate")["spec"]["replicas"] == 1
+    gateway_settings = _load_settings(docs, tmp_path, monkeypatch)[4]
+    assert gateway_settings.port == 8000 and gateway_settings.control_topic == "odpo.control"
+
+
+@pytest.mark.parametrize("name", VALUE_FILES, ids=lambda v: v or "defaults")
+def test_exactly_one_gate_runs(name, tmp_path, monkeypatch):
+    """The gate is the registry's one writer: one replica, and `Recreate` stops the old pod before its
+    replacement starts (a rolling update would run two for a while); no autoscaler or disruption budget
+    targets it. It runs `odpo gate`, is probed on /healthz and /readyz, and its ClusterIP Service serves the
+    admin API and /metrics on the port the gate's settings listen on."""
+    # defaults: with many gateways and an autoscaled generator beside it, the gate still runs alone
+    values = load_values(name) if name else {"gateway": {"replicas": 4}, "generator": {"autoscaling": {"enabled": True}}}
+    docs = render(values)
+    gate = f"{RELEASE}-odpo-gate"
+    dep = one(docs, "Deployment", gate)
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    assert (container["command"], container["args"]) == (["odpo"], ["gate"])
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    for kind, ref in (("HorizontalPodAutoscaler", "scaleTargetRef"), ("ScaledObject", "scaleTargetRef")):
+        assert all(d["spec"][ref]["name"] != gate for d in find(docs, kind))
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert not [d for d in find(docs, "PodDisruptionBudget")
+                if d["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+    svc = one(docs, "Service", gate)
+    assert svc["spec"]["type"] == "ClusterIP" and svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    settings = _load_settings(docs, tmp_path, monkeypatch)[5]
+    assert [p["containerPort"] for p in container["ports"]] == [settings.port]
+    assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(8001, "http")]
+    # it loads the base model: it gets the memory the gateway no longer needs
+    gateway = one(docs, "Deployment", f"{RELEASE}-odpo-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert _mebibytes(container["resources"]["limits"]["memory"]) > _mebibytes(
+        gateway["resources"]["limits"]["memory"])
+
+
+def _mebibytes(quantity: str) -> float:
+    units = {"Mi": 1, "Gi": 1024, "M": 1e6 / 2**20, "G": 1e9 / 2**20}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity[:-len(suffix)]) * factor
+    return float(quantity) / 2**20
+
+
+def test_a_second_gate_cannot_be_asked_for():
+    """`gate.replicas` is no value of the chart: the schema refuses it rather than silently running one."""
+    import helm_python as helm
+
+    with pytest.raises(helm.HelmValuesError, match="replicas"):
+        render({"gate": {"replicas": 2}})
+
+
+def _admin_references(docs, secret_name):
+    """Deployment name -> how its pods reach the admin token (Secret volumes, secret env, ODPO_*ADMIN* env)."""
+    refs: dict[str, list[str]] = {}
+    for dep, c in _containers(docs):
+        name = dep["metadata"]["name"]
+        pod = dep["spec"]["template"]["spec"]
+        for v in pod.get("volumes", []):
+            if v.get("secret", {}).get("secretName") == secret_name or v["name"] == "admin-token":
+                refs.setdefault(name, []).append(f"volume {v['name']}")
+        for m in c.get("volumeMounts", []):
+            if m["name"] == "admin-token":
+                refs.setdefault(name, []).append(f"mount {m['mountPath']}")
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef", {})
+            if ref.get("name") == secret_name or "ADMIN" in e["name"]:
+                refs.setdefault(name, []).append(f"env {e['name']}")
+        for e in c.get("envFrom", []):
+            if e.get("secretRef", {}).get("name") == secret_name:
+                refs.setdefault(name, []).append("envFrom")
+    return refs
+
+
+@pytest.mark.parametrize("name", VALUE_FILES, ids=lambda v: v or "defaults")
+def test_only_the_gate_holds_the_admin_token(name, tmp_path, monkeypatch):
+    """The admin API is the gate's: its Secret is mounted into the gate pod and nowhere else (not the gateways,
+    which face clients, nor vLLM/the generator, the judge or the trainer), and only the gate's settings name the
+    token file. With the admin API off no pod has it."""
+    values = load_values(name)
+    docs = render(values)
+    admin = values.get("admin", {})
+    secret = admin.get("existingSecret") or f"{RELEASE}-odpo-admin"
+    refs = _admin_references(docs, secret)
+    config = settings_file(docs)
+    *_, gate = _load_settings(docs, tmp_path, monkeypatch)
+    if admin.get("enabled", True):
+        assert set(refs) == {f"{RELEASE}-odpo-gate"}, refs
+        assert gate.admin_token_file is not None and gate.admin_token is None
+    else:
+        assert not refs and gate.admin_token_file is None
+        assert not find(docs, "Secret", secret)
+    sections = yaml.safe_load(config)
+    leaked = {section: sorted(k for k in body if "admin" in k) for section, body in sections.items()
+              if section != "gate" and any("admin" in k for k in body)}
+    assert not leaked, leaked
+    gateway_env = {e["name"] for e in one(docs, "Deployment", f"{RELEASE}-odpo-gateway")["spec"]["template"]["spec"][
+        "containers"][0]["env"]}
+    assert not {n for n in gateway_env if n.startswith("ODPO_GATE_")}, gateway_env
 
 
 @pytest.mark.parametrize("trainer, ranks, gpus", [
@@ -303,18 +419,18 @@ def _model_mount(docs, component):
 
 @pytest.mark.parametrize("config", [
     {},
-    {"gateway": {"gate_reference_logprob": False}, "judge": {"reference_logprob": "off"}},
-    {"gateway": {"gate_reference_logprob": "true"}, "judge": {"composition": "rules_only"}},
-    {"judge": {"judge": "human"}},
+    {"gate": {"reference_logprob": False}, "judge": {"reference_logprob": "off"}},
+    {"gate": {"reference_logprob": "true"}, "judge": {"composition": "rules_only"}},
+    {"gate": {"reference_logprob": "no"}, "judge": {"judge": "human"}},
     {"judge": {"composition": "weighted", "reference_logprob": True}},
 ], ids=["defaults", "both-off", "rules-only", "human", "weighted"])
 def test_pods_that_score_the_reference_logprob_get_the_base_model(config, tmp_path, monkeypatch):
-    """The gateway's gate and the judge's quality guard load the base model when their settings say so (as the
+    """The promotion gate and the judge's quality guard load the base model when their settings say so (as the
     real settings classes read the rendered file): then their pod mounts the model claim, read-only, where
-    common.base_model points, like the generator and trainer; else it does not."""
+    common.base_model points, like the generator and trainer; else it does not. The gateways never load it."""
     docs = render({**MODEL_CLAIM, "config": config})
-    common, _, judge, _, gateway = _load_settings(docs, tmp_path, monkeypatch)
-    needs = {"generator": True, "trainer": True, "gateway": gateway.gate_reference_logprob,
+    common, _, judge, _, _, gate = _load_settings(docs, tmp_path, monkeypatch)
+    needs = {"generator": True, "trainer": True, "gateway": False, "gate": gate.reference_logprob,
              "judge": judge.reference_logprob and judge.composition != "rules_only" and judge.judge != "human"}
     for component, needed in needs.items():
         mount = _model_mount(docs, component)
@@ -329,7 +445,7 @@ def test_the_packaged_model_needs_no_claim_and_converts_into_the_cache(tmp_path,
     docs = render()
     common, *_ = _load_settings(docs, tmp_path, monkeypatch)
     assert common.base_model is None
-    for component in ("gateway", "judge", "generator", "trainer"):
+    for component in ("gateway", "gate", "judge", "generator", "trainer"):
         assert _model_mount(docs, component) is None
         pod = one(docs, "Deployment", f"{RELEASE}-odpo-{component}")["spec"]["template"]["spec"]
         cache = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == str(common.cache_dir))

@@ -165,7 +165,7 @@ def test_feedback_through_the_gateway_ends_as_pairs(vllm_server, model_dir, vllm
     settings = JudgeSettings(judge="human", feedback_group_id=group_id, poll_timeout_s=0.2)
     common = CommonSettings(bootstrap_servers=broker.bootstrap)
     judge = threading.Thread(target=run, args=(common, settings, stop), daemon=True)
-    with running_gateway(GatewaySettings(vllm_url=vllm_server.url, mirror_fraction=0.0), common, gate=False) as url:
+    with running_gateway(GatewaySettings(vllm_url=vllm_server.url, mirror_fraction=0.0), common) as url:
         def ask(seed: int) -> tuple[str, str]:
             body = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
                 "model": "base", "messages": question, "max_tokens": 12, "temperature": 1.0, "seed": seed}).json()

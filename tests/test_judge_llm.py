@@ -49,7 +49,7 @@ ANSWERS = ["4", "2+2 is 5.", "I like turtles."]
 def gateway_v1(vllm_server, model_dir, vllm_store, broker):
     register_base(vllm_server.url, model_dir, vllm_store)
     settings = GatewaySettings(vllm_url=vllm_server.url, mirror_fraction=0.0)
-    with running_gateway(settings, CommonSettings(bootstrap_servers=broker.bootstrap), gate=False) as url:
+    with running_gateway(settings, CommonSettings(bootstrap_servers=broker.bootstrap)) as url:
         yield f"{url}/v1"
 
 

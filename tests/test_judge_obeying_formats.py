@@ -17,8 +17,8 @@ from judge.registry import make_judge
 from judge.fluency import ReferenceScorer
 from judge.quality import GuardLimits
 from judge.signals import score_answers, summarize
-from service.gateway.verdict import judge_version
-from core.settings import GatewaySettings, JudgeSettings
+from service.gate.verdict import judge_version
+from core.settings import GateSettings, JudgeSettings
 from service.task import make_prompts
 
 N_PROMPTS = 8
@@ -100,7 +100,7 @@ def test_the_judge_prefers_the_obeying_answer(answered, model_dir):
 
 def test_the_gate_passes_the_obeying_answers_and_still_refuses_a_hack(answered):
     prompts, answers, scorer = answered
-    s = GatewaySettings()
+    s = GateSettings()
     limits = GuardLimits()
     base = score_answers(prompts, answers, scorer, limits)
     obeying = score_answers(prompts, [_obeying(p, a) for p, a in zip(prompts, answers)], scorer, limits)

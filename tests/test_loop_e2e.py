@@ -63,7 +63,7 @@ def _greedy(url: str, model: str, prompt) -> tuple[str, str]:
 def loop(tmp_path, model_dir):
     with EmbeddedBroker() as broker:
         ensure_topics(broker.bootstrap)
-        vllm_port, gw_port = free_port(), free_port()
+        vllm_port, gw_port, gate_port = free_port(), free_port(), free_port()
         launcher = Launcher(tmp_path / "logs", {
             "ODPO_BOOTSTRAP_SERVERS": broker.bootstrap,
             "ODPO_STORE_DIR": str(tmp_path / "store"),
@@ -72,24 +72,26 @@ def loop(tmp_path, model_dir):
             "ODPO_GENERATOR_MAX_TOKENS": "24",
             "ODPO_GATEWAY_PORT": str(gw_port),
             "ODPO_GATEWAY_VLLM_URL": f"http://127.0.0.1:{vllm_port}",
+            "ODPO_GATE_PORT": str(gate_port),
+            "ODPO_GATE_VLLM_URL": f"http://127.0.0.1:{vllm_port}",
             # The promotion gate scores base and v1 on a few held-out prompts; this test checks the loop's
             # mechanics, not whether one tiny update helps, so any score is good enough to be promoted.
-            "ODPO_GATEWAY_HELDOUT_PROMPTS": "4",
-            "ODPO_GATEWAY_HELDOUT_PROMPTS_MAX": "4",
-            "ODPO_GATEWAY_EVAL_MAX_TOKENS": "16",
-            "ODPO_GATEWAY_PROMOTION_TOLERANCE": "1",
+            "ODPO_GATE_HELDOUT_PROMPTS": "4",
+            "ODPO_GATE_HELDOUT_PROMPTS_MAX": "4",
+            "ODPO_GATE_EVAL_MAX_TOKENS": "16",
+            "ODPO_GATE_PROMOTION_TOLERANCE": "1",
             # ... nor quality: this deliberately large step (lr 2e-3) shortens answers, which the gate's length
             # limit would refuse (tests/test_gate_refuses_hacked.py shows that on purpose).
-            **{f"ODPO_GATEWAY_LIMIT_{s}": "1" for s in ("MEAN_WORDS", "EMPTY_SHARE", "DISTINCT2", "ON_TOPIC_SHARE",
+            **{f"ODPO_GATE_LIMIT_{s}": "1" for s in ("MEAN_WORDS", "EMPTY_SHARE", "DISTINCT2", "ON_TOPIC_SHARE",
                                                       "GUARD_PASS")},
-            "ODPO_GATEWAY_LIMIT_REF_LOGPROB": "100",
+            "ODPO_GATE_LIMIT_REF_LOGPROB": "100",
             "ODPO_TRAINER_WINDOW_PAIRS": "4",
             "ODPO_TRAINER_STEPS_PER_WINDOW": "6",
             "ODPO_TRAINER_LEARNING_RATE": "2e-3",
             "HF_HUB_OFFLINE": "1",
         })
         try:
-            groups = [launcher.start(name).proc.pid for name in ("judge", "trainer", "generator", "gateway")]
+            groups = [launcher.start(name).proc.pid for name in ("judge", "trainer", "generator", "gate", "gateway")]
             yield broker, launcher, f"http://127.0.0.1:{gw_port}"
         finally:
             launcher.stop()

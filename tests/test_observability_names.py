@@ -80,8 +80,49 @@ def test_metric_names_are_read_out_of_promql():
 def test_the_components_export_what_the_code_defines():
     exported = exported_odpo_names()
     for name in ("odpo_trainer_loss", "odpo_trainer_nan_skips_total", "odpo_generator_swap_latency_seconds_bucket",
-                 "odpo_gateway_requests_total", "odpo_judge_pairs_total"):
-        assert name in exported
+                 "odpo_gateway_requests_total", "odpo_judge_pairs_total",
+                 # the gate's (service/gate/metrics.py) and every control-topic reader's (service/registry/metrics.py)
+                 "odpo_gate_writing", "odpo_gate_promoted_version", "odpo_gate_refusals_by_signal_total",
+                 "odpo_control_seq", "odpo_control_epoch"):
+        assert name in exported, name
+
+
+# Names of the elected-leader gateway, before the gate became its own component: nothing exports them now, so
+# a rule or panel still reading one would show nothing (or fire on nothing), silently.
+RETIRED = {
+    "odpo_gateway_leader": None,
+    "odpo_gateway_control_seq": "odpo_control_seq",
+    "odpo_gateway_control_epoch": "odpo_control_epoch",
+    "odpo_gateway_heldout_score": "odpo_gate_heldout_score",
+    "odpo_gateway_promoted_heldout_score": "odpo_gate_promoted_heldout_score",
+    "odpo_gateway_promotions_total": "odpo_gate_promotions_total",
+    "odpo_gateway_promotion_refusals_total": "odpo_gate_promotion_refusals_total",
+    "odpo_gateway_gate_refusals_by_signal_total": "odpo_gate_refusals_by_signal_total",
+    "odpo_gateway_heldout_signal": "odpo_gate_heldout_signal",
+    "odpo_gateway_eval_seconds_bucket": "odpo_gate_eval_seconds_bucket",
+}
+
+
+def test_retired_names_are_gone_from_the_code_and_the_chart():
+    exported = exported_odpo_names()
+    assert not set(RETIRED) & exported
+    assert {new for new in RETIRED.values() if new} <= exported
+    used = used_names()
+    assert not {name: sorted(used[name]) for name in RETIRED if name in used}
+    assert not set(RETIRED) & set(PENDING)
+
+
+def test_the_gate_is_watched():
+    """The gate's own liveness reaches an alert (no gate writing: nothing is promoted) and the dashboard (which
+    process writes, and whether the gateways hold the gate's registry state)."""
+    docs = render(EVERYTHING_ON)
+    exprs = rule_exprs(docs)
+    assert "odpo_gate_writing" in metric_names(exprs["OdpoGateNotWriting"])
+    assert "absent(odpo_gate_writing" in exprs["OdpoGateNotWriting"].replace(" ", "")
+    panels = {t["expr"] for p in dashboard(docs)["panels"] for t in p.get("targets", [])}
+    assert any(re.search(r"by \(pod\) \(odpo_gate_writing\{", e) for e in panels)
+    assert any(re.search(r"by \(pod\) \(odpo_control_seq\{", e) for e in panels)
+    assert any("odpo_gate_promoted_version" in e for e in panels)
 
 
 def test_every_used_metric_is_exported():
@@ -117,12 +158,12 @@ def test_dashboard_shows_the_loop():
 def known_label_values() -> dict[tuple[str, str], set[str]]:
     """(metric, label) -> the bounded set of values the code exports, for labels the chart selects by value."""
     from judge import metrics as judge_metrics
-    from service.gateway import metrics as gateway_metrics
+    from service.gate import metrics as gate_metrics
 
-    signals = set(gateway_metrics.GATE_SIGNALS)
+    signals = set(gate_metrics.GATE_SIGNALS)
     return {
-        ("odpo_gateway_heldout_signal", "signal"): signals | {"prompts", "score_diff_low", "score_diff_high"},
-        ("odpo_gateway_gate_refusals_by_signal_total", "signal"): {"score"} | signals - {"strict_pass"},
+        ("odpo_gate_heldout_signal", "signal"): signals | {"prompts", "score_diff_low", "score_diff_high"},
+        ("odpo_gate_refusals_by_signal_total", "signal"): {"score"} | signals - {"strict_pass"},
         ("odpo_judge_pairs_dropped_total", "reason"): set(judge_metrics.DROP_REASONS),
         ("odpo_judge_guard_failures_total", "reason"): set(judge_metrics.GUARD_REASONS),
     }
@@ -183,10 +224,10 @@ def test_dashboard_shows_what_clients_get():
     below = min(after, default=10**6)
     panels = [p for p in dash["panels"] if p["type"] != "row" and row["gridPos"]["y"] < p["gridPos"]["y"] < below]
     exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
-    shown = {v for m, label, v in selected_label_values(exprs) if m == "odpo_gateway_heldout_signal"}
+    shown = {v for m, label, v in selected_label_values(exprs) if m == "odpo_gate_heldout_signal"}
     assert {"mean_words", "on_topic_share", "ref_logprob", "strict_pass", "score", "score_diff_low",
             "score_diff_high"} <= shown
-    for metric in ("odpo_gateway_gate_refusals_by_signal_total", "odpo_judge_guard_failures_total",
+    for metric in ("odpo_gate_refusals_by_signal_total", "odpo_judge_guard_failures_total",
                    "odpo_judge_score_count", "odpo_judge_pairs_dropped_total"):
         assert metric in exprs, metric
     assert 'reason=~"degenerate|collapse"' in exprs

@@ -1,4 +1,4 @@
-"""Two vLLM replicas behind one gateway: every replica serves every version it may be asked for.
+"""Two vLLM replicas behind one gateway (and the gate): every replica serves every version it may be asked for.
 
 Short version of benchmarks/serving_replicas.py (two generators, ten versions). Here: the session's vLLM
 (with the adapter store's LoRA resolver) and a second vLLM started without it, as an operator's own vLLM
@@ -19,8 +19,8 @@ import pytest
 from generator.server import VllmServer
 from core.bus import make_producer, publish
 from core.contracts import TOPIC_ADAPTERS, version_name
-from core.settings import CommonSettings, GatewaySettings, GeneratorSettings
-from tests.gateway_server import noisy_adapter, register_base, running_gateway
+from core.settings import CommonSettings, GateSettings, GatewaySettings, GeneratorSettings
+from tests.gateway_server import noisy_adapter, register_base, running_loop
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 PROMOTED, ANNOUNCED = 9901, 9902
 PROBE = [{"role": "user", "content": "Name two things you can do at a lake."}]
 OPEN_GATE = dict(heldout_prompts=4, heldout_prompts_max=4, eval_max_tokens=8, promotion_tolerance=1.0,
-                 gate_reference_logprob=False, load_wait_s=0, limit_mean_words=1, limit_empty_share=1,
+                 reference_logprob=False, load_wait_s=0, limit_mean_words=1, limit_empty_share=1,
                  limit_distinct2=1, limit_on_topic_share=1, limit_ref_logprob=100)
 
 
@@ -67,9 +67,9 @@ def _answers(gateway: str, model: str, n: int) -> dict[str, set[str]]:
 def test_two_replicas_serve_every_version(vllm_server, plain_vllm, own_broker, model_dir, vllm_store, announce):
     register_base(vllm_server.url, model_dir, vllm_store)
     engines = [vllm_server.url, plain_vllm.url]
-    settings = GatewaySettings(vllm_url=",".join(engines), **OPEN_GATE)
+    gate = GateSettings(vllm_url=",".join(engines), **OPEN_GATE)
     common = CommonSettings(bootstrap_servers=own_broker.bootstrap, store_dir=vllm_store)
-    with running_gateway(settings, common) as gateway:
+    with running_loop(gate, GatewaySettings(vllm_url=",".join(engines)), common) as (gateway, _):
         # the gate promotes a published version only after loading it into both replicas
         ready = noisy_adapter(vllm_store, model_dir, PROMOTED, scale=0.02, seed=11)
         announce(ready)

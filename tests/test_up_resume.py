@@ -11,7 +11,7 @@ from kafka.future import Future
 
 from core.adapter_store import write_manifest
 from core.contracts import AdapterReady, PromptEvent, TrainMetrics
-from service.gateway.book import VersionBook
+from service.registry.book import VersionBook
 from service.loop_watch import LoopCounts
 from service.prompt_feed import PromptFeeder, load_position
 from service.up import earlier_run, stop_version, store_version

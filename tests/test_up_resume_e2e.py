@@ -33,10 +33,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 # Fast loop settings for 2 cores: short answers, a 4-pair window, a gate on 4 prompts that promotes any version
 # (this checks resuming, not learning).
 LOOP_ENV = {"ODPO_GENERATOR_MAX_TOKENS": "24", "ODPO_TRAINER_STEPS_PER_WINDOW": "2", "ODPO_TRAINER_MAX_STALENESS": "0",
-            "ODPO_GATEWAY_PROMOTION_TOLERANCE": "1", "ODPO_GATEWAY_GATE_REFERENCE_LOGPROB": "false",
-            **{f"ODPO_GATEWAY_LIMIT_{s}": "1" for s in ("MEAN_WORDS", "EMPTY_SHARE", "DISTINCT2", "ON_TOPIC_SHARE",
+            "ODPO_GATE_PROMOTION_TOLERANCE": "1", "ODPO_GATE_REFERENCE_LOGPROB": "false",
+            **{f"ODPO_GATE_LIMIT_{s}": "1" for s in ("MEAN_WORDS", "EMPTY_SHARE", "DISTINCT2", "ON_TOPIC_SHARE",
                                                       "GUARD_PASS")},
-            "ODPO_GATEWAY_LIMIT_REF_LOGPROB": "100", "HF_HUB_OFFLINE": "1"}
+            "ODPO_GATE_LIMIT_REF_LOGPROB": "100", "HF_HUB_OFFLINE": "1"}
 
 
 class Up:
@@ -113,7 +113,7 @@ def test_a_second_up_on_the_same_run_folder_continues(tmp_path, model_dir):
     s1 = first.finish(timeout_s=240)
     fed = load_position(run)
     assert fed > 0 and s1["resumed_from"] is None
-    registry = json.loads((run / "store" / "gateway-registry.json").read_text())
+    registry = json.loads((run / "store" / "gate-registry.json").read_text())
     # the trainer stops last, so it may publish one more version while `odpo up` stops: resume from the newest
     last = newest_ready(run / "store").version
     assert last >= 1

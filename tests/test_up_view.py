@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from core.contracts import AdapterReady, TrainMetrics
-from service.gateway.book import VersionBook
+from service.registry.book import VersionBook
 from service.loop_watch import LoopCounts
 from service.up_plot import plot_versions
 from service.up_view import EventLog, PairRate, decided_through, summary, summary_table

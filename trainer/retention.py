@@ -4,7 +4,7 @@ After each publish the store keeps
 - the newest `keep_versions` versions (`ODPO_TRAINER_KEEP_VERSIONS`, default 5;
   0 keeps every version), the newest of all always;
 - every version some component holds (`core.adapter_store.held_versions`:
-  the gateway holds its promoted, pinned and rollback-history versions);
+  the gate holds its promoted, pinned and rollback-history versions);
 and deletes every other version's folder and manifest (`announced/`). A
 folder is first renamed to a hidden `.policy-v<N>.tmp-delete` name and then
 removed, so a reader never sees half a version, and a trainer killed midway

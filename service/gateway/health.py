@@ -1,8 +1,11 @@
-"""/healthz (the process answers), /readyz (able to serve: the engine answers and the policy is servable), /metrics.
+"""/healthz (the process answers), /readyz (able to serve: the engine answers, the gate's decisions were read
+once, and the policy is servable), /metrics.
 
-Ready means able to serve completions, which needs no Kafka: a broker outage
-is reported in /readyz's body (`broker`), in `odpo_gateway_broker_up` and by
-the OdpoGatewayBrokerDown alert, but does not take the gateway out of its
+Ready means able to serve completions, which needs no Kafka once the gate's
+decisions were read (a replica that starts while the broker is away is not
+ready: it would not know which version is `policy`). A broker outage is
+reported in /readyz's body (`broker`), in `odpo_gateway_broker_up` and by the
+OdpoGatewayBrokerDown alert, but does not take the gateway out of its
 Service. Meanwhile mirrored prompts are dropped and counted
 (`odpo_gateway_mirror_dropped_total`) and feedback answers 503 (the client
 keeps it and retries; nothing is taken and then lost).
@@ -42,6 +45,8 @@ async def readyz(request: Request):
             await state.router.make_servable(promoted)
         except (PolicyUnavailable, httpx.HTTPError) as exc:
             problems.append(f"{version_name(promoted)} is not servable: {exc}")
+    if not state.registry.has_read:  # until then `policy` would be `base`, whatever the gate promoted
+        problems.append(f"the gate's decisions not read yet from {state.settings.control_topic}")
     broker = "ok" if await state.broker.ok() else "unreachable"
     if problems:
         return error(503, "; ".join(problems + [f"broker {state.broker.bootstrap} {broker}"]), "unavailable")

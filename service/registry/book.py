@@ -220,7 +220,7 @@ class VersionBook:
                signals: dict[str, Any] | None = None) -> Decision:
         """Record `version`'s score and promote it if it is good enough (and traffic is not pinned).
 
-        `verdict` (service.gateway.verdict.Verdict) decides when given; otherwise the score alone against
+        `verdict` (service.gate.verdict.Verdict) decides when given; otherwise the score alone against
         the promoted version's, within the tolerance. `signals` are kept when no verdict brings them (the
         promoted version, base at the start, is scored without one)."""
         with self._lock:

@@ -49,6 +49,7 @@ class RegistryFollower:
         self._thread = threading.Thread(target=self._run, name=f"odpo-{client}-registry", daemon=True)
         self._consumer: KafkaConsumer | None = None
         self._tp = TopicPartition(self.topic, 0)
+        self.has_read = False  # the topic was read to its end once: the book holds the gate's decisions
 
     @property
     def applied_seq(self) -> int:
@@ -63,7 +64,7 @@ class RegistryFollower:
         with self._lock:
             shared = self.shared
             return {"writer": shared.leader_id, "epoch": shared.epoch, "seq": shared.applied_seq,
-                    "caught_up": shared.caught_up}
+                    "caught_up": shared.caught_up, "read": self.has_read}
 
     def wait_applied(self, seq: int, timeout_s: float) -> bool:
         """Wait until the book holds the gate's state of sequence number `seq` or newer."""
@@ -146,6 +147,8 @@ class RegistryFollower:
             shared.read_to_end()
         if shared.caught_up and self._applies():
             shared.apply()
+        if shared.caught_up:
+            self.has_read = True
 
     # -- what the gate's writer changes ----------------------------------------------------------------
     def _connected(self) -> None:

@@ -74,9 +74,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-admin" (include "odpo.fullname" .)) .Values.admin.existingSecret }}
 {{- end }}
 
-{{/* Where the gateway (and the generator's sampler) reach vLLM. */}}
-{{/* The gateway's serving engines: the vLLM you run (`generator.vllmUrl`), or every generator pod's vLLM
-through the headless `-engines` Service (the gateway resolves it to all addresses: `vllm_resolve_dns`). */}}
+{{/* The serving engines of the gateway and the gate: the vLLM you run (`generator.vllmUrl`), or every
+generator pod's vLLM through the headless `-engines` Service (both resolve it to all addresses:
+`vllm_resolve_dns`). */}}
 {{- define "odpo.vllmUrl" -}}
 {{- if .Values.generator.vllmUrl }}
 {{- .Values.generator.vllmUrl }}
@@ -197,14 +197,14 @@ Written as pydantic reads it: false, 0, no, off, f, n (any case) are off. dict "
 {{- if or (not (hasKey $section .key)) (not (has (lower (toString (get $section .key))) (list "false" "0" "no" "off" "f" "n"))) }}true{{ end }}
 {{- end }}
 
-{{/* "true" when the gateway or the judge loads the base model to score the reference log-prob per token:
-the gateway's gate with `gate_reference_logprob`, the judge's quality guard with `reference_logprob` (except
-judge `human` and composition `rules_only`, which load no guard). Mirrors service/gateway/gate.py and
-judge/service.py. dict "root" $ "component" "judge" */}}
+{{/* "true" when the gate or the judge loads the base model to score the reference log-prob per token:
+the promotion gate with `reference_logprob`, the judge's quality guard with `reference_logprob` (except
+judge `human` and composition `rules_only`, which load no guard). Mirrors service/gate/promotion.py and
+judge/service.py. The gateway never loads it. dict "root" $ "component" "judge" */}}
 {{- define "odpo.loadsReferenceModel" -}}
 {{- $config := .root.Values.config }}
-{{- if eq .component "gateway" }}
-{{- include "odpo.settingOn" (dict "section" $config.gateway "key" "gate_reference_logprob") }}
+{{- if eq .component "gate" }}
+{{- include "odpo.settingOn" (dict "section" $config.gate "key" "reference_logprob") }}
 {{- else if eq .component "judge" }}
 {{- $judge := default dict $config.judge }}
 {{- if and (ne (toString (default "verifier" $judge.judge)) "human") (ne (toString (default "product" $judge.composition)) "rules_only") }}

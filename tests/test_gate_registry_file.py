@@ -1,11 +1,11 @@
-"""The policy registry survives a gateway restart: scores, promotions, pin and rollback history, from a real file."""
+"""The policy registry survives a gate restart: scores, promotions, pin and rollback history, from a real file."""
 
 from __future__ import annotations
 
 import json
 
-from service.gateway.book import VersionBook
-from service.gateway.registry_file import RegistryFile
+from service.registry.book import VersionBook
+from service.gate.registry_file import RegistryFile
 from tests.test_gateway_book import ready
 
 EVAL = {"heldout_prompts": 24, "eval_max_tokens": 48}
@@ -31,7 +31,7 @@ def a_book_with_history() -> VersionBook:
 
 
 def test_every_change_is_saved_and_a_new_book_restores_it(tmp_path):
-    path = tmp_path / "store" / "gateway-registry.json"
+    path = tmp_path / "store" / "gate-registry.json"
     book = VersionBook(0.05)
     assert RegistryFile(path, EVAL).attach(book) is False  # no file yet: the empty book is saved at once
     assert json.loads(path.read_text())["promoted"] == 0
@@ -51,7 +51,7 @@ def test_every_change_is_saved_and_a_new_book_restores_it(tmp_path):
 
 
 def test_scores_from_another_evaluation_are_dropped_and_base_is_scored_again(tmp_path):
-    path = tmp_path / "gateway-registry.json"
+    path = tmp_path / "gate-registry.json"
     RegistryFile(path, EVAL).attach(a_book_with_history())
     restored = VersionBook(0.05)
     RegistryFile(path, {**EVAL, "heldout_prompts": 8}).attach(restored)
@@ -62,13 +62,13 @@ def test_scores_from_another_evaluation_are_dropped_and_base_is_scored_again(tmp
 
 
 def test_an_unreadable_file_is_set_aside_and_the_gateway_starts_fresh(tmp_path):
-    path = tmp_path / "gateway-registry.json"
+    path = tmp_path / "gate-registry.json"
     for content in ("{not json", json.dumps({"format": 99}), json.dumps({"format": 1, "promoted": 5, "records": []})):
         path.write_text(content)
         book = VersionBook(0.05)
         assert RegistryFile(path, EVAL).attach(book) is False
         assert book.promoted == 0 and book.record(0) is not None
-        assert (tmp_path / "gateway-registry.json.unreadable").read_text() == content
+        assert (tmp_path / "gate-registry.json.unreadable").read_text() == content
         assert json.loads(path.read_text())["promoted"] == 0, "a fresh registry is written in its place"
 
 

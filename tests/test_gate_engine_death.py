@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import httpx
 
-from service.gateway.book import VersionBook
-from service.gateway.gate import SERVER_ERROR_TRIES, PromotionGate
-from service.gateway.metrics import ScoreGauge
-from core.settings import CommonSettings, GatewaySettings
+from service.registry.book import VersionBook
+from service.gate.promotion import SERVER_ERROR_TRIES, PromotionGate
+from service.gate.metrics import ScoreGauge
+from core.settings import CommonSettings, GateSettings
 from tests.test_gateway_book import ready
 
 ENGINE_DEAD = (b'{"error":{"message":"EngineCore encountered an issue. See stack trace (above) for the root cause.",'
@@ -25,7 +25,7 @@ def gate_scoring(version: int, answer: httpx.Response) -> tuple[PromotionGate, V
     assert book.next_evaluation() == (0, [])
     book.decide(0, 0.5)
     book.add(ready(version))
-    gate = PromotionGate(book, adapters=None, settings=GatewaySettings(), bootstrap="127.0.0.1:1",
+    gate = PromotionGate(book, adapters=None, settings=GateSettings(), bootstrap="127.0.0.1:1",
                          scores=ScoreGauge(4), common=CommonSettings())
 
     def engine_answers(v):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 
 from judge.signals import score_answers
-from service.gateway.verdict import judge_version
-from core.settings import GatewaySettings
+from service.gate.verdict import judge_version
+from core.settings import GateSettings
 from service.task import make_prompts
 
-LIMITS = GatewaySettings().gate_limits()
+LIMITS = GateSettings().gate_limits()
 PROMPTS = make_prompts("heldout", 60)
 
 
