@@ -3,11 +3,14 @@
 Precedence, highest first: explicit arguments, environment (`ODPO_...`), the
 YAML file named by `ODPO_CONFIG` (a mapping with one section per component:
 `common`, `generator`, `judge`, `trainer`, `gateway`, `gate`), then the defaults here.
-Unknown keys are errors (`extra="forbid"`), so a typo never goes unnoticed.
+Unknown keys are errors (`extra="forbid"`; the config file's sections and keys are checked with the
+closest name suggested), and the CLI refuses an ODPO_* variable that is no setting (`check_environment`),
+so a typo never goes unnoticed.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import string
@@ -16,31 +19,72 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
 
-class _YamlSection(PydanticBaseSettingsSource):
-    """Reads this component's section of the YAML file named by ODPO_CONFIG."""
+SECTIONS = ("common", "generator", "judge", "trainer", "gateway", "gate")
+# ODPO_* variables that are not settings: the config file's path, the store the generator hands its vLLM's LoRA
+# resolver (generator/lora_resolver.py), and the judge's default API-key variable (`llm_judge_api_key_env`).
+OTHER_VARIABLES = {"ODPO_CONFIG", "ODPO_LORA_STORE", "ODPO_JUDGE_LLM_API_KEY"}
+
+
+def _closest(name: str, known) -> str:
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _config_file() -> dict[str, Any]:
+    """The YAML file named by ODPO_CONFIG, checked: a mapping of known sections, each of known keys."""
+    path = os.environ.get("ODPO_CONFIG")
+    if not path:
+        return {}
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read the config file ({str(exc).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: the config file must be a mapping of sections")
+    classes = {cls._section.default: cls for cls in _ComponentSettings.__subclasses__()}
+    for section, data in loaded.items():
+        if section not in SECTIONS:
+            raise ValueError(f"{path}: unknown section `{section}`{_closest(str(section), SECTIONS)}")
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: section `{section}` must be a mapping")
+        fields = classes[section].model_fields
+        for key in data:
+            if key not in fields:
+                raise ValueError(f"{path}: unknown key `{key}` in section `{section}`{_closest(str(key), fields)}")
+    return loaded
+
+
+class _YamlSection(YamlConfigSettingsSource):
+    """This component's section of the YAML file named by ODPO_CONFIG (pydantic-settings' own YAML source),
+    after `_config_file` checked every section and key."""
 
     def __init__(self, settings_cls: type[BaseSettings], section: str):
-        super().__init__(settings_cls)
-        path = os.environ.get("ODPO_CONFIG")
-        data: dict[str, Any] = {}
-        if path:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{path}: the config file must be a mapping of sections")
-            data = loaded.get(section) or {}
-            if not isinstance(data, dict):
-                raise ValueError(f"{path}: section `{section}` must be a mapping")
-        self._data = data
+        loaded = _config_file()
+        path = os.environ.get("ODPO_CONFIG") if section in loaded and loaded[section] else None
+        super().__init__(settings_cls, yaml_file=path, yaml_config_section=section if path else None)
 
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self._data.get(field_name), field_name, False
 
-    def __call__(self) -> dict[str, Any]:
-        return dict(self._data)
+def setting_names() -> dict[str, str]:
+    """Every settings variable (ODPO_...) and the section.field it sets."""
+    names = {}
+    for cls in _ComponentSettings.__subclasses__():
+        prefix = cls.model_config["env_prefix"]
+        names.update({f"{prefix}{field}".upper(): f"{cls._section.default}.{field}" for field in cls.model_fields})
+    return names
+
+
+def check_environment(environ: dict[str, str] | None = None) -> None:
+    """Raise ValueError naming the first ODPO_* variable that is no setting (a typo is never ignored)."""
+    environ = os.environ if environ is None else environ
+    known = setting_names()
+    for name in sorted(environ):
+        if name.upper().startswith("ODPO_") and name.upper() not in known and name.upper() not in OTHER_VARIABLES:
+            raise ValueError(f"unknown setting {name}{_closest(name.upper(), known)}")
 
 
 class _ComponentSettings(BaseSettings):

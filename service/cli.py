@@ -16,24 +16,43 @@ from pydantic import ValidationError
 from core.errors import UsageError
 
 
+COMPONENTS = (("generator", "GeneratorSettings", "vLLM server + sampler + adapter hot-swap."),
+              ("judge", "JudgeSettings", "Score candidates, publish preference pairs."),
+              ("trainer", "TrainerSettings", "Rolling LoRA DPO updates, publish adapters."),
+              ("gateway", "GatewaySettings", "OpenAI-compatible HTTP front door (any number of replicas)."),
+              ("gate", "GateSettings", "Promotion gate: scores new versions, the registry's one writer, admin API."))
+
+
 def _settings(cls):
+    """`cls` from the environment and ODPO_CONFIG, or a UsageError: an ODPO_* variable that is no setting, an
+    unknown section or key of the config file, or a bad value (named by variable and section.field)."""
+    from core.settings import check_environment
+
     try:
+        check_environment()
         return cls()
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err.get("loc", ())) or "?"
         prefix = cls.model_config.get("env_prefix", "")
-        raise UsageError(f"invalid setting {prefix}{where.upper()}: {err.get('msg')}") from None
-    except (ValueError, OSError) as exc:  # an unreadable or malformed ODPO_CONFIG file
+        raise UsageError(f"invalid setting {prefix}{where.upper()} ({cls._section.default}.{where}): "
+                         f"{err.get('msg')}") from None
+    except (ValueError, OSError) as exc:  # an unknown variable, an unreadable or malformed ODPO_CONFIG file
         raise UsageError(str(exc).splitlines()[0]) from None
+
+
+def _at_least(**given: tuple[float | None, float]) -> None:
+    """A UsageError naming the first option whose value is below its minimum (None: not given)."""
+    for option, (value, minimum) in given.items():
+        if value is not None and value < minimum:
+            raise UsageError(f"--{option.replace('_', '-')} must be >= {minimum:g} (got {value:g})")
 
 
 def _run_component(name: str) -> int:
     from core import settings as s
     from core.runtime import setup_logging, stop_on_signals
 
-    component_settings = {"generator": s.GeneratorSettings, "judge": s.JudgeSettings,
-                          "trainer": s.TrainerSettings, "gateway": s.GatewaySettings, "gate": s.GateSettings}[name]
+    component_settings = getattr(s, next(cls for n, cls, _ in COMPONENTS if n == name))
     common, settings = _settings(s.CommonSettings), _settings(component_settings)
     setup_logging(common.log_level)
     if name in ("gateway", "gate"):
@@ -95,17 +114,16 @@ def _up(args) -> int:
     from service.launcher import RestartPolicy
     from service.up import UpOptions, earlier_run, run_up
 
-    if args.rounds is not None and args.rounds < 1:
-        raise UsageError("--rounds must be >= 1")
-    if args.pair_backlog is not None and args.pair_backlog < 0:
-        raise UsageError("--pair-backlog must be >= 0")
-    if args.max_restarts < 0 or args.restart_window <= 0:
-        raise UsageError("--max-restarts must be >= 0 and --restart-window > 0")
+    _at_least(rounds=(args.rounds, 1), pair_backlog=(args.pair_backlog, 0), max_restarts=(args.max_restarts, 0),
+              restart_window=(args.restart_window, 1), train_prompts=(args.train_prompts, 1),
+              heldout_prompts=(args.heldout_prompts, 1), heldout_prompts_max=(args.heldout_prompts_max, 1),
+              window_pairs=(args.window_pairs, 1), port=(args.port, 1), metrics_port=(args.metrics_port, 0))
     if args.resume is not None and not earlier_run(args.resume):
         raise UsageError(f"--resume {args.resume}: no earlier run there (no versions in its store, no feed.json)")
     if args.gate_port < 0 or args.gate_port > 65535 or args.gate_port == args.port:
         raise UsageError("--gate-port must be a free port other than --port (0: pick one)")
-    for cls in (s.CommonSettings, s.GeneratorSettings, s.TrainerSettings):  # one line now, not a crash loop later
+    # every component's settings, as its process will read them: one line now, not a crash loop later
+    for cls in (s.CommonSettings, *(getattr(s, cls) for _, cls, _ in COMPONENTS)):
         _settings(cls)
     opts = UpOptions(rounds=args.rounds, port=args.port, run_dir=args.resume or args.run_dir,
                      train_prompts=args.train_prompts, heldout_prompts=args.heldout_prompts,
@@ -119,6 +137,9 @@ def _up(args) -> int:
 def _eval(args) -> int:
     from service.eval_run import EvalOptions, run_eval
 
+    _at_least(prompts=(args.prompts, 1), max_tokens=(args.max_tokens, 1), concurrency=(args.concurrency, 1),
+              examples=(args.examples, 0), suite_max_tokens=(args.suite_max_tokens, 1),
+              suite_limit=(args.suite_limit, 1))
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise UsageError("--models names no model")
@@ -250,8 +271,46 @@ def _export_pairs(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("odpo")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _settings_help(name: str, cls_name: str) -> str:
+    """Every setting of a component (and the common ones), for its --help: variable, default, meaning."""
+    from core import settings as s
+
+    lines = ["settings (environment variable, or the key in section of the ODPO_CONFIG YAML file):"]
+    for cls in (getattr(s, cls_name), s.CommonSettings):
+        prefix, section = cls.model_config["env_prefix"], cls._section.default
+        lines.append(f"  [{section}]")
+        for field, info in cls.model_fields.items():
+            default = "(secret)" if "secret" in str(info.annotation).lower() else repr(info.get_default(
+                call_default_factory=True))
+            lines.append(f"  {prefix}{field.upper()} = {default}")
+            lines.append(f"      {info.description or ''}")
+    return "\n".join(lines)
+
+
+def _config_show(args) -> int:
+    import yaml
+
+    from core import settings as s
+
+    classes = {"common": s.CommonSettings, **{n: getattr(s, cls) for n, cls, _ in COMPONENTS}}
+    shown = {name: _settings(cls).model_dump(mode="json") for name, cls in classes.items()
+             if args.section in (None, name)}
+    print(yaml.safe_dump(shown, sort_keys=False, width=120), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="odpo", description="Online DPO: sample, judge, train, hot-swap, repeat.")
+    p.add_argument("--version", action="version", version=f"odpo {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="Run the whole loop on this machine (embedded broker, packaged model).")
@@ -286,13 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: one window; 0: never hold).")
     up.set_defaults(func=_up)
 
-    for name, text in (("generator", "vLLM server + sampler + adapter hot-swap."),
-                       ("judge", "Score candidates, publish preference pairs."),
-                       ("trainer", "Rolling LoRA DPO updates, publish adapters."),
-                       ("gateway", "OpenAI-compatible HTTP front door (any number of replicas)."),
-                       ("gate", "Promotion gate: scores new versions, the registry's one writer, admin API.")):
-        c = sub.add_parser(name, help=text)
+    for name, cls, text in COMPONENTS:
+        c = sub.add_parser(name, help=text, description=text, epilog=_settings_help(name, cls),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         c.set_defaults(func=lambda args, name=name: _run_component(name))
+    cfg = sub.add_parser("config", help="Show the effective settings (environment, ODPO_CONFIG, defaults).")
+    cfg_sub = cfg.add_subparsers(dest="action", required=True)
+    show = cfg_sub.add_parser("show", help="Print every section's effective settings as YAML (secrets masked).")
+    show.add_argument("--section", choices=("common", *(n for n, _, _ in COMPONENTS)), default=None,
+                      help="Only this section.")
+    show.set_defaults(func=_config_show)
 
     b = sub.add_parser("broker", help="Run the embedded Tansu broker (memory only) in the foreground.")
     b.add_argument("--port", type=int, default=None, help="Port on 127.0.0.1 (default: a free one).")

@@ -2,7 +2,6 @@ import subprocess
 import sys
 
 import pytest
-from pydantic import ValidationError
 
 from core.settings import CommonSettings, GeneratorSettings, TrainerSettings
 
@@ -18,19 +17,39 @@ def test_env_and_yaml_precedence(tmp_path, monkeypatch):
     assert TrainerSettings(beta=0.5).beta == 0.5
 
 
-def test_unknown_keys_are_refused(tmp_path, monkeypatch):
+def test_unknown_keys_and_sections_are_refused_with_the_closest_name(tmp_path, monkeypatch):
     cfg = tmp_path / "odpo.yaml"
     cfg.write_text("generator:\n  temprature: 0.7\n")
     monkeypatch.setenv("ODPO_CONFIG", str(cfg))
-    with pytest.raises(ValidationError, match="temprature"):
+    with pytest.raises(ValueError, match="unknown key `temprature` in section `generator` \\(did you mean temperature"):
         GeneratorSettings()
+    with pytest.raises(ValueError, match="temprature"):  # every component refuses the file, not only its owner
+        TrainerSettings()
+    cfg.write_text("trainr:\n  beta: 0.2\n")
+    with pytest.raises(ValueError, match="unknown section `trainr` \\(did you mean trainer"):
+        TrainerSettings()
+    cfg.write_text("gate:\n  heldout_prompts: 7\n")
+    from core.settings import GateSettings
+
+    assert GateSettings().heldout_prompts == 7  # the gate has its own section
+
+
+def test_an_unknown_odpo_variable_is_named_with_the_closest_setting():
+    from core.settings import check_environment
+
+    with pytest.raises(ValueError, match=r"ODPO_TRAINER_BETTA \(did you mean ODPO_TRAINER_BETA\?\)"):
+        check_environment({"ODPO_TRAINER_BETTA": "0.2"})
+    with pytest.raises(ValueError, match=r"ODPO_GATEWAY_ADMIN_TOKEN \(did you mean ODPO_GATE_ADMIN_TOKEN\?\)"):
+        check_environment({"ODPO_GATEWAY_ADMIN_TOKEN": "x"})  # moved to the gate: an old deployment is told
+    check_environment({"ODPO_GATEWAY_PORT": "1", "ODPO_GATE_PORT": "2", "ODPO_BOOTSTRAP_SERVERS": "b:1",
+                       "ODPO_CONFIG": "c.yaml", "ODPO_LORA_STORE": "/s", "PATH": "/bin"})
 
 
 def test_every_setting_is_documented():
     from core import settings
 
     for cls in (settings.CommonSettings, settings.GeneratorSettings, settings.JudgeSettings,
-                settings.TrainerSettings, settings.GatewaySettings):
+                settings.TrainerSettings, settings.GatewaySettings, settings.GateSettings):
         undocumented = [n for n, f in cls.model_fields.items() if not f.description]
         assert not undocumented, f"{cls.__name__}: {undocumented}"
 
@@ -50,3 +69,30 @@ def test_cli_bad_setting_is_one_line_and_exit_2():
     assert r.returncode == 2 and "--rounds" in r.stderr
     r = _odpo("gateway", env={"ODPO_GATEWAY_PORT": "not-a-port"})
     assert r.returncode == 2 and r.stderr.startswith("odpo: error: invalid setting ODPO_GATEWAY_PORT")
+    r = _odpo("trainer", env={"ODPO_TRAINER_BETTA": "0.2"})
+    assert r.returncode == 2 and r.stderr.strip() == ("odpo: error: unknown setting ODPO_TRAINER_BETTA "
+                                                      "(did you mean ODPO_TRAINER_BETA?)")
+    r = _odpo("trainer", env={"ODPO_TRAINER_BETA": "-1"})
+    assert r.returncode == 2 and "ODPO_TRAINER_BETA (trainer.beta)" in r.stderr
+    for args in (("up", "--window-pairs", "0"), ("eval", "--concurrency", "0"), ("up", "--heldout-prompts", "0")):
+        r = _odpo(*args)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, (args, r.stderr)
+        assert f"{args[1]} must be >= 1 (got 0)" in r.stderr, r.stderr
+    # `odpo up` checks every component's settings before it starts anything (here the gate's)
+    r = _odpo("up", env={"ODPO_GATE_HELDOUT_PROMPTS": "0"})
+    assert r.returncode == 2 and "ODPO_GATE_HELDOUT_PROMPTS" in r.stderr
+
+
+def test_version_config_show_and_component_help():
+    r = _odpo("--version")
+    assert r.returncode == 0 and r.stdout.startswith("odpo 0.")
+    import yaml
+
+    r = _odpo("config", "show", env={"ODPO_GATE_ADMIN_TOKEN": "do-not-print-me", "ODPO_TRAINER_BETA": "0.25"})
+    assert r.returncode == 0, r.stderr
+    shown = yaml.safe_load(r.stdout)
+    assert set(shown) == {"common", "generator", "judge", "trainer", "gateway", "gate"}
+    assert shown["trainer"]["beta"] == 0.25 and shown["gate"]["admin_token"] == "**********"
+    assert "do-not-print-me" not in r.stdout
+    r = _odpo("gate", "--help")
+    assert r.returncode == 0 and "ODPO_GATE_HELDOUT_PROMPTS = 48" in r.stdout and "ODPO_BOOTSTRAP_SERVERS" in r.stdout
