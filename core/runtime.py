@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import signal
+import sys
 import threading
+import time
 
 from prometheus_client import start_http_server
 
@@ -14,8 +17,34 @@ from prometheus_client import start_http_server
 EXIT_CAUSE = "exit cause: "
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# Fields a log call may add with `extra=` that the JSON lines carry (the gateway's access log, request ids).
+LOG_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "model", "policy_version", "client",
+              "engine")
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per line: what log collectors (Loki, Elasticsearch, Cloud Logging) parse without rules."""
+
+    def __init__(self, component: str | None = None):
+        super().__init__()
+        self.component = component
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+                "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if self.component:
+            line["component"] = self.component
+        line.update({k: getattr(record, k) for k in LOG_FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text", component: str | None = None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines(component) if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("kafka").setLevel(logging.ERROR)  # kafka-python logs every reconnect at ERROR/INFO
     logging.getLogger("httpx").setLevel(logging.WARNING)
 

@@ -106,6 +106,10 @@ class CommonSettings(_ComponentSettings):
     cache_dir: Path = Field(default=Path("~/.cache/odpo"), description="Where the converted base model is cached.")
     base_model: Path | None = Field(default=None, description="A local HF model folder; default: the packaged SmolLM2-135M.")
     log_level: str = Field(default="INFO", description="Python logging level of every component.")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log lines as text, or one JSON object per line (ts, level, logger, message, "
+                                    "component; the gateway's access log adds request_id, method, path, status, "
+                                    "duration_ms, model).")
     metrics_host: str = Field(default="127.0.0.1", description="Address /metrics listens on (0.0.0.0 in a pod).")
     task_curriculum: Literal["basic", "formats", "mixed"] = Field(
         default="mixed", description="The bundled task `odpo up` feeds and the gate and `odpo eval` score on: "

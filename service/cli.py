@@ -54,7 +54,7 @@ def _run_component(name: str) -> int:
 
     component_settings = getattr(s, next(cls for n, cls, _ in COMPONENTS if n == name))
     common, settings = _settings(s.CommonSettings), _settings(component_settings)
-    setup_logging(common.log_level)
+    setup_logging(common.log_level, common.log_format, name)
     if name in ("gateway", "gate"):
         return _run_http(name, settings, common)
     if name == "generator":
@@ -101,7 +101,7 @@ def _prepare_model(args) -> int:
     from core.settings import CommonSettings
 
     common = _settings(CommonSettings)
-    setup_logging(common.log_level)
+    setup_logging(common.log_level, common.log_format)
     try:
         print(base_model_dir(common.cache_dir, common.base_model))
     except AssetError as exc:
@@ -188,7 +188,7 @@ def _offline(args) -> int:
     from trainer.offline import BadInput, eval_pairs, train_pairs, trainer_settings
 
     common = _settings(CommonSettings)
-    setup_logging(common.log_level)
+    setup_logging(common.log_level, common.log_format)
     try:
         model_dir = base_model_dir(common.cache_dir, args.base_model or common.base_model)
         settings = trainer_settings(**{k: getattr(args, k, None) for k in (

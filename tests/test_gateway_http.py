@@ -7,6 +7,8 @@ absent without one.
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -179,3 +181,30 @@ def test_the_gateway_never_imports_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_request_ids_and_the_access_log(gateway, caplog):
+    """Every answer carries an x-request-id (the client's when it is a plain token, else a new one), and each
+    request is one access-log line with it; JSON log lines carry the same fields."""
+    import json
+    import logging
+
+    from core.runtime import JsonLines
+
+    caplog.set_level(logging.INFO, logger="odpo.access")
+    mine = httpx.post(f"{gateway}/v1/chat/completions", content=CHAT, headers={"x-request-id": "client-42.a_b",
+                                                                                "content-type": "application/json"})
+    assert mine.headers["x-request-id"] == "client-42.a_b"
+    for bad in ("has space", "x" * 129, "quote\""):
+        other = httpx.post(f"{gateway}/v1/chat/completions", content=CHAT, headers={"x-request-id": bad,
+                                                                                    "content-type": "application/json"})
+        assert other.headers["x-request-id"] != bad and len(other.headers["x-request-id"]) == 32
+    deadline = time.monotonic() + 5
+    while not (lines := [r for r in caplog.records if getattr(r, "request_id", None) == "client-42.a_b"]):
+        assert time.monotonic() < deadline, "no access-log line for the request"
+        time.sleep(0.05)
+    line = json.loads(JsonLines("gateway").format(lines[0]))
+    assert {k: line[k] for k in ("request_id", "method", "path", "status", "component", "logger")} == {
+        "request_id": "client-42.a_b", "method": "POST", "path": "/v1/chat/completions", "status": mine.status_code,
+        "component": "gateway", "logger": "odpo.access"}
+    assert line["duration_ms"] >= 0 and line["level"] == "INFO" and line["ts"].endswith("Z")

@@ -96,3 +96,19 @@ def test_version_config_show_and_component_help():
     assert "do-not-print-me" not in r.stdout
     r = _odpo("gate", "--help")
     assert r.returncode == 0 and "ODPO_GATE_HELDOUT_PROMPTS = 48" in r.stdout and "ODPO_BOOTSTRAP_SERVERS" in r.stdout
+
+
+def test_json_log_lines():
+    """ODPO_LOG_FORMAT=json: one JSON object per line, exceptions included, as a component writes them."""
+    import json
+    import os
+
+    code = ("from core.runtime import setup_logging; from core.settings import CommonSettings; import logging; "
+            "c = CommonSettings(); setup_logging(c.log_level, c.log_format, 'judge'); log = logging.getLogger('x'); "
+            "log.info('hello %s', 'there')\ntry:\n    1 / 0\nexcept ZeroDivisionError:\n    log.exception('boom')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "ODPO_LOG_FORMAT": "json"})
+    lines = [json.loads(line) for line in r.stderr.splitlines()]
+    assert [(x["level"], x["logger"], x["message"], x["component"]) for x in lines] == [
+        ("INFO", "x", "hello there", "judge"), ("ERROR", "x", "boom", "judge")]
+    assert "ZeroDivisionError" in lines[1]["exc"]

@@ -7,7 +7,10 @@ scores and decisions are the gate's own metrics (service/gate/metrics.py).
 
 from __future__ import annotations
 
+import logging
+import re
 import time
+import uuid
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -36,6 +39,9 @@ ENGINE_REQUESTS = Counter("odpo_gateway_engine_requests_total", "Requests forwar
 SERVED_KEPT = Gauge("odpo_gateway_served_responses", "Served responses kept for feedback.")
 
 KNOWN_ALIASES = (POLICY_ALIAS, BASE_MODEL_NAME)
+ACCESS = logging.getLogger("odpo.access")
+QUIET_PATHS = ("/healthz", "/readyz", "/metrics")  # probes and scrapes: access-logged at DEBUG only
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 def alias_label(model: object) -> str:
@@ -46,9 +52,12 @@ def alias_label(model: object) -> str:
 
 
 class RequestMetrics:
-    """Pure ASGI middleware: counts and times every HTTP request by route template, alias and status.
+    """Pure ASGI middleware: counts and times every HTTP request by route template, alias and status, gives it
+    a request id and writes the access log (logger `odpo.access`, one line per request).
 
-    A handler sets `request.state.odpo_alias`; streams are timed to their last byte.
+    The request id is the client's `x-request-id` when it is a plain token (up to 128 of A-Z a-z 0-9 . _ -),
+    else a new one; it is in `request.state.request_id` (forwarding sends it on to vLLM) and in the response's
+    `x-request-id`. A handler sets `request.state.odpo_alias`; streams are timed to their last byte.
     """
 
     def __init__(self, app):
@@ -60,10 +69,13 @@ class RequestMetrics:
         started = time.perf_counter()
         status = [500, False]  # status code, observed yet
         state = scope.setdefault("state", {})
+        state["request_id"] = request_id = _request_id(scope)
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode())]}
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False) and not status[1]:
                 status[1] = True
@@ -76,13 +88,30 @@ class RequestMetrics:
                 _observe(scope, state, status[0], started)
 
 
+def _request_id(scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            given = value.decode("latin-1")
+            if _REQUEST_ID.fullmatch(given):
+                return given
+            break
+    return uuid.uuid4().hex
+
+
 def _observe(scope, state, status: int, started: float) -> None:
     route = scope.get("route")
     path = getattr(route, "path", None) or "other"
     alias = state.get("odpo_alias", "-")
     code = str(status)
+    seconds = time.perf_counter() - started
     REQUESTS.labels(path, alias, code).inc()
-    LATENCY.labels(path, alias, code).observe(time.perf_counter() - started)
+    LATENCY.labels(path, alias, code).observe(seconds)
+    client = scope.get("client")
+    ACCESS.log(logging.DEBUG if path in QUIET_PATHS else logging.INFO, "%s %s %d %.1f ms %s", scope.get("method"), scope.get("path"), status, seconds * 1000,
+                state.get("request_id"), extra={
+                    "request_id": state.get("request_id"), "method": scope.get("method"), "path": scope.get("path"),
+                    "status": status, "duration_ms": round(seconds * 1000, 1), "model": alias,
+                    "client": client[0] if client else None})
 
 
 def sync_promoted(book) -> None:
