@@ -69,7 +69,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt, on both sides")
     ap.add_argument("--hf-threads", type=int, default=1, help="torch threads for HF generate")
     ap.add_argument("--no-lora", action="store_true", help="skip the LoRA row")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--out", "--json", dest="out", type=Path, default=None,
+                    help="also write the results here as JSON (--json: its old name)")
     args = ap.parse_args()
     quiet_logs()
     import torch
@@ -117,7 +118,7 @@ def main() -> None:
         result["rows"][label] = {"vllm_tokens_per_s": vt / vs, "hf_tokens_per_s": ht / hs,
                                  "ratio": (vt / vs) / (ht / hs), "same_first_8_tokens": f"{same}/{len(prompts)}"}
         print(f"{label:<10} {vt / vs:>11.1f} {ht / hs:>9.1f} {(vt / vs) / (ht / hs):>7.2f}x  {same}/{len(prompts)}")
-    write_json(args.json, result)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -224,7 +224,8 @@ def main() -> None:
     ap.add_argument("--reloads", type=int, default=5, help="merge + in-place weight reload repetitions (0 = skip)")
     ap.add_argument("--compile", action="store_true",
                     help="let the full-weight server torch.compile at start (vLLM's default without LoRA)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--out", "--json", dest="out", type=Path, default=None,
+                    help="also write the results here as JSON (--json: its old name)")
     args = ap.parse_args()
     if args.swaps < 10:
         ap.error("--swaps must be at least 10")
@@ -269,7 +270,7 @@ def main() -> None:
         print(f"full weights, merge + {kind}, {s['n']} reps: p50 {s['p50']:.2f} s, p95 {s['p95']:.2f} s  "
               f"-> {s['p50'] / hs['p50']:.0f}x the hot swap's p50 (same greedy answer as the LoRA version: "
               f"{same}/{len(answers)})")
-    write_json(args.json, result)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

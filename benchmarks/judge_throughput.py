@@ -20,6 +20,7 @@ import argparse
 import random
 import time
 import uuid
+from pathlib import Path
 
 from kafka import TopicPartition
 
@@ -30,6 +31,7 @@ from core.broker import EmbeddedBroker
 from core.bus import Inbox, ensure_topics, make_producer
 from core.contracts import CandidateSet, Completion, SamplingParams
 from core.settings import JudgeSettings
+from benchmarks.common import write_json
 from service.task import make_prompts
 
 POOL = [
@@ -100,6 +102,7 @@ def on_broker(sets: list[CandidateSet], bootstrap: str) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", type=int, default=2000, help="Candidate sets (n=4 each) to judge.")
+    ap.add_argument("--out", type=Path, default=None, help="Also write the results here as JSON.")
     args = ap.parse_args()
     sets = candidate_sets(args.sets)
     local_rate, local_pairs = in_process(sets)
@@ -111,6 +114,8 @@ def main() -> None:
     print(f"in process (verifier + pair construction): {local_rate:8.0f} sets/s")
     print(f"judge loop on the Tansu broker:             {broker_rate:8.0f} sets/s")
     print(f"ratio broker / in-process: {broker_rate / local_rate:.2f}")
+    write_json(args.out, {"sets": args.sets, "pairs": local_pairs, "in_process_sets_per_s": local_rate,
+                          "broker_sets_per_s": broker_rate, "ratio": broker_rate / local_rate})
 
 
 if __name__ == "__main__":

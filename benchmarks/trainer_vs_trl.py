@@ -131,6 +131,7 @@ def main() -> int:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0, help="Prompt set and sampling seed.")
+    ap.add_argument("--out", type=Path, default=None, help="Also write the results here as JSON.")
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -156,6 +157,10 @@ def main() -> int:
         print(f"{i + 1:4d}  {a:.7f}   {b:.7f}   {abs(a - b):.2e}")
     print(f"\nodpo {n / odpo_s:.3f} pairs/s, TRL {n / trl_s:.3f} pairs/s, ratio {trl_s / odpo_s:.2f}x; "
           f"max |loss diff| over {len(diffs)} steps: {max(diffs):.2e}")
+    from benchmarks.common import write_json
+
+    write_json(args.out, {"pairs": n, "odpo_s": odpo_s, "trl_s": trl_s, "ratio_trl_over_odpo": trl_s / odpo_s,
+                          "odpo_losses": odpo_losses, "trl_losses": trl_losses, "max_abs_loss_diff": max(diffs)})
     if len(odpo_losses) != len(trl_losses):
         print(f"step counts differ: odpo {len(odpo_losses)}, TRL {len(trl_losses)}")
         return 1
