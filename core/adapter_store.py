@@ -25,12 +25,19 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from prometheus_client import Counter
+
 from core.contracts import AdapterReady, version_name
 
 _VERSION_DIR = re.compile(r"^policy-v([1-9][0-9]*)$")
 ANNOUNCED_DIR = "announced"
 PUBLISHED_FILE = "trainer-published"
 HOLDS_DIR = "holds"
+
+UNANNOUNCED = Counter("odpo_bus_unannounced_adapters_total",
+                      "AdapterReady messages refused (dead-lettered) because the store's announced/ record of their "
+                      "version is missing or differs, or they name another folder than policy-v<N>, by component.",
+                      ["component"])
 
 
 def version_path(store: Path, version: int) -> Path:
@@ -148,6 +155,49 @@ def announced_versions(store: Path) -> list[int]:
     found = (_VERSION_DIR.match(n) for n in names)
     store_versions = set(published_versions(store))
     return sorted(v for v in (int(m.group(1)) for m in found if m) if v in store_versions)
+
+
+class NotAnnounced(Exception):
+    """An `AdapterReady` from the topic that the store does not back: `reason` says why. `stale` is True for a
+    version retention already deleted (older than the store's newest announced one, its record and folder gone):
+    an old message on the compacted topic, to skip, not a forgery to dead-letter."""
+
+    def __init__(self, reason: str, stale: bool = False):
+        super().__init__(reason)
+        self.reason, self.stale = reason, stale
+
+
+def check_announced(store: Path, ready: AdapterReady, component: str) -> AdapterReady:
+    """`ready` (read from odpo.adapters) if the store's `announced/` record of its version is that very message
+    and it names that version's folder; raises NotAnnounced otherwise.
+
+    The trainer writes the record before the Kafka message (`write_manifest`), so a real message always finds
+    it. The message's own sha256 proves nothing: anyone who can write the topic can replay version 3's digest
+    and path as version 2^31, which would become the newest version and make every real one after it look old.
+    Every reader of the topic (the generator's watcher, the gate) takes a message only through this check;
+    a refusal that is not `stale` is counted for `component`.
+    """
+    try:
+        return _check_announced(Path(store), ready)
+    except NotAnnounced as exc:
+        if not exc.stale:
+            UNANNOUNCED.labels(component).inc()
+        raise
+
+
+def _check_announced(store: Path, ready: AdapterReady) -> AdapterReady:
+    expected = version_name(ready.version)
+    if ready.path != expected:
+        raise NotAnnounced(f"{expected} names the folder {ready.path!r}, not {expected!r}")
+    record = read_manifest(store, ready.version)
+    if record is None:
+        newest = max(announced_versions(store), default=0)
+        stale = ready.version < newest and not version_path(store, ready.version).exists()
+        raise NotAnnounced(f"the adapter store has no announced record of {expected}", stale=stale)
+    if record.model_dump(exclude={"created_at"}) != ready.model_dump(exclude={"created_at"}):
+        differ = sorted(k for k, v in record.model_dump().items() if getattr(ready, k) != v and k != "created_at")
+        raise NotAnnounced(f"{expected} differs from the store's announced record in {', '.join(differ)}")
+    return ready
 
 
 def newest_ready(store: Path) -> AdapterReady | None:

@@ -19,6 +19,7 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter
 from pydantic import ValidationError
 
+from core import signing
 from core.contracts import ALL_TOPICS, TOPIC_ADAPTERS, TOPIC_CONTROL, TOPIC_DLQ, DeadLetter, _Message
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,19 @@ def make_producer(bootstrap: str) -> KafkaProducer:
 
 
 def publish(producer: KafkaProducer, topic: str, key: str | None, message: _Message, flush: bool = True) -> None:
-    """Send one contract message; with `flush` it is durable when this returns."""
-    future = producer.send(topic, key=key.encode() if key is not None else None, value=message.to_bytes())
+    """Send one contract message, signed when a message key is configured (core/signing.py); with `flush` it is
+    durable when this returns."""
+    future = send(producer, topic, key, message.to_bytes())
     if flush:
         producer.flush()
         future.get(timeout=30)
+
+
+def send(producer: KafkaProducer, topic: str, key: str | None, value: bytes | None, **kwargs):
+    """`producer.send` of raw bytes with the signature header (every producer of odpo's topics sends through
+    this or `publish`); returns the future."""
+    return producer.send(topic, key=key.encode() if key is not None else None, value=value,
+                         headers=signing.headers(topic, value), **kwargs)
 
 
 @dataclass(frozen=True)
@@ -245,6 +254,10 @@ class Inbox(Generic[M]):
         return out
 
     def _decode(self, rec) -> Envelope[M] | None:
+        refused = signing.refusal(rec.topic, rec.value, getattr(rec, "headers", None), self.component)
+        if refused is not None:
+            self._reject(rec, f"signature: {refused} (odpo-sig header; see core/signing.py)")
+            return None
         try:
             value = self.model.from_bytes(rec.value)
         except ValidationError as exc:

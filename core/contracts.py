@@ -13,6 +13,7 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
+import regex
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
@@ -34,6 +35,11 @@ POLICY_ALIAS = "policy"
 _VERSION_NAME = re.compile(r"^policy-v([1-9][0-9]*)$")
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
+
+# A `regex` task's pattern (judge/rules.py) comes from whoever wrote the prompt; the judge runs it with a time
+# limit, and a prompt carrying a longer or uncompilable one is refused where it is accepted (the gateway's 400,
+# the generator's DLQ).
+MAX_REGEX_PATTERN_CHARS = 512
 
 
 def version_name(version: int) -> str:
@@ -89,7 +95,20 @@ class PromptEvent(_Message):
                 raise ValueError("the last message must be a user turn")
         if self.text is not None and not self.text.strip():
             raise ValueError("`text` must not be blank")
+        if self.task.get("kind") == "regex":
+            _check_pattern(self.task.get("pattern"))
         return self
+
+
+def _check_pattern(pattern: Any) -> None:
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError("a regex task's `pattern` must be a non-empty string")
+    if len(pattern) > MAX_REGEX_PATTERN_CHARS:
+        raise ValueError(f"a regex task's `pattern` may have at most {MAX_REGEX_PATTERN_CHARS} characters")
+    try:
+        regex.compile(pattern)
+    except (regex.error, RecursionError, OverflowError) as exc:
+        raise ValueError(f"a regex task's `pattern` does not compile: {exc}") from None
 
 
 class Completion(BaseModel):

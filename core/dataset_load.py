@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 
 from pydantic import ValidationError
 
-from core.bus import validation_message
+from core.bus import send, validation_message
 from core.contracts import (
     DATASET_JUDGE,
     ChatMessage,
@@ -174,7 +174,7 @@ def load_and_publish(path: Path, kind: str, bootstrap: str, on_error: str = "sto
         ensure_topics(bootstrap, [topic])
         producer = make_producer(bootstrap)
         try:
-            futures = [producer.send(topic, key=key.encode(), value=m.to_bytes()) for key, m in loaded.messages]
+            futures = [send(producer, topic, key, m.to_bytes()) for key, m in loaded.messages]
             producer.flush()
             for f in futures:
                 f.get(timeout=30)

@@ -114,6 +114,23 @@ class CommonSettings(_ComponentSettings):
     task_curriculum: Literal["basic", "formats", "mixed"] = Field(
         default="mixed", description="The bundled task `odpo up` feeds and the gate and `odpo eval` score on: "
                                      "basic constraints, the format families, or both in turn (service/task.py).")
+    message_key: SecretStr | None = Field(
+        default=None, description="Key(s) that sign and check every message between components (core/signing.py): "
+        "`<id>:<secret>` entries (secret of 16+ bytes) separated by commas; every listed key is accepted, the first "
+        "signs. With a key, a record on odpo.prompts, .candidates, .preferences, .adapters, .feedback or .control "
+        "without a valid `odpo-sig` header is dead-lettered (skipped on odpo.control). None (and no key file): "
+        "nothing is signed or checked. `odpo up` generates one per run when neither is set.")
+    message_key_file: Path | None = Field(
+        default=None, description="A file holding `message_key`'s entries, one per line (a mounted Kubernetes "
+                                  "Secret); read at start. Not together with message_key.")
+
+    @model_validator(mode="after")
+    def _usable_keys(self) -> "CommonSettings":
+        from core.message_keys import keys_from
+
+        keys_from(self.message_key.get_secret_value() if self.message_key is not None else None,
+                  self.message_key_file)  # a key that cannot be used is a settings error (exit 2), not a crash later
+        return self
 
     def model_post_init(self, __context: Any) -> None:
         self.store_dir = self.store_dir.expanduser()
@@ -241,6 +258,11 @@ class JudgeSettings(_ComponentSettings):
     verifier_callables: list[str] = Field(
         default_factory=list, description="Modules whose functions `callable` tasks may name (pkg.mod:fn); empty = "
                                           "the callable kind is off (a message must not pick code to run).")
+    regex_timeout_s: float = Field(
+        default=0.1, gt=0, le=10, description="Time limit of one `regex` task match on one answer (the `regex` "
+        "library's timeout). A prompt's pattern comes from whoever wrote the prompt, and a catastrophic one would "
+        "otherwise hang the judge on the same message after every restart; an answer whose match runs out of time "
+        "scores 0, is logged once per pattern and counted (odpo_judge_regex_timeouts_total).")
     reward_model_path: Path | None = Field(default=None, description="Local HF sequence-classification folder (num_labels=1).")
     reward_model_device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the reward model runs (auto: CUDA when present).")
     reward_model_dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Reward model weights dtype.")

@@ -26,7 +26,7 @@ import httpx
 
 from generator.adapters import AdapterManager, AdapterRejected
 from generator.metrics import STORE_CATCH_UPS, VERSIONS_BEHIND
-from core.adapter_store import announced_versions, read_manifest
+from core.adapter_store import NotAnnounced, announced_versions, check_announced, read_manifest
 from core.bus import Envelope, Inbox
 from core.contracts import AdapterReady, version_name
 
@@ -88,6 +88,11 @@ class AdapterWatcher:
             ready = read_manifest(self.store, version)
             if ready is None or (ready.version, ready.sha256) in self._refused_store:
                 continue
+            try:  # the record names its own version's folder (the same check as for the topic's messages)
+                check_announced(self.store, ready, "generator")
+            except NotAnnounced as exc:
+                self._refused(ready, None, exc.reason)
+                continue
             log.warning("the adapter store holds %s but odpo.adapters did not bring it (serving version %d): "
                         "loading it from the store", version_name(ready.version), current)
             STORE_CATCH_UPS.inc()
@@ -115,7 +120,17 @@ class AdapterWatcher:
 
     def _apply(self, ready: AdapterReady, halt: threading.Event, env: Envelope[AdapterReady] | None) -> bool:
         """Apply one version; a refused one is dead-lettered (when it came from the topic); an unreachable
-        server is retried."""
+        server is retried. A message from the topic is taken only if the store's announced record of its version
+        is that message (core/adapter_store.py, `check_announced`): a forged one is dead-lettered."""
+        if env is not None and self.store is not None and ready.version > self.adapters.current_version:
+            try:
+                check_announced(self.store, ready, "generator")
+            except NotAnnounced as exc:
+                if exc.stale:  # an old message of a version retention deleted (a compacted topic keeps it)
+                    log.debug("skipping %s: %s", version_name(ready.version), exc.reason)
+                else:
+                    self.inbox.reject(env, f"not announced in the adapter store: {exc.reason}")
+                return False
         while not halt.is_set():
             try:
                 return self.adapters.apply(ready)

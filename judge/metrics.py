@@ -23,6 +23,9 @@ DROPPED = Counter("odpo_judge_pairs_dropped_total",
 GUARD_FAILURES = Counter("odpo_judge_guard_failures_total",
                          "Judged responses the quality guard failed (never chosen), by reason: empty, too_short, "
                          "repetitive, off_topic, disfluent.", ["reason"])
+REGEX_TIMEOUTS = Counter("odpo_judge_regex_timeouts_total",
+                         "Regex task matches that ran out of their time limit (ODPO_JUDGE_REGEX_TIMEOUT_S); each "
+                         "such answer scored 0.")
 DEAD_LETTERS = Counter("odpo_judge_dead_letters_total", "Messages sent to odpo.dlq (invalid or unjudgeable).")
 UNAVAILABLE = Counter("odpo_judge_unavailable_total", "Batches put back because the judge could not work.")
 SCORES = Histogram("odpo_judge_score", "Score of each judged response, by plugin.", ["judge"],

@@ -31,7 +31,7 @@ def make_plugin(settings: JudgeSettings) -> Judge:
     """The scoring plugin `settings.judge` names (imports only what that plugin needs)."""
     if settings.judge == "verifier":
         from judge.rule_judge import RuleJudge
-        return RuleJudge(settings.verifier_callables)
+        return RuleJudge(settings.verifier_callables, settings.regex_timeout_s)
     if settings.judge == "reward_model":
         from judge.reward_model import RewardModelJudge
         if settings.reward_model_path is None:

@@ -28,7 +28,7 @@ from judge.registry import make_judge
 from judge.feedback import FeedbackPairer
 from judge.pairs import PairPolicy, build_pairs, repair_pair
 from judge.seen import SeenIds
-from core.bus import Envelope, Inbox, make_producer
+from core.bus import Envelope, Inbox, make_producer, send
 from core.contracts import (
     TOPIC_CANDIDATES,
     TOPIC_FEEDBACK,
@@ -57,7 +57,7 @@ class _Outbox:
             if not self.seen.add(pair.id):
                 M.DROPPED.labels("duplicate").inc()
                 continue
-            future = self.producer.send(TOPIC_PREFERENCES, key=pair.prompt.id.encode(), value=pair.to_bytes())
+            future = send(self.producer, TOPIC_PREFERENCES, pair.prompt.id, pair.to_bytes())
             self._pending.append((future, pair))
 
     def confirm(self) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from core import signing
 from core.adapter_store import newest_ready
 from core.bus import TopicTail
 from core.contracts import (
@@ -145,7 +146,9 @@ class LoopWatcher(threading.Thread):
                 records = self._tail.poll()
                 with self._lock:
                     for rec in records:
-                        self.count(rec.topic, rec.value)
+                        # a forged record (dead-lettered by its consumer) is not progress
+                        if signing.refusal(rec.topic, rec.value, rec.headers, "up") is None:
+                            self.count(rec.topic, rec.value)
         finally:
             self._tail.close()
 

@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from core import signing
 from core.adapter_store import newest_ready, published_versions
 from core.assets import base_model_dir
 from core.broker import EmbeddedBroker, free_port
@@ -137,6 +138,7 @@ def run_up(opts: UpOptions) -> int:
         gateway_url = f"http://127.0.0.1:{opts.port}"
         token = _admin_token(run_dir)
         env = _child_env(broker.bootstrap, run_dir, opts, model_dir, token, gen, trainer)
+        env.update(_message_key(common))
         gate_url = f"http://127.0.0.1:{env['ODPO_GATE_PORT']}"
         launcher = Launcher(run_dir / "logs", env, policy=opts.restart, state_file=run_dir / COMPONENTS_FILE,
                             on_restart=metrics.restarted, on_exit_cause=metrics.exit_cause, adopt_orphans=True,
@@ -242,6 +244,18 @@ def _admin_token(run_dir: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
+
+
+def _message_key(common: CommonSettings) -> dict[str, str]:
+    """The message key of this run (core/signing.py), for the children's environment; this process (the prompt
+    feed) signs with it too. One the operator set is used as it is; else a fresh one per run, kept in memory only
+    (the run's broker is memory-only too, so nothing signed with it outlives the run)."""
+    if common.message_key is not None or common.message_key_file is not None:
+        signing.configure_from(common)
+        return {}
+    key = f"up-{secrets.token_hex(3)}:{secrets.token_urlsafe(32)}"
+    signing.configure(signing.parse_keys(key))
+    return {"ODPO_MESSAGE_KEY": key}
 
 
 def _child_env(bootstrap: str, run_dir: Path, opts: UpOptions, model_dir: Path, token: str,

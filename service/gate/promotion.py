@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import httpx
 
-from core.adapter_store import announced_versions, read_manifest
+from core.adapter_store import NotAnnounced, announced_versions, check_announced, read_manifest
 from core.bus import Inbox, make_producer
 from core.contracts import TOPIC_ADAPTERS, AdapterReady, version_name
 from core.settings import CommonSettings, GateSettings
@@ -124,6 +124,14 @@ class PromotionGate:
                 self._next_connect = time.monotonic() + 5
                 return
         for env in self._inbox.poll(timeout_ms=200):
+            if self.book.record(env.value.version) is not None:
+                continue  # known (from the store, the registry or an earlier message)
+            try:  # only what the store announced (a forged message could name any digest, any version)
+                check_announced(self.common.store_dir, env.value, COMPONENT)
+            except NotAnnounced as exc:
+                if not exc.stale:
+                    self._inbox.reject(env, f"not announced in the adapter store: {exc.reason}")
+                continue
             if self.book.add(env.value):
                 log.info("gate: %s published (parent v%d, %d pairs); waiting to be scored",
                          version_name(env.value.version), env.value.parent_version, env.value.pairs_trained)
@@ -139,7 +147,14 @@ class PromotionGate:
             log.warning("gate: cannot read the adapter store %s: %s", store, exc)
             return
         for ready in found:
-            if ready is not None and self.book.add(ready):
+            if ready is None or self.book.record(ready.version) is not None:
+                continue
+            try:  # the record names its own version's folder (the same check as for the topic's messages)
+                check_announced(store, ready, COMPONENT)
+            except NotAnnounced as exc:
+                log.error("gate: the store's record of %s is not usable: %s", version_name(ready.version), exc.reason)
+                continue
+            if self.book.add(ready):
                 log.info("gate: %s found in the adapter store (odpo.adapters did not bring it); waiting to be "
                          "scored", version_name(ready.version))
 

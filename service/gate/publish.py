@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from core.bus import make_producer
+from core.bus import make_producer, send as send_signed
 from service.gate.registry_file import RegistryFile
 from service.registry.book import VersionBook
 from service.registry.control_log import (
@@ -145,7 +145,7 @@ class Publisher:
     def send(self, messages: list[tuple[str, bytes | None]]) -> None:
         """Send in order and wait until all are written (raises if any is not). Always to partition 0: a topic
         that a restarted broker created on first use may have several partitions, and the order must hold."""
-        futures = [self.producer.send(self.topic, key=key.encode(), value=value, partition=0)
+        futures = [send_signed(self.producer, self.topic, key, value, partition=0)  # signed: core/signing.py
                    for key, value in messages]
         self.producer.flush(timeout=10)
         for future in futures:

@@ -18,6 +18,7 @@ import threading
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
+from core.bus import send
 from core.contracts import TOPIC_PROMPTS, PromptEvent, _Message
 from service.gateway.metrics import MIRROR_DROPPED, MIRRORED
 
@@ -64,7 +65,7 @@ class Outbox:
         """Publish (key, message) items and wait until Kafka has them all (blocking: call from a worker thread)."""
         try:
             producer = self._connect()
-            futures = [producer.send(topic, key=key.encode(), value=msg.to_bytes()) for key, msg in items]
+            futures = [send(producer, topic, key, msg.to_bytes()) for key, msg in items]  # signed (core/signing.py)
             for future in futures:
                 future.get(timeout=self.publish_timeout_s)
         except (KafkaError, OSError) as exc:
@@ -97,7 +98,7 @@ class Outbox:
                 continue
             try:
                 producer = self._connect()
-                future = producer.send(TOPIC_PROMPTS, key=event.id.encode(), value=event.to_bytes())
+                future = send(producer, TOPIC_PROMPTS, event.id, event.to_bytes())
                 future.add_callback(lambda _meta: MIRRORED.inc())
                 future.add_errback(lambda _exc: MIRROR_DROPPED.labels("broker_error").inc())
                 if self._queue.empty():

@@ -51,6 +51,25 @@ def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _epoch(value: Any) -> int:
+    """An epoch as the gate writes it: a JSON integer in [0, 2^63). (`1e999` is a float, infinite: int() of it
+    raises OverflowError; `1e30` would fence every real gate for good.)"""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+        raise ValueError(f"epoch {value!r} is not an integer in [0, 2^63)")
+    return value
+
+
+def _check_head(msg: dict[str, Any]) -> None:
+    """The fields of a head that the reader uses, each of its type (a head that passed here cannot fail later,
+    in `apply` or the log line after the first pass, and make the reader read the topic again and again)."""
+    if not isinstance(msg.get("versions"), dict) or not all(
+            isinstance(d, str) and str(v).isdigit() for v, d in msg["versions"].items()):
+        raise ValueError("a head's `versions` must map version numbers to digests")
+    for field in ("seq", "promoted"):
+        if isinstance(msg.get(field), bool) or not isinstance(msg.get(field), int) or msg[field] < 0:
+            raise ValueError(f"a head's `{field}` must be a non-negative integer")
+
+
 class Taken(NamedTuple):
     """What one message of the topic was: `kind` is RECORD_PREFIX (a version's record, `msg` None for a
     tombstone), CLAIM or HEAD (with its `epoch` and `writer`, and whether the log `accepted` it)."""
@@ -132,7 +151,9 @@ class ControlLog:
         if key not in (HEAD, CLAIM) or value is None:
             return None
         msg = json.loads(value)
-        epoch, writer = int(msg["epoch"]), str(msg["writer"])
+        epoch, writer = _epoch(msg["epoch"]), str(msg["writer"])
+        if key == HEAD:
+            _check_head(msg)
         newer = epoch > self.epoch
         if key == CLAIM:
             if newer:
@@ -173,7 +194,7 @@ class ControlLog:
         try:
             records = [json.loads(self.store[v][wanted[v]]) for v in changed]
             self.book.apply_replicated(records, [v for v in have if v not in wanted], head, full=full)
-        except (ValueError, TypeError, KeyError) as exc:  # a head this book cannot hold: skipped, said once
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # a head this book cannot hold: skipped
             log.error("registry: cannot apply the shared state of seq %s (%s); keeping the state held",
                       head.get("seq"), exc)
             self.head = None

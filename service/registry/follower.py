@@ -30,6 +30,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
+from core import signing
 from core.bus import COMPACT, ensure_topics, topic_id_of
 from service.registry.book import VersionBook
 from service.registry.control_log import ControlLog, Taken
@@ -135,9 +136,16 @@ class RegistryFollower:
         poll brings nothing more), the book takes the gate's state."""
         for records in batches.values():
             for rec in records:
+                # Signed by the gate when a message key is configured (core/signing.py): a forged head could
+                # otherwise claim an epoch no real gate reaches and fence every one of them.
+                refused = signing.refusal(self.topic, rec.value, rec.headers, f"{self.client}-registry", signed=True)
+                if refused is not None:
+                    log.error("registry: %s@%d is not signed by a listed message key (%s); skipped", self.topic,
+                              rec.offset, refused)
+                    continue
                 try:
                     taken = self.shared.take(rec.key.decode() if rec.key else "", rec.value)
-                except (ValueError, KeyError, TypeError, OverflowError) as exc:
+                except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
                     log.error("registry: unreadable message %s@%d (%s); skipped", self.topic, rec.offset, exc)
                     continue
                 if taken is not None:
