@@ -26,6 +26,7 @@ from service.gateway.outbox import Outbox
 from service.gateway.protocol import error
 from service.gateway.registry_file import RegistryFile
 from service.gateway.served import ServedStore
+from service.gateway.served_log import ServedLog
 from service.gateway.state import BrokerCheck, GatewayState
 from core.settings import CommonSettings, GatewaySettings
 
@@ -55,10 +56,12 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None, 
                                    registry).attach() \
                 if settings.control_plane else None
             outbox = Outbox(common.bootstrap_servers, settings.mirror_queue_size, settings.publish_timeout_s).start()
+            served = ServedStore(settings.served_capacity)
+            served_log = ServedLog(common.bootstrap_servers, served, outbox, settings.served_retention_s).start()
             app.state.gateway = GatewayState(
                 settings=settings, common=common, clients=clients, book=book, adapters=adapters,
                 router=ModelRouter(clients, book, adapters, settings.models_refresh_s),
-                served=ServedStore(settings.served_capacity), outbox=outbox, scores=scores,
+                served=served, served_log=served_log, outbox=outbox, scores=scores,
                 broker=BrokerCheck(common.bootstrap_servers, settings.broker_check_s), control=control)
             sync_promoted(book)
             if control:
@@ -73,6 +76,7 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None, 
                     await anyio.to_thread.run_sync(promotion.stop)
                 if control:
                     await anyio.to_thread.run_sync(control.stop)
+                await anyio.to_thread.run_sync(served_log.stop)
                 await anyio.to_thread.run_sync(outbox.close)
                 adapters.close()
         finally:

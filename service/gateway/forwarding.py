@@ -2,8 +2,10 @@
 
 A request names `policy`, `base` or `policy-v<N>`; the gateway forwards it to
 the serving engine under the served name, relays the answer as it comes
-(streams chunk by chunk), keeps what it served for /v1/feedback, and mirrors
-a fraction of prompts into odpo.prompts without making the client wait.
+(streams chunk by chunk), keeps what it served for /v1/feedback (here and, for
+the other replicas, on odpo.served), and mirrors a fraction of prompts into
+odpo.prompts without making the client wait. A request with
+`x-odpo-no-learn: 1` is neither mirrored nor kept: no feedback on it.
 
 An engine that dies is a short outage, not an error storm: a request it was
 answering gets 503 with `Retry-After` and a JSON body (a stream gets an error
@@ -24,7 +26,8 @@ from core.contracts import POLICY_ALIAS, version_name
 from service.gateway.engine import PolicyUnavailable, UnknownModel, engine_died
 from service.gateway.metrics import ENGINE_REQUESTS, alias_label
 from service.gateway.protocol import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, SamplingRequest, error
-from service.gateway.served import StreamTap, chat_prompt, choices_of, completion_prompts, new_prompt_id, served_choices
+from service.gateway.served import (ServedChoice, StreamTap, chat_prompt, choices_of, completion_prompts, new_prompt_id,
+                                   served_choices)
 from service.gateway.state import GatewayState, state_of
 
 router = APIRouter()
@@ -87,6 +90,7 @@ async def _forward(request: Request, route: str, body: SamplingRequest, prompts:
         return error(400, f"{' and '.join(over)}: this gateway serves at most {cap} new tokens per choice",
                      code="max_tokens_too_large")
     _mirror(state, prompts, no_learn)
+    learn = not _opted_out(no_learn)
     payload = body.model_dump(exclude_unset=True)
     payload["model"] = served_name
     if not any(asked.values()):
@@ -97,7 +101,7 @@ async def _forward(request: Request, route: str, body: SamplingRequest, prompts:
         upstream, engine = await _send(state, route, payload, version)
         headers["x-odpo-engine"] = str(state.router.pool.index(engine))
         if body.stream and upstream.status_code == 200:
-            return _relay(state, upstream, prompts, body.choices_per_prompt(), version, chat, headers)
+            return _relay(state, upstream, prompts, body.choices_per_prompt(), version, chat, headers, learn)
         try:
             content = await upstream.aread()
         finally:
@@ -111,7 +115,7 @@ async def _forward(request: Request, route: str, body: SamplingRequest, prompts:
     if upstream.status_code >= 500 and engine_died(content):
         state.router.pool.mark_down(engine, "EngineDeadError")
         return error(503, f"{ENGINE_GONE} (its engine core died)", "unavailable", code="engine_unavailable")
-    if upstream.status_code == 200:
+    if upstream.status_code == 200 and learn:
         _keep(state, content, prompts, body.choices_per_prompt(), version, chat)
     return Response(content, status_code=upstream.status_code, headers=headers,
                     media_type=upstream.headers.get("content-type", "application/json"))
@@ -157,19 +161,28 @@ def _keep(state: GatewayState, content: bytes, prompts: list, per_prompt: int, v
     except ValueError:
         return
     if isinstance(payload, dict) and isinstance(payload.get("id"), str):
-        state.served.put(payload["id"], served_choices(choices_of(payload, chat), prompts, per_prompt, version))
+        _remember(state, payload["id"], served_choices(choices_of(payload, chat), prompts, per_prompt, version))
+
+
+def _remember(state: GatewayState, response_id: str, choices: list[ServedChoice]) -> None:
+    """Keep a response for /v1/feedback: here, and on odpo.served for every replica (without waiting)."""
+    if state.served_log is not None:
+        state.served_log.keep(response_id, choices)
+    else:
+        state.served.put(response_id, choices)
 
 
 def _relay(state: GatewayState, upstream: httpx.Response, prompts: list, per_prompt: int, version: int,
-           chat: bool, headers: dict[str, str]) -> Response:
-    """Relay the engine's event stream chunk by chunk, reading the text as it passes (kept for feedback)."""
+           chat: bool, headers: dict[str, str], learn: bool) -> Response:
+    """Relay the engine's event stream chunk by chunk, reading the text as it passes (kept for feedback unless
+    the client opted out of learning)."""
     tap = StreamTap(chat)
     kept = False
 
     def keep() -> None:
         nonlocal kept
-        if tap.response_id and not kept:
-            state.served.put(tap.response_id, served_choices(tap.texts(), prompts, per_prompt, version))
+        if tap.response_id and not kept and learn:
+            _remember(state, tap.response_id, served_choices(tap.texts(), prompts, per_prompt, version))
             kept = True
 
     async def relay():

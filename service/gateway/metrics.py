@@ -53,6 +53,9 @@ BROKER_UP = Gauge("odpo_gateway_broker_up", "1 while the Kafka broker answers th
 ENGINE_REQUESTS = Counter("odpo_gateway_engine_requests_total", "Requests forwarded to each serving engine.",
                           ["engine"])
 SERVED_KEPT = Gauge("odpo_gateway_served_responses", "Served responses kept for feedback.")
+SERVED_UNPUBLISHED = Counter("odpo_gateway_served_unpublished_total", "Served responses not published to odpo.served "
+                             "(the other replicas, and this one after a restart, cannot take feedback on them), by "
+                             "reason.", ["reason"])
 LEADER = Gauge("odpo_gateway_leader", "1 while this replica leads the gateways (runs the promotion gate; admin "
                "changes are made here), else 0.")
 CONTROL_SEQ = Gauge("odpo_gateway_control_seq", "Sequence number of the shared registry state this replica holds "
@@ -156,5 +159,7 @@ def sync_promoted(book) -> None:
         PROMOTED_SCORE.set(rec.score)
 
 
+for _reason in ("queue_full", "broker_error"):
+    SERVED_UNPUBLISHED.labels(_reason)  # zeros from the start
 for _signal in ("score", *GATE_SIGNALS[2:]):
     REFUSED_BY.labels(_signal)  # zeros from the start, so increase() sees the first refusal

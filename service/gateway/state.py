@@ -14,6 +14,7 @@ from service.gateway.engine import EngineAdapters, EngineClients, ModelRouter
 from service.gateway.metrics import ScoreGauge
 from service.gateway.outbox import Outbox
 from service.gateway.served import ServedStore
+from service.gateway.served_log import ServedLog
 from core.settings import CommonSettings, GatewaySettings
 
 
@@ -52,6 +53,7 @@ class GatewayState:
     scores: ScoreGauge
     broker: BrokerCheck
     control: ControlPlane | None = None  # None: the control plane is off (this replica decides alone)
+    served_log: ServedLog | None = None  # odpo.served, shared with the other replicas (None: `served` is this one's)
 
 
 def state_of(request: Request) -> GatewayState:
