@@ -20,7 +20,7 @@ from prometheus_client import Counter
 from pydantic import ValidationError
 
 from core import signing
-from core.contracts import ALL_TOPICS, TOPIC_ADAPTERS, TOPIC_CONTROL, TOPIC_DLQ, DeadLetter, _Message
+from core.contracts import ALL_TOPICS, TOPIC_ADAPTERS, TOPIC_CONTROL, TOPIC_DLQ, TOPIC_SERVED, DeadLetter, _Message
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,18 @@ GROUP_SETTINGS = dict(max_poll_interval_ms=10_000, session_timeout_ms=6_000, hea
 # odpo.control likewise: one message per version record plus the head (service/registry/control_log.py), so
 # compaction keeps the gate's whole registry and nothing else.
 COMPACT = {"cleanup.policy": "compact"}
-TOPIC_CONFIGS = {TOPIC_ADAPTERS: COMPACT, TOPIC_CONTROL: COMPACT}
+
+
+def retention(seconds: float) -> dict[str, str]:
+    """The config of a topic whose messages are deleted `seconds` after they were written."""
+    return {"retention.ms": str(int(seconds * 1000))}
+
+
+# odpo.served is deleted by age; this is the gateway's default `served_retention_s` (7 days), for where the
+# topic is created before any gateway (`odpo up`, tests); a gateway that creates it uses its own setting.
+# Tansu 0.6 takes topic configs on creation but answers DescribeConfigs with none and deletes nothing by age
+# (measured), so on Tansu the gateway's own age filter (service/gateway/served_log.py) is what holds.
+TOPIC_CONFIGS = {TOPIC_ADAPTERS: COMPACT, TOPIC_CONTROL: COMPACT, TOPIC_SERVED: retention(7 * 24 * 3600)}
 
 
 def ensure_topics(bootstrap: str, topics: Iterable[str] = ALL_TOPICS, partitions: int = 1,

@@ -27,8 +27,11 @@ TOPIC_DLQ = "odpo.dlq"
 # The gate's decisions: the policy registry, written by the gate, read by every gateway replica (compacted, one
 # partition; service/registry/control_log.py).
 TOPIC_CONTROL = "odpo.control"
+# What any gateway replica served and kept for feedback, keyed by response id, read by every replica
+# (service/gateway/served_log.py); deleted by age (the gateway's `served_retention_s`).
+TOPIC_SERVED = "odpo.served"
 ALL_TOPICS = (TOPIC_PROMPTS, TOPIC_CANDIDATES, TOPIC_PREFERENCES, TOPIC_ADAPTERS, TOPIC_FEEDBACK, TOPIC_DLQ,
-              TOPIC_CONTROL)
+              TOPIC_CONTROL, TOPIC_SERVED)
 
 BASE_MODEL_NAME = "base"
 POLICY_ALIAS = "policy"
@@ -269,6 +272,24 @@ class Feedback(_Message):
         return self
 
 
+class ServedText(BaseModel):
+    """One choice of a served response: the prompt it answered, its text and the version that wrote it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prompt: PromptEvent | None = Field(description="None when the request cannot be a prompt (no final user turn).")
+    text: str
+    policy_version: int = Field(ge=0)
+
+
+class ServedRecord(_Message):
+    """A response a gateway replica served and kept for feedback, so any replica can take feedback on it."""
+
+    id: str = Field(min_length=1, description="The response id the client got; the Kafka key.")
+    choices: list[ServedText] = Field(min_length=1, description="By choice index (`<id>:<i>` names choice i).")
+    served_at: float = Field(default_factory=time.time)
+    replica: str = Field(min_length=1, description="The gateway replica that served it.")
+
+
 class DeadLetter(_Message):
     """A message a consumer could not process, with why."""
 
@@ -289,4 +310,5 @@ TOPIC_MODELS: dict[str, type[_Message]] = {
     TOPIC_ADAPTERS: AdapterReady,
     TOPIC_FEEDBACK: Feedback,
     TOPIC_DLQ: DeadLetter,
+    TOPIC_SERVED: ServedRecord,
 }

@@ -439,6 +439,9 @@ class GatewaySettings(_ComponentSettings):
     models_refresh_s: float = Field(default=1.0, gt=0, description="How often loaded versions are re-read from vLLM.")
     request_timeout_s: float = Field(default=300, description="Timeout of one forwarded request.")
     served_capacity: int = Field(default=10_000, ge=1, description="Served responses kept for /v1/feedback (LRU).")
+    served_retention_s: float = Field(
+        default=7 * 24 * 3600, gt=0, description="How long a served response stays ratable through any replica "
+        "and after restarts: the retention of odpo.served (set when a gateway creates it; older records are skipped).")
     max_tokens_cap: int = Field(
         default=1024, ge=1, description="Most new tokens per choice a client may ask for (`max_tokens`, "
                                         "`max_completion_tokens`); more is refused with 400, none asked means this "
@@ -446,7 +449,8 @@ class GatewaySettings(_ComponentSettings):
     mirror_fraction: float = Field(
         default=0.0, ge=0, le=1, description="Fraction of client prompts mirrored into odpo.prompts for learning "
                                              "(0 by default: the verifier judge can only score bundled-task prompts).")
-    mirror_queue_size: int = Field(default=1000, ge=1, description="Mirrored prompts waiting for Kafka; more are dropped.")
+    mirror_queue_size: int = Field(default=1000, ge=1, description="Mirrored prompts and served records (odpo.served) "
+                                                                  "waiting for Kafka; more are dropped.")
     publish_timeout_s: float = Field(default=10, gt=0, description="Wait for Kafka on /v1/feedback and /v1/prompts.")
     broker_check_s: float = Field(default=5, gt=0, description="How long /readyz reuses a broker reachability check.")
     allow_prompt_logprobs: bool = Field(

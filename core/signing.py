@@ -43,6 +43,7 @@ from core.contracts import (
     TOPIC_ADAPTERS,
     TOPIC_CANDIDATES,
     TOPIC_CONTROL,
+    TOPIC_SERVED,
     TOPIC_FEEDBACK,
     TOPIC_PREFERENCES,
     TOPIC_PROMPTS,
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 HEADER = message_keys.HEADER
 SIGNED_TOPICS = frozenset({TOPIC_PROMPTS, TOPIC_CANDIDATES, TOPIC_PREFERENCES, TOPIC_ADAPTERS, TOPIC_FEEDBACK,
-                           TOPIC_CONTROL})
+                           TOPIC_CONTROL, TOPIC_SERVED})
 
 SIGNATURE_FAILURES = Counter(
     "odpo_bus_signature_failures_total",

