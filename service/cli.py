@@ -196,7 +196,8 @@ def _offline(args) -> int:
         if args.command == "eval-pairs":
             eval_pairs(model_dir, args.pairs, args.adapter, settings, args.on_error)
         else:
-            train_pairs(model_dir, args.pairs, (args.store or common.store_dir).expanduser(), settings, args.on_error)
+            train_pairs(model_dir, args.pairs, (args.store or common.store_dir).expanduser(), settings, args.on_error,
+                        cache_dir=common.cache_dir)
     except (AssetError, BadInput) as exc:
         raise UsageError(str(exc)) from None
     return 0
