@@ -167,3 +167,25 @@ def test_tracked_values_are_what_the_gauges_show():
         assert shown == pytest.approx(value), name
     assert "odpo_trainer_drift_per_token" not in values  # NaN: nothing measured, nothing logged
     assert values["odpo_trainer_policy_version"] == 7 and values["odpo_trainer_pairs_per_second"] == 2.0
+
+
+def test_mlflow_gets_each_version_in_a_local_file_store(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Runs where mlflow is installed (it is not a test dependency: `pip install mlflow-skinny` is enough)."""
+    mlflow = pytest.importorskip("mlflow")
+    pairs_file = write(tmp_path / "pairs.jsonl", [chat(*qa) for qa in QA[:4]])
+    uri = (tmp_path / "mlruns").as_uri()  # MLflow's local file store (a database needs sqlalchemy: not in skinny)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps it only on request
+    code, rows, err = train(capsys, tiny_model_dir, pairs_file, tmp_path / "store", monkeypatch,
+                            report_to="mlflow", mlflow_tracking_uri=uri, mlflow_experiment="odpo-test",
+                            tracking_run_name="run-m")
+    assert code == 0, err
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run_,) = client.search_runs([client.get_experiment_by_name("odpo-test").experiment_id])
+    assert run_.info.run_name == "run-m" and run_.info.status == "FINISHED"
+    assert run_.data.params["steps_per_window"] == "3" and run_.data.params["loss_type"] == "sigmoid"
+    for tag in ("odpo_trainer_loss", "odpo_trainer_reward_margin", "odpo_trainer_logps_nats/chosen"):
+        history = {m.step: m.value for m in client.get_metric_history(run_.info.run_id, tag)}
+        assert set(history) == {1, 2}, tag
+    for row in rows[:-1]:
+        history = {m.step: m.value for m in client.get_metric_history(run_.info.run_id, "odpo_trainer_loss")}
+        assert history[row["version"]] == pytest.approx(row["loss"], rel=1e-6)
