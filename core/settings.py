@@ -15,11 +15,11 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, YamlConfigSettingsSource
 
 
 SECTIONS = ("common", "generator", "judge", "trainer", "gateway", "gate")
@@ -408,6 +408,50 @@ class TrainerSettings(_ComponentSettings):
         default=60, gt=0, description="Under torchrun: timeout of every collective (init_process_group's timeout). "
         "A rank waiting this long for a dead or hung peer raises and exits non-zero, so torchrun (or the "
         "supervisor) restarts the group; rank 0 sends a keepalive at least every quarter of it while idle.")
+    report_to: Annotated[list[Literal["tensorboard", "mlflow", "wandb"]], NoDecode] = Field(
+        default_factory=list, description="Experiment trackers that get every published window's metrics, named "
+        "as on /metrics (trainer/tracking.py), with the version as the step, as TRL's report_to: any of "
+        "tensorboard, mlflow, wandb, comma separated (or a YAML list); empty or `none` = none. Each needs its "
+        "package (`pip install 'odpo[tracking]'` brings tensorboard; mlflow and wandb are installed by hand). "
+        "A tracker that fails while running is logged once and never stops training.")
+    tracking_dir: Path | None = Field(
+        default=None, description="TensorBoard's log folder: event files go to <tracking_dir>/<tracking_run_name>/ "
+        "(default <cache_dir>/runs).")
+    tracking_run_name: str = Field(
+        default="", description="The run's name: TensorBoard's subfolder, MLflow's run name, W&B's run name "
+        "(default: the store folder's parent and name, e.g. `odpo-adapters`; a restarted trainer on the same "
+        "store continues the same TensorBoard run).")
+    mlflow_tracking_uri: str = Field(
+        default="", description="MLflow tracking URI (report_to mlflow), e.g. http://mlflow:5000 or "
+        "file:///data/mlruns; empty = MLflow's own default (MLFLOW_TRACKING_URI).")
+    mlflow_experiment: str = Field(default="odpo", min_length=1, description="MLflow experiment of the runs.")
+    wandb_project: str = Field(default="odpo", min_length=1, description="W&B project of the runs (report_to wandb).")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value: Any) -> Any:
+        """`tensorboard,mlflow` (TRL's comma form, from the environment), a JSON list, or `none`."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            value = [v.strip() for v in text.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            value = [v for v in value if not (isinstance(v, str) and v.lower() == "none")]
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, value: list[str]) -> list[str]:
+        import importlib.util
+
+        for backend in dict.fromkeys(value):
+            if importlib.util.find_spec(backend) is None:
+                extra = " (or `pip install 'odpo[tracking]'`)" if backend == "tensorboard" else ""
+                raise ValueError(f"report_to {backend} needs `pip install {backend}`{extra}")
+        return list(dict.fromkeys(value))
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainerSettings":

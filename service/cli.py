@@ -196,7 +196,8 @@ def _offline(args) -> int:
         if args.command == "eval-pairs":
             eval_pairs(model_dir, args.pairs, args.adapter, settings, args.on_error)
         else:
-            train_pairs(model_dir, args.pairs, (args.store or common.store_dir).expanduser(), settings, args.on_error)
+            train_pairs(model_dir, args.pairs, (args.store or common.store_dir).expanduser(), settings, args.on_error,
+                        cache_dir=common.cache_dir)
     except (AssetError, BadInput) as exc:
         raise UsageError(str(exc)) from None
     return 0
@@ -269,6 +270,69 @@ def _export_pairs(args) -> int:
     except ExportError as exc:
         raise UsageError(str(exc)) from None
     return 0
+
+
+def _export_adapter(args) -> int:
+    """`odpo adapters export`: a version as a merged model folder and/or a peft adapter folder."""
+    import tempfile
+
+    from core.assets import AssetError, base_model_dir
+    from core.settings import CommonSettings
+    from trainer.adapter_export import (
+        AdapterExportError,
+        check_base,
+        choose_version,
+        export_merged,
+        export_peft,
+        stage_verified,
+    )
+
+    if args.merged is None and args.peft is None:
+        raise UsageError("adapters export: say what to write, --merged OUT and/or --peft OUT")
+    if args.merged is not None and args.peft is not None and \
+            args.merged.expanduser().absolute() == args.peft.expanduser().absolute():
+        raise UsageError("--merged and --peft name the same folder")
+    common = _settings(CommonSettings)
+    store = (args.store if args.store is not None else common.store_dir).expanduser()
+    try:
+        chosen = choose_version(store, args.version)
+        base_dir = None
+        if args.merged is not None:
+            base_dir = base_model_dir(common.cache_dir, args.base_model or common.base_model)
+            check_base(chosen, base_dir)
+        with tempfile.TemporaryDirectory(prefix="odpo-export-") as tmp:
+            adapter = stage_verified(store, chosen, Path(tmp))
+            if args.peft is not None:
+                export_peft(chosen, adapter, args.peft.expanduser())
+                print(f"exported {chosen.name} ({chosen.why}) as a peft adapter to {args.peft}")
+            if args.merged is not None:
+                export_merged(chosen, adapter, base_dir, args.merged.expanduser())
+                print(f"exported {chosen.name} ({chosen.why}) merged into {base_dir} to {args.merged}")
+    except (AdapterExportError, AssetError) as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+def _add_adapters(sub) -> None:
+    group = sub.add_parser("adapters", help="Adapter versions of the store.").add_subparsers(dest="action",
+                                                                                             required=True)
+    e = group.add_parser("export", help="Export a version (its sha256 checked against the store's record) as a "
+                                        "merged HF model folder and/or a peft adapter folder with a model card "
+                                        "(trainer/adapter_export.py).")
+    e.add_argument("--merged", type=Path, default=None, metavar="OUT",
+                   help="Write the base model with the adapter merged in (float32, safetensors, tokenizer, "
+                        "generation config): a folder transformers and `vllm serve` load as it is.")
+    e.add_argument("--peft", type=Path, default=None, metavar="OUT",
+                   help="Write adapter_config.json, adapter_model.safetensors and a README.md model card "
+                        "(version, base model, pairs trained, held-out score, training settings).")
+    e.add_argument("--store", type=Path, default=None, help="Adapter store (default: ODPO_STORE_DIR).")
+    e.add_argument("--version", type=int, default=None, metavar="N",
+                   help="Version to export (default: the one the gate promoted, from <store>/gate-registry.json; "
+                        "else the newest announced one).")
+    e.add_argument("--base-model", type=Path, default=None,
+                   help="HF folder of the base model the version was trained on, for --merged (default: "
+                        "ODPO_BASE_MODEL or the packaged model).")
+    e.set_defaults(func=_export_adapter)
 
 
 def _version() -> str:
@@ -364,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_prepare_model)
     _add_offline(sub)
     _add_loaders(sub)
+    _add_adapters(sub)
     _add_eval(sub)
     return p
 

@@ -4,7 +4,7 @@ Layout of one version folder (written to a temp folder, renamed into place):
 - `adapter_model.safetensors`, `adapter_config.json`: peft's `save_pretrained`,
   what vLLM loads (`--enable-lora --max-lora-rank >= r`);
 - `trainer_state.json`: `TrainerState` (version, parent, trained pair ids,
-  offsets committed with this version, metrics).
+  offsets committed with this version, metrics, the training settings).
 The sha256 in `AdapterReady` is computed on the final folder, after the rename,
 so nothing in a version folder changes once it is in place (the generator and
 the gateway verify it). Whether its `AdapterReady` went out is kept beside the
@@ -68,6 +68,7 @@ class TrainerState:
     metrics: dict[str, float] = field(default_factory=dict)  # of the update that made this version
     beta: float = 0.0  # DPO beta for the next window when the trainer adapts it (0: the settings' beta)
     created_at: float = 0.0
+    settings: dict = field(default_factory=dict)  # recipe_settings of the update that made this version
 
     @property
     def pairs_trained(self) -> int:
@@ -163,9 +164,23 @@ def remove_optimizer_states(store: Path, keep: int) -> list[Path]:
     return gone
 
 
+# The TrainerSettings that shape an update (what a model card and an experiment tracker show), not the plumbing.
+RECIPE_FIELDS = ("loss_type", "beta", "kl_target", "beta_min", "beta_max", "label_smoothing", "rpo_alpha",
+                 "discopop_tau", "learning_rate", "lr_scheduler", "warmup_steps", "decay_steps", "min_lr_ratio",
+                 "weight_decay", "window_pairs", "window_seconds", "steps_per_window", "step_pairs", "batch_pairs",
+                 "shuffle", "precision", "max_grad_norm", "max_length", "max_staleness", "lora_r", "lora_alpha",
+                 "lora_dropout", "target_modules", "seed")
+
+
+def recipe_settings(settings) -> dict:
+    """The training settings of `settings` (a TrainerSettings) as plain JSON values."""
+    return settings.model_dump(mode="json", include=set(RECIPE_FIELDS))
+
+
 def new_state(prev: TrainerState, pair_ids: list[str], offsets: dict[str, int], metrics: dict[str, float],
-              optimizer_steps: int | None = None, beta: float | None = None) -> TrainerState:
-    """The state of the version that follows `prev` after training `pair_ids`."""
+              optimizer_steps: int | None = None, beta: float | None = None,
+              settings: dict | None = None) -> TrainerState:
+    """The state of the version that follows `prev` after training `pair_ids` (with `settings`, else prev's)."""
     merged = dict(prev.offsets)
     merged.update(offsets)
     seen = set(prev.trained_ids)
@@ -174,7 +189,8 @@ def new_state(prev: TrainerState, pair_ids: list[str], offsets: dict[str, int], 
                         trained_ids=prev.trained_ids + fresh, window_ids=list(pair_ids),
                         optimizer_steps=prev.optimizer_steps if optimizer_steps is None else optimizer_steps,
                         offsets=merged, metrics=metrics, created_at=time.time(),
-                        beta=prev.beta if beta is None else beta)
+                        beta=prev.beta if beta is None else beta,
+                        settings=dict(prev.settings if settings is None else settings))
 
 
 def remove_staging_leftovers(store: Path) -> int:

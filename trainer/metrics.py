@@ -7,6 +7,8 @@ of the newest published window.
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import Counter, Gauge, Histogram
 
 LOSS = Gauge("odpo_trainer_loss", "DPO loss of the last optimizer step of the newest window.")
@@ -43,6 +45,9 @@ ARCHIVE_ERRORS = Counter("odpo_trainer_archive_errors_total",
 ARCHIVE_PENDING = Gauge("odpo_trainer_archive_pending_pairs", "Pairs read but not yet durable in the pair archive.")
 VERSIONS_DELETED = Counter("odpo_trainer_versions_deleted_total",
                            "Versions retention deleted from the store (neither among the newest nor held).")
+TRACKING_ERRORS = Counter("odpo_trainer_tracking_errors_total",
+                          "Failed calls to an experiment tracker (report_to: trainer/tracking.py); training goes on.",
+                          ["backend"])
 STORE_BYTES = Gauge("odpo_trainer_store_bytes", "Bytes in the adapter store after the newest publish, by part.",
                     ["part"])
 
@@ -82,18 +87,40 @@ def record_window(result) -> None:
         LOGPROB_MISMATCH.set(sum(result.logprob_mismatch) / len(result.logprob_mismatch))
 
 
+# The gauges of the update that became the newest version: (metric, label value or None, WindowResult field).
+_PUBLISHED = ((LOSS, None, "loss"), (REWARD_MARGIN, None, "reward_margin"),
+              (REWARD_ACCURACY, None, "reward_accuracy"), (REWARD_CHOSEN, None, "reward_chosen"),
+              (REWARD_REJECTED, None, "reward_rejected"), (LOGPS, "chosen", "logps_chosen"),
+              (LOGPS, "rejected", "logps_rejected"), (LOGITS, "chosen", "logits_chosen"),
+              (LOGITS, "rejected", "logits_rejected"), (GRAD_NORM, None, "grad_norm"),
+              (LEARNING_RATE, None, "learning_rate"), (DRIFT, None, "drift"), (BETA, None, "beta"))
+
+
 def record_published(result) -> None:
     """The training gauges of the update that became the newest version."""
-    LOSS.set(result.loss)
-    REWARD_MARGIN.set(result.reward_margin)
-    REWARD_ACCURACY.set(result.reward_accuracy)
-    REWARD_CHOSEN.set(result.reward_chosen)
-    REWARD_REJECTED.set(result.reward_rejected)
-    LOGPS.labels("chosen").set(result.logps_chosen)
-    LOGPS.labels("rejected").set(result.logps_rejected)
-    LOGITS.labels("chosen").set(result.logits_chosen)
-    LOGITS.labels("rejected").set(result.logits_rejected)
-    GRAD_NORM.set(result.grad_norm)
-    LEARNING_RATE.set(result.learning_rate)
-    DRIFT.set(result.drift)
-    BETA.set(result.beta)
+    for metric, label, field in _PUBLISHED:
+        (metric.labels(label) if label else metric).set(getattr(result, field))
+
+
+def sample_name(metric) -> str:
+    """The name /metrics shows a metric's samples under (a counter's with `_total`)."""
+    family = metric.describe()[0]
+    return family.name + ("_total" if family.type == "counter" else "")
+
+
+def tracked_values(result, version: int, pairs_trained: int) -> dict[str, float]:
+    """What an experiment tracker logs for the window that made `version` (trainer/tracking.py): the values
+    the Prometheus gauges take for it, under their /metrics names; a labelled series as `name/label`
+    (`odpo_trainer_logps_nats/chosen`); `odpo_trainer_window_seconds` is the window's observation of the
+    histogram and `odpo_trainer_pairs_trained_total` the pairs the version has trained in all (its ledger).
+    Values not measured (NaN) are left out."""
+    values = {sample_name(metric) + (f"/{label}" if label else ""): getattr(result, field)
+              for metric, label, field in _PUBLISHED}
+    values[sample_name(POLICY_VERSION)] = version
+    values[sample_name(PAIRS_TRAINED)] = pairs_trained
+    values[sample_name(WINDOW_SECONDS)] = result.seconds
+    if result.seconds > 0:
+        values[sample_name(PAIRS_PER_SECOND)] = result.pairs / result.seconds
+    if result.logprob_mismatch:
+        values[sample_name(LOGPROB_MISMATCH)] = sum(result.logprob_mismatch) / len(result.logprob_mismatch)
+    return {k: float(v) for k, v in values.items() if math.isfinite(float(v))}

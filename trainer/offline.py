@@ -7,7 +7,9 @@ the base model with `--adapter` (or without one: then policy = reference).
 train runs the same rolling updates as the streaming trainer over the file's
 pairs, in file order, `window_pairs` at a time, and writes each update as the
 next `policy-v<N>` of the store (resuming from its newest version; pairs
-already in its ledger are skipped). It prints one JSON line per version.
+already in its ledger are skipped). It prints one JSON line per version, and
+reports each to the `report_to` experiment trackers as the service does
+(trainer/tracking.py).
 Nothing is announced on Kafka (and no manifest written); an `odpo trainer`
 started later on the same store announces the newest version at start. Store
 retention (`keep_versions`, trainer/retention.py) applies after each version,
@@ -130,33 +132,43 @@ def eval_pairs(model_dir: Path, pairs_file: Path, adapter: Path | None, settings
 
 
 def train_pairs(model_dir: Path, pairs_file: Path, store: Path, settings: TrainerSettings,
-                on_error: str = "stop", out=None) -> list[dict]:
-    """Rolling updates over the file's untrained pairs; one JSON line per version written."""
-    from trainer.checkpoint import remove_staging_leftovers
+                on_error: str = "stop", out=None, cache_dir: Path | None = None) -> list[dict]:
+    """Rolling updates over the file's untrained pairs; one JSON line per version written. `report_to` trackers
+    (trainer/tracking.py; TensorBoard's default folder under `cache_dir`) get each version's metrics."""
+    from core.settings import CommonSettings
+    from trainer.checkpoint import recipe_settings, remove_staging_leftovers
     from trainer.distributed import Ranks
     from trainer.recipe import Trainer
+    from trainer.tracking import Tracker, open_tracker
 
     out = out or sys.stdout
     if not Path(pairs_file).is_file():
         raise BadInput(f"{pairs_file}: no such file")
     ranks = Ranks.from_env(settings)
+    tracker = Tracker([], "", {})
+    if ranks.leader and settings.report_to:
+        cache_dir = cache_dir if cache_dir is not None else CommonSettings().cache_dir
+        tracker = open_tracker(settings, store, cache_dir, recipe_settings(settings))
     clean = False
     try:
         if ranks.leader:
             remove_staging_leftovers(store)
         trainer = Trainer.open(model_dir, settings, store, ranks=ranks)
-        versions = _train_file(trainer, pairs_file, store, settings, on_error, out if ranks.leader else None)
+        versions = _train_file(trainer, pairs_file, store, settings, on_error, out if ranks.leader else None,
+                               tracker)
         clean = True
     finally:
+        tracker.close()
         ranks.close(clean)
     return versions
 
 
 def _train_file(trainer, pairs_file: Path, store: Path, settings: TrainerSettings, on_error: str,
-                out) -> list[dict]:
+                out, tracker) -> list[dict]:
     """The windows of `train_pairs`; `out` None: a rank > 0, which trains its shards and writes nothing."""
     from tqdm import tqdm
 
+    from trainer import metrics as M
     from trainer.retention import prune_store
 
     leader = out is not None
@@ -178,6 +190,7 @@ def _train_file(trainer, pairs_file: Path, store: Path, settings: TrainerSetting
             continue
         ckpt = trainer.publish_version(store, [p.pair_id for p in window], result)
         prune_store(store, settings.keep_versions)
+        tracker.log_window(ckpt.version, M.tracked_values(result, ckpt.version, trainer.state.pairs_trained))
         row = {"version": ckpt.version, "path": str(ckpt.path), "sha256": ckpt.sha256, "pairs": len(window),
                "steps": result.steps, "skipped_steps": result.skipped, "loss_first": result.loss_first,
                "loss": result.loss, "reward_margin": result.reward_margin,

@@ -38,6 +38,7 @@ from trainer.checkpoint import (
     latest_checkpoint,
     load_optimizer_state,
     new_state,
+    recipe_settings,
     save_checkpoint,
 )
 from trainer.distributed import SOLO, Ranks
@@ -302,7 +303,8 @@ class Trainer:
         if not self.weights_finite():
             raise NonFiniteWeights(f"refusing to publish version {self.version + 1}: non-finite LoRA weights")
         beta = self.next_beta(result)
-        state = new_state(self.state, list(pair_ids), offsets or {}, result.metrics(), self.optimizer_steps, beta)
+        state = new_state(self.state, list(pair_ids), offsets or {}, result.metrics(), self.optimizer_steps, beta,
+                          recipe_settings(self.settings))
         ckpt = save_checkpoint(store, self.policy.model, self.optimizer, state)
         self.state, self.loss_params = state, dataclasses.replace(self.loss_params, beta=beta)
         self._trained.update(pair_ids)

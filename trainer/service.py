@@ -28,9 +28,10 @@ old version whose pairs are all stale. `odpo_trainer_adapters_republished_total`
 counts the restarts whose newest version had never been announced at all.
 
 Settings beyond the update itself: `keep_versions` (retention),
-`archive_rotate_mb` (pair archive) and `stuck_consumer_s` (exit when offset
-commits keep failing, so the supervisor restarts the trainer), in
-core/settings.py.
+`archive_rotate_mb` (pair archive), `stuck_consumer_s` (exit when offset
+commits keep failing, so the supervisor restarts the trainer) and `report_to`
+(experiment trackers that get each published window's metrics under their
+/metrics names, trainer/tracking.py), in core/settings.py.
 
 Training runs in a worker thread while this thread keeps polling the paused
 consumer: a window takes longer than the group's max poll interval (10 s, the
@@ -79,11 +80,12 @@ from core.runtime import serve_metrics
 from core.settings import CommonSettings, TrainerSettings
 from trainer import metrics as M
 from trainer.archive import PairArchive
-from trainer.checkpoint import remove_staging_leftovers
+from trainer.checkpoint import recipe_settings, remove_staging_leftovers
 from trainer.distributed import SOLO, STOP, Ranks, follow, lead_window
 from trainer.recipe import Trainer, WindowResult
 from trainer.retention import prune_store, store_usage
 from trainer.tokenize import TokenizedPair, UntrainablePair
+from trainer.tracking import Tracker, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +103,10 @@ class TrainerLoop:
     """Buffers pairs from an Inbox and turns full windows into published versions."""
 
     def __init__(self, trainer: Trainer, inbox: Inbox[PreferencePair], producer, common: CommonSettings,
-                 settings: TrainerSettings, stop: threading.Event, ranks: Ranks = SOLO):
+                 settings: TrainerSettings, stop: threading.Event, ranks: Ranks = SOLO,
+                 tracker: Tracker | None = None):
         self.trainer, self.inbox, self.producer, self.ranks = trainer, inbox, producer, ranks
+        self.tracker = tracker or Tracker([], "", {})
         self.common, self.settings, self.stop = common, settings, stop
         self.buffer: list[_Buffered] = []
         self.opened_at: float | None = None
@@ -232,6 +236,7 @@ class TrainerLoop:
         M.PAIRS_TRAINED.inc(len(window))
         M.POLICY_VERSION.set(state.version)
         M.record_published(result)
+        self.tracker.log_window(state.version, M.tracked_values(result, state.version, state.pairs_trained))
         log.info("published %s: %d pairs, %d steps (%d skipped) in %.1fs, loss %.4f -> %.4f, margin %.4f",
                  ckpt.path.name, len(window), result.steps, result.skipped, result.seconds, result.loss_first,
                  result.loss, result.reward_margin)
@@ -370,13 +375,14 @@ def run(common: CommonSettings, settings: TrainerSettings, stop: threading.Event
 def _lead(trainer: Trainer, common: CommonSettings, settings: TrainerSettings, stop: threading.Event,
           ranks: Ranks) -> None:
     """The trainer with Kafka: the only one of a single process, rank 0 of a torchrun group."""
+    tracker = open_tracker(settings, common.store_dir, common.cache_dir, recipe_settings(settings))
     port = serve_metrics(settings.metrics_port, common.metrics_host)
     log.info("trainer at version %d, /metrics on %s:%d", trainer.version, common.metrics_host, port)
     ensure_topics(common.bootstrap_servers)
     producer = make_producer(common.bootstrap_servers)
     inbox = Inbox(common.bootstrap_servers, TOPIC_PREFERENCES, PreferencePair, COMPONENT, producer,
                   group_id=settings.group_id)
-    loop = TrainerLoop(trainer, inbox, producer, common, settings, stop, ranks)
+    loop = TrainerLoop(trainer, inbox, producer, common, settings, stop, ranks, tracker)
     loop.announce_newest()
     try:
         while not stop.is_set():
@@ -385,6 +391,7 @@ def _lead(trainer: Trainer, common: CommonSettings, settings: TrainerSettings, s
         loop.archive_backlog()
     finally:
         loop.archive.close()
+        tracker.close()
         inbox.close()
         producer.close()
         log.info("trainer stopped at version %d", trainer.version)
