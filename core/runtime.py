@@ -44,7 +44,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text", component: str | None 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines(component) if fmt == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.basicConfig(level=level.upper(), handlers=[handler])  # a no-op where logging is set up already
     logging.getLogger("kafka").setLevel(logging.ERROR)  # kafka-python logs every reconnect at ERROR/INFO
     logging.getLogger("httpx").setLevel(logging.WARNING)
 

@@ -39,8 +39,7 @@ def replica(vllm_server, model_dir, vllm_store, own_broker):
     """Starts a gateway replica on the module's broker: `with replica(**settings) as url`."""
     register_base(vllm_server.url, model_dir, vllm_store)
     common = CommonSettings(bootstrap_servers=own_broker.bootstrap, store_dir=vllm_store)
-    return lambda **kw: running_gateway(GatewaySettings(vllm_url=vllm_server.url, control_plane=False, **kw),
-                                        common, gate=False)
+    return lambda **kw: running_gateway(GatewaySettings(vllm_url=vllm_server.url, **kw), common)
 
 
 def _chat(url: str, headers: dict | None = None, **kw) -> dict:
@@ -176,10 +175,9 @@ def test_without_a_broker_serving_goes_on_and_the_unpublished_record_is_counted(
     port = free_port()
     bootstrap = f"127.0.0.1:{port}"
     retention_s = 86_400
-    settings = GatewaySettings(vllm_url=vllm_server.url, control_plane=False, publish_timeout_s=2,
+    settings = GatewaySettings(vllm_url=vllm_server.url, publish_timeout_s=2,
                                served_retention_s=retention_s)
-    with running_gateway(settings, CommonSettings(bootstrap_servers=bootstrap, store_dir=vllm_store),
-                         gate=False) as url:
+    with running_gateway(settings, CommonSettings(bootstrap_servers=bootstrap, store_dir=vllm_store)) as url:
         before = _metric(url, UNPUBLISHED)
         outage = _chat(url)
         deadline = time.monotonic() + 30
