@@ -16,7 +16,7 @@ from generator.server import ServerError, Supervisor, VllmServer
 from generator.watcher import AdapterWatcher
 from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
 from core.assets import base_model_dir
-from core.bus import Inbox, ensure_topics, make_producer
+from core.bus import Inbox, configure_kafka, ensure_topics, make_producer
 from core.contracts import TOPIC_ADAPTERS, TOPIC_PROMPTS, AdapterReady, PromptEvent
 from core.runtime import EXIT_CAUSE, serve_metrics
 from core.settings import CommonSettings, GeneratorSettings
@@ -28,6 +28,7 @@ COMPONENT = "generator"
 
 def run(common: CommonSettings, settings: GeneratorSettings, stop: threading.Event) -> None:
     """Serve the newest policy and sample every prompt until `stop` is set; stops vLLM on exit."""
+    configure_kafka(common)
     metrics_port = serve_metrics(settings.metrics_port, common.metrics_host)
     log.info("generator metrics on %s:%d/metrics", common.metrics_host, metrics_port)
     model_dir = base_model_dir(common.cache_dir, common.base_model)

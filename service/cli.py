@@ -17,8 +17,14 @@ from core.errors import UsageError
 
 
 def _settings(cls):
+    """`cls()`, a bad setting as a UsageError; CommonSettings also configure this process's Kafka clients."""
     try:
-        return cls()
+        settings = cls()
+        if cls.__name__ == "CommonSettings":
+            from core.bus import configure_kafka
+
+            configure_kafka(settings)  # reads the SASL password file now: a missing one is one line here
+        return settings
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err.get("loc", ())) or "?"

@@ -19,6 +19,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core.adapter_store import HOLDS_DIR, hold_versions
+from core.bus import configure_kafka
 from core.contracts import version_name
 from core.settings import CommonSettings, GateSettings
 from service.gate import admin
@@ -43,6 +44,7 @@ def create_gate_app(settings: GateSettings, common: CommonSettings | None = None
     """The gate; `promote=False` leaves out the promotion thread (versions are recorded and published, but only
     an operator promotes: tests of the admin API and of the readers)."""
     common = common or CommonSettings()
+    configure_kafka(common)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

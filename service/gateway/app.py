@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
+from core.bus import configure_kafka
 from core.settings import CommonSettings, GatewaySettings
 from service.gateway import feedback, forwarding, health
 from service.gateway.endpoints import EnginePool, engine_urls
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: GatewaySettings, common: CommonSettings | None = None) -> FastAPI:
     common = common or CommonSettings()
+    configure_kafka(common)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
