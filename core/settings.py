@@ -422,6 +422,10 @@ class GatewaySettings(_ComponentSettings, _VllmClient):
 
     host: str = Field(default="127.0.0.1", description="Listen address.")
     port: int = Field(default=8000, description="Listen port.")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Serve /metrics on this port (on `metrics_host`; 0 = a free one) and not on the API port, so "
+                    "the public Service carries the API only. Unset: /metrics on the API port.")
     vllm_url: str = Field(
         default="http://127.0.0.1:8100", description="The serving engine: the generator's vLLM, or several vLLM "
         "replicas as comma-separated URLs (requests go round-robin; a version becomes `policy` only when every "
