@@ -35,12 +35,13 @@ def tansu_binary() -> Path:
 
 def kafka_ready(bootstrap: str, timeout_s: float = 5.0) -> bool:
     """True when the broker answers a metadata request."""
-    from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
+    from core.bus import new_admin
+
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
-                                 bootstrap_timeout_ms=int(timeout_s * 1000))
+        admin = new_admin(bootstrap, request_timeout_ms=int(timeout_s * 1000),
+                          bootstrap_timeout_ms=int(timeout_s * 1000))
     except (KafkaError, OSError, ValueError):
         return False
     try:

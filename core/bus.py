@@ -3,6 +3,13 @@
 Consumer-group settings are the ones that join on Tansu (a join hangs with
 kafka-python's defaults, and takes about 3 s with these). Auto-commit is off
 everywhere: a consumer commits only after its effect is durable.
+
+Every Kafka client of odpo is made here (`new_producer`, `new_consumer`,
+`new_admin`), so every one takes the security settings (TLS, SASL) of
+`CommonSettings.kafka_*`: a component calls `configure_kafka(common)` at
+start; a process that never does (a one-shot tool) reads them from its
+environment and `ODPO_CONFIG` on first use. tests/test_kafka_security.py
+fails when a module builds a kafka-python client itself.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pydantic import ValidationError
 
 from core import signing
 from core.contracts import ALL_TOPICS, TOPIC_ADAPTERS, TOPIC_CONTROL, TOPIC_DLQ, TOPIC_SERVED, DeadLetter, _Message
+from core.settings import CommonSettings, secret_value
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +66,57 @@ def retention(seconds: float) -> dict[str, str]:
 TOPIC_CONFIGS = {TOPIC_ADAPTERS: COMPACT, TOPIC_CONTROL: COMPACT, TOPIC_SERVED: retention(7 * 24 * 3600)}
 
 
+_security: dict | None = None  # the kafka-python arguments of `CommonSettings.kafka_*`; None: not read yet
+
+
+def kafka_security(common: CommonSettings) -> dict:
+    """kafka-python's security arguments from the settings (the SASL password file is read now)."""
+    out: dict = {"security_protocol": common.kafka_security_protocol}
+    if common.kafka_security_protocol.startswith("SASL_"):
+        out.update(sasl_mechanism=common.kafka_sasl_mechanism, sasl_plain_username=common.kafka_sasl_username,
+                   sasl_plain_password=secret_value(common.kafka_sasl_password, common.kafka_sasl_password_file))
+    if common.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        for name in ("cafile", "certfile", "keyfile"):
+            path = getattr(common, f"kafka_ssl_{name}")
+            if path is not None:
+                out[f"ssl_{name}"] = str(path)
+    return out
+
+
+def configure_kafka(common: CommonSettings) -> None:
+    """Make every Kafka client this process builds from now on use `common`'s security settings."""
+    global _security
+    _security = kafka_security(common)
+
+
+def kafka_client_config(**settings) -> dict:
+    """`settings` with the security arguments added (they win over anything a caller passes)."""
+    global _security
+    if _security is None:
+        _security = kafka_security(CommonSettings())
+    return {**settings, **_security}
+
+
+def new_producer(bootstrap: str, **settings) -> KafkaProducer:
+    """A kafka-python producer with the security settings."""
+    return KafkaProducer(**kafka_client_config(bootstrap_servers=bootstrap, **settings))
+
+
+def new_consumer(bootstrap: str, *topics: str, **settings) -> KafkaConsumer:
+    """A kafka-python consumer (subscribed to `topics`, if any) with the security settings."""
+    return KafkaConsumer(*topics, **kafka_client_config(bootstrap_servers=bootstrap, **settings))
+
+
+def new_admin(bootstrap: str, **settings) -> KafkaAdminClient:
+    """A kafka-python admin client with the security settings."""
+    return KafkaAdminClient(**kafka_client_config(bootstrap_servers=bootstrap, **settings))
+
+
 def ensure_topics(bootstrap: str, topics: Iterable[str] = ALL_TOPICS, partitions: int = 1,
                   configs: dict[str, str] | None = None) -> None:
     """Create the topics that do not exist yet (idempotent), with their `TOPIC_CONFIGS` (or `configs`, for
     topics under other names)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = new_admin(bootstrap)
     try:
         missing = set(topics) - set(admin.list_topics())
         for name in sorted(missing):
@@ -75,12 +129,12 @@ def ensure_topics(bootstrap: str, topics: Iterable[str] = ALL_TOPICS, partitions
         admin.close()
 
 
-def make_producer(bootstrap: str) -> KafkaProducer:
+def make_producer(bootstrap: str, **settings) -> KafkaProducer:
     # Not idempotent: an idempotent producer holds a producer id the broker issued, and after a broker that
     # lost its state (the memory-only embedded broker restarted, a recreated cluster) every send fails with a
     # fatal UnknownProducerIdError until the process restarts. A retried send may write a message twice
     # instead; every consumer here deduplicates by id (deterministic pair ids, the trainer's ledger).
-    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=5, enable_idempotence=False)
+    return new_producer(bootstrap, **{**dict(acks="all", linger_ms=5, retries=5, enable_idempotence=False), **settings})
 
 
 def publish(producer: KafkaProducer, topic: str, key: str | None, message: _Message, flush: bool = True) -> None:
@@ -177,12 +231,13 @@ class Inbox(Generic[M]):
                  group_id: str | None, max_poll_records: int = 100, stuck_s: float = STUCK_S):
         self.topic, self.model, self.component, self.producer = topic, model, component, producer
         self.group_id, self.stuck_s = group_id, stuck_s
-        self._settings = dict(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+        self.bootstrap = bootstrap
+        self._settings = dict(enable_auto_commit=False, auto_offset_reset="earliest",
                               max_poll_records=max_poll_records, client_id=f"odpo-{component}")
         if group_id:
             self.consumer = self._member()
         else:
-            self.consumer = KafkaConsumer(**self._settings)
+            self.consumer = new_consumer(bootstrap, **self._settings)
             parts = self.consumer.partitions_for_topic(topic) or {0}
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
             self.consumer.assign(tps)
@@ -194,7 +249,7 @@ class Inbox(Generic[M]):
         self._unstable_since: float | None = None  # first poll that found the member outside a stable group
 
     def _member(self) -> KafkaConsumer:
-        return KafkaConsumer(self.topic, group_id=self.group_id, **GROUP_SETTINGS, **self._settings)
+        return new_consumer(self.bootstrap, self.topic, group_id=self.group_id, **GROUP_SETTINGS, **self._settings)
 
     def poll(self, timeout_ms: int = 500, max_records: int | None = None) -> list[Envelope[M]]:
         """Valid messages in partition order; invalid ones are dead-lettered (flushed) and skipped."""
@@ -316,8 +371,8 @@ class TopicTail:
     """
 
     def __init__(self, bootstrap: str, topics: Iterable[str], client_id: str = "odpo-tail"):
-        self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                       auto_offset_reset="earliest", client_id=client_id)
+        self._consumer = new_consumer(bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                                      client_id=client_id)
         tps = [TopicPartition(t, p) for t in topics for p in sorted(self._consumer.partitions_for_topic(t) or {0})]
         self._consumer.assign(tps)
         self._consumer.seek_to_beginning(*tps)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, YamlConfigSettingsSource
 
 
@@ -131,6 +131,23 @@ class CommonSettings(_ComponentSettings):
         keys_from(self.message_key.get_secret_value() if self.message_key is not None else None,
                   self.message_key_file)  # a key that cannot be used is a settings error (exit 2), not a crash later
         return self
+    # Kafka security: every producer, consumer and admin client of every component takes these
+    # (core/bus.py, `kafka_security`).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="How every Kafka client talks to the brokers: PLAINTEXT (no TLS, no "
+                                         "login), SSL (TLS), SASL_PLAINTEXT (login, no TLS), SASL_SSL (both).")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        default="PLAIN", description="SASL mechanism with SASL_PLAINTEXT or SASL_SSL.")
+    kafka_sasl_username: str | None = Field(default=None, description="SASL user name (SASL_* protocols).")
+    kafka_sasl_password: SecretStr | None = Field(default=None, description="SASL password (SASL_* protocols).")
+    kafka_sasl_password_file: Path | None = Field(
+        default=None, description="File holding the SASL password (a Kubernetes Secret mount), read at start.")
+    kafka_ssl_cafile: Path | None = Field(
+        default=None, description="CA bundle (PEM) the brokers' certificates are checked against (SSL, "
+                                  "SASL_SSL); unset: the system's CAs.")
+    kafka_ssl_certfile: Path | None = Field(
+        default=None, description="Client certificate (PEM) for brokers that ask for one (mutual TLS).")
+    kafka_ssl_keyfile: Path | None = Field(default=None, description="Private key (PEM) of `kafka_ssl_certfile`.")
 
     def model_post_init(self, __context: Any) -> None:
         self.store_dir = self.store_dir.expanduser()
@@ -138,8 +155,57 @@ class CommonSettings(_ComponentSettings):
         if self.base_model is not None:
             self.base_model = self.base_model.expanduser()
 
+    @model_validator(mode="after")
+    def _kafka_security(self) -> "CommonSettings":
+        if self.kafka_sasl_password is not None and self.kafka_sasl_password_file is not None:
+            raise ValueError("set kafka_sasl_password or kafka_sasl_password_file, not both")
+        if self.kafka_security_protocol.startswith("SASL_") and (
+                not self.kafka_sasl_username or (self.kafka_sasl_password is None
+                                                 and self.kafka_sasl_password_file is None)):
+            raise ValueError(f"kafka_security_protocol {self.kafka_security_protocol} needs kafka_sasl_username "
+                             "and kafka_sasl_password (or kafka_sasl_password_file)")
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            raise ValueError("kafka_ssl_certfile and kafka_ssl_keyfile go together")
+        return self
 
-class GeneratorSettings(_ComponentSettings):
+
+def secret_value(value: SecretStr | None, file: Path | None) -> str | None:
+    """A secret given inline or as a file (a Kubernetes Secret mount, read now; surrounding whitespace
+    stripped); None when neither is set. An unreadable or empty file is an error, never "no secret"."""
+    if file is not None:
+        text = Path(file).expanduser().read_text().strip()
+        if not text:
+            raise ValueError(f"{file} is empty")
+        return text
+    return value.get_secret_value() if value is not None else None
+
+
+class _VllmClient(BaseModel):
+    """The API key a component sends to vLLM (`Authorization: Bearer`); vLLM checks it on /v1/* when the
+    generator started it with one (`ODPO_GENERATOR_VLLM_API_KEY`)."""
+
+    vllm_api_key: SecretStr | None = Field(
+        default=None, description="vLLM's API key, sent as `Authorization: Bearer` (unset: none is sent).")
+    vllm_api_key_file: Path | None = Field(
+        default=None, description="File holding vLLM's API key (a Kubernetes Secret mount), read at start.")
+
+    @model_validator(mode="after")
+    def _one_key(self):
+        if self.vllm_api_key is not None and self.vllm_api_key_file is not None:
+            raise ValueError("set vllm_api_key or vllm_api_key_file, not both")
+        return self
+
+    def vllm_key(self) -> str | None:
+        """The key (read from its file now), or None."""
+        return secret_value(self.vllm_api_key, self.vllm_api_key_file)
+
+    def vllm_headers(self) -> dict[str, str]:
+        """Headers of every request to vLLM: the bearer key when one is set."""
+        key = self.vllm_key()
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+class GeneratorSettings(_ComponentSettings, _VllmClient):
     """vLLM serving and sampling of the live policy."""
 
     model_config = SettingsConfigDict(env_prefix="ODPO_GENERATOR_", extra="forbid")
@@ -462,7 +528,7 @@ class TrainerSettings(_ComponentSettings):
         return self
 
 
-class GatewaySettings(_ComponentSettings):
+class GatewaySettings(_ComponentSettings, _VllmClient):
     """The OpenAI-compatible front door: a stateless reader of the gate's decisions (any number of replicas)."""
 
     model_config = SettingsConfigDict(env_prefix="ODPO_GATEWAY_", extra="forbid")
@@ -470,6 +536,10 @@ class GatewaySettings(_ComponentSettings):
 
     host: str = Field(default="127.0.0.1", description="Listen address.")
     port: int = Field(default=8000, description="Listen port.")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Serve /metrics on this port (on `metrics_host`; 0 = a free one) and not on the API port, so "
+                    "the public Service carries the API only. Unset: /metrics on the API port.")
     vllm_url: str = Field(
         default="http://127.0.0.1:8100", description="The serving engine: the generator's vLLM, or several vLLM "
         "replicas as comma-separated URLs (requests go round-robin; a version becomes `policy` only when every "
@@ -507,7 +577,7 @@ class GatewaySettings(_ComponentSettings):
                     "promoted version, history, pin); the gate writes it, every gateway replica reads it.")
 
 
-class GateSettings(_ComponentSettings):
+class GateSettings(_ComponentSettings, _VllmClient):
     # (the limit_* fields are the degeneration limits: service/gate/verdict.py)
     """The promotion gate: the one writer of the policy registry (scores, promoted version, pins, history)."""
 

@@ -85,8 +85,15 @@ class VllmServer:
         return cmd + list(s.extra_args)
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        """vLLM's environment: ours without odpo's settings (Kafka's password, other components' secrets are no
+        business of vLLM's), plus vLLM's own. The API key goes in as VLLM_API_KEY, vLLM's equivalent of
+        `--api-key` that no `ps` shows; with it vLLM answers 401 on /v1/* (inference and runtime LoRA loading)
+        without `Authorization: Bearer <key>`, while /health and /metrics stay open."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ODPO_") and k != "VLLM_API_KEY"}
         s = self.settings
+        key = s.vllm_key()
+        if key:
+            env["VLLM_API_KEY"] = key
         env.update(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_CPU_KVCACHE_SPACE=str(s.kv_cache_gib),
                    VLLM_CPU_OMP_THREADS_BIND=s.cpu_threads_bind, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         if self.lora_store is not None:

@@ -16,7 +16,7 @@ from generator.server import ServerError, Supervisor, VllmServer
 from generator.watcher import AdapterWatcher
 from generator.zero_adapter import ZERO_ADAPTER_DIR, write_zero_adapter
 from core.assets import base_model_dir
-from core.bus import Inbox, ensure_topics, make_producer
+from core.bus import Inbox, configure_kafka, ensure_topics, make_producer
 from core.contracts import TOPIC_ADAPTERS, TOPIC_PROMPTS, AdapterReady, PromptEvent
 from core.runtime import EXIT_CAUSE, serve_metrics
 from core.settings import CommonSettings, GeneratorSettings
@@ -28,6 +28,7 @@ COMPONENT = "generator"
 
 def run(common: CommonSettings, settings: GeneratorSettings, stop: threading.Event) -> None:
     """Serve the newest policy and sample every prompt until `stop` is set; stops vLLM on exit."""
+    configure_kafka(common)
     metrics_port = serve_metrics(settings.metrics_port, common.metrics_host)
     log.info("generator metrics on %s:%d/metrics", common.metrics_host, metrics_port)
     model_dir = base_model_dir(common.cache_dir, common.base_model)
@@ -38,10 +39,14 @@ def run(common: CommonSettings, settings: GeneratorSettings, stop: threading.Eve
     threads: list[threading.Thread] = []
     closers: list = []
     try:
-        client = httpx.Client(base_url=server.url, timeout=30.0)
+        # the sampler, the adapter loader and the watcher: with vLLM's API key when it has one
+        client = httpx.Client(base_url=server.url, timeout=30.0, headers=settings.vllm_headers())
         closers.append(client.close)
         adapters = AdapterManager(client, common.store_dir, model_dir)
-        adapters.register_base(write_zero_adapter(model_dir, common.store_dir / ZERO_ADAPTER_DIR,
+        # The zero adapter goes where this pod's vLLM reads it: the cache for the vLLM started here (the generator
+        # then only reads the store, which Kubernetes may mount read-only), the shared store for a vLLM elsewhere.
+        zero_home = common.store_dir if settings.vllm_url else common.cache_dir
+        adapters.register_base(write_zero_adapter(model_dir, zero_home / ZERO_ADAPTER_DIR,
                                                   r=min(8, settings.max_lora_rank)))
 
         ensure_topics(common.bootstrap_servers)

@@ -33,6 +33,7 @@ class Target:
     model: str
     url: str
     label: str = ""
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. `Authorization: Bearer <key>`
 
     def __post_init__(self):
         self.label = self.label or self.model
@@ -79,7 +80,8 @@ def evaluate_model(target: Target, prompts: Sequence[PromptEvent], max_tokens: i
                    reference: ReferenceLogprobs | None = None, limits: GuardLimits = GuardLimits(),
                    concurrency: int = 8, timeout_s: float = 600) -> ModelResult:
     started = time.monotonic()
-    answers, served = answer_prompts(target.url, target.model, prompts, max_tokens, concurrency, timeout_s)
+    answers, served = answer_prompts(target.url, target.model, prompts, max_tokens, concurrency, timeout_s,
+                                     headers=target.headers)
     rows = score_answers(prompts, answers, reference, limits)
     return ModelResult(target, served, rows, summarize(rows), time.monotonic() - started)
 

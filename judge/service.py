@@ -28,7 +28,7 @@ from judge.registry import make_judge
 from judge.feedback import FeedbackPairer
 from judge.pairs import PairPolicy, build_pairs, repair_pair
 from judge.seen import SeenIds
-from core.bus import Envelope, Inbox, make_producer, send
+from core.bus import Envelope, Inbox, configure_kafka, make_producer, send
 from core.contracts import (
     TOPIC_CANDIDATES,
     TOPIC_FEEDBACK,
@@ -262,6 +262,7 @@ def run(common: CommonSettings, settings: JudgeSettings, stop: threading.Event) 
     """Judge candidate sets (or, with judge=human, feedback) until `stop` is set."""
     from core.errors import UsageError
 
+    configure_kafka(common)
     human = settings.judge == "human"
     try:
         judge = None if human else make_judge(settings, _reference_model(common, settings))

@@ -25,12 +25,18 @@ COMPONENTS = (("generator", "GeneratorSettings", "vLLM server + sampler + adapte
 
 def _settings(cls):
     """`cls` from the environment and ODPO_CONFIG, or a UsageError: an ODPO_* variable that is no setting, an
-    unknown section or key of the config file, or a bad value (named by variable and section.field)."""
+    unknown section or key of the config file, or a bad value (named by variable and section.field).
+    CommonSettings also configure this process's Kafka clients."""
     from core.settings import check_environment
 
     try:
         check_environment()
-        return cls()
+        settings = cls()
+        if cls.__name__ == "CommonSettings":
+            from core.bus import configure_kafka
+
+            configure_kafka(settings)  # reads the SASL password file now: a missing one is one line here
+        return settings
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err.get("loc", ())) or "?"
@@ -148,7 +154,22 @@ def _eval(args) -> int:
                                 reference_logprob=not args.no_reference_logprob, win_judge=args.win_judge,
                                 concurrency=args.concurrency, examples=args.examples, base_model=args.base_model,
                                 suites=args.suite or ["bundled"], suite_max_tokens=args.suite_max_tokens,
-                                suite_limit=args.suite_limit))
+                                suite_limit=args.suite_limit, api_key=_eval_api_key(args)))
+
+
+def _eval_api_key(args) -> str | None:
+    """`--api-key-file`, else ODPO_EVAL_API_KEY (never a command-line value: `ps` would show it)."""
+    import os
+
+    if args.api_key_file is None:
+        return os.environ.get("ODPO_EVAL_API_KEY") or None
+    try:
+        key = args.api_key_file.read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read --api-key-file: {exc}") from None
+    if not key:
+        raise UsageError(f"--api-key-file {args.api_key_file} is empty")
+    return key
 
 
 def _add_eval(sub) -> None:
@@ -169,6 +190,9 @@ def _add_eval(sub) -> None:
                    help="Judge of the win rate: the rules x quality guard judge (default), the LLM judge "
                         "(ODPO_JUDGE_LLM_JUDGE_* settings), or none.")
     c.add_argument("--concurrency", type=int, default=8, help="Requests in flight per model.")
+    c.add_argument("--api-key-file", type=Path, default=None,
+                   help="File with a key sent as `Authorization: Bearer` to every model's URL, e.g. vLLM's API key "
+                        "(`runs/<time>/vllm-api-key` of `odpo up`); default: $ODPO_EVAL_API_KEY, if set.")
     c.add_argument("--examples", type=int, default=5, help="Prompts whose answers are printed side by side.")
     c.add_argument("--base-model", type=Path, default=None, help="Reference model folder (default: the packaged one).")
     c.add_argument("--suite", action="append", default=None, metavar="SUITE",

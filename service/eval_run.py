@@ -41,10 +41,12 @@ class EvalOptions:
     suites: list[str] = field(default_factory=lambda: ["bundled"])
     suite_max_tokens: int = 256
     suite_limit: int | None = None
+    api_key: str | None = None  # sent as `Authorization: Bearer` to every model's URL (vLLM's API key)
 
 
-def parse_targets(specs: list[str], default_url: str):
-    """`name`, `label=name` or `label=name@url` -> Targets (labels unique)."""
+def parse_targets(specs: list[str], default_url: str, api_key: str | None = None):
+    """`name`, `label=name` or `label=name@url` -> Targets (labels unique), each sending `api_key` as
+    `Authorization: Bearer` when one is given."""
     from judge.evaluate import Target
 
     targets = []
@@ -53,7 +55,8 @@ def parse_targets(specs: list[str], default_url: str):
         model, _, url = rest.partition("@")
         if not model:
             raise UsageError(f"bad model spec {spec!r}: use NAME, LABEL=NAME or LABEL=NAME@URL")
-        targets.append(Target(model, (url or default_url).rstrip("/").removesuffix("/v1"), label or model))
+        targets.append(Target(model, (url or default_url).rstrip("/").removesuffix("/v1"), label or model,
+                              {"Authorization": f"Bearer {api_key}"} if api_key else {}))
     labels = [t.label for t in targets]
     if len(set(labels)) != len(labels):
         raise UsageError(f"model labels must differ: {', '.join(labels)} (name them: LABEL=NAME@URL)")
@@ -106,7 +109,7 @@ def run_eval(opts: EvalOptions) -> int:
     from core.settings import CommonSettings
 
     console = Console(soft_wrap=True)
-    targets = parse_targets(opts.models, opts.url)
+    targets = parse_targets(opts.models, opts.url, opts.api_key)
     labels = [t.label for t in targets]
     if opts.reference is not None and opts.reference not in labels:
         raise UsageError(f"--reference {opts.reference!r} is not one of the models: {', '.join(labels)}")

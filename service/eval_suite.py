@@ -93,7 +93,7 @@ def answer_and_check(items, target, max_tokens: int, concurrency: int) -> dict:
     from judge.evaluate import answer_prompts
 
     answers, served = answer_prompts(target.url, target.model, [i.as_prompt() for i in items], max_tokens,
-                                     concurrency)
+                                     concurrency, headers=target.headers)
     results = [bs.check(item, a) for item, a in zip(items, answers)]
     words = [len(a.split()) for a in answers]
     return {"label": target.label, "model": target.model, "served_version": served, "results": results,

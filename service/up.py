@@ -44,7 +44,7 @@ from core import signing
 from core.adapter_store import newest_ready, published_versions
 from core.assets import base_model_dir
 from core.broker import EmbeddedBroker, free_port
-from core.bus import ensure_topics, make_producer
+from core.bus import configure_kafka, ensure_topics, make_producer
 from service.launcher import ComponentDied, Launcher, RestartPolicy
 from service.loop_watch import LoopCounts, LoopWatcher
 from service.prompt_feed import FEED_FILE, PromptFeeder, load_position
@@ -112,6 +112,7 @@ def run_up(opts: UpOptions) -> int:
     console = Console(soft_wrap=True)  # long lines (paths) stay whole in logs
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # reconnect noise while the broker restarts
     common, gen, trainer = CommonSettings(), GeneratorSettings(), TrainerSettings()
+    configure_kafka(common.model_copy(update={"kafka_security_protocol": "PLAINTEXT"}))  # the embedded broker
     run_dir = (opts.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM shuts down as cleanly as Ctrl-C
@@ -137,7 +138,8 @@ def run_up(opts: UpOptions) -> int:
         console.print(f"base model: {model_dir}")
         gateway_url = f"http://127.0.0.1:{opts.port}"
         token = _admin_token(run_dir)
-        env = _child_env(broker.bootstrap, run_dir, opts, model_dir, token, gen, trainer)
+        secret_env = _secret_env(token, _admin_token(run_dir, "vllm-api-key"))
+        env = _child_env(broker.bootstrap, run_dir, opts, model_dir, gen, trainer)
         env.update(_message_key(common))
         gate_url = f"http://127.0.0.1:{env['ODPO_GATE_PORT']}"
         launcher = Launcher(run_dir / "logs", env, policy=opts.restart, state_file=run_dir / COMPONENTS_FILE,
@@ -145,7 +147,7 @@ def run_up(opts: UpOptions) -> int:
                             keep_pids=lambda: {broker.pid} - {None})
         sup = Supervision(launcher, keeper)
         for name, command, extra_env in COMPONENTS:
-            launcher.start(command, extra_env, name=name)
+            launcher.start(command, {**extra_env, **secret_env.get(name, {})}, name=name)
         console.print(f"components started; logs in {run_dir / 'logs'}, pids in {run_dir / COMPONENTS_FILE}")
         _wait_ready([gateway_url, gate_url], sup, opts.ready_timeout_s, console)
         console.print(f"gateway: {gateway_url}/v1 (models `policy`, `base`, `policy-v<N>`); the gate's admin API "
@@ -236,10 +238,11 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _admin_token(run_dir: Path) -> str:
-    """A fresh admin token for this run's gate, also left in the run folder (owner-only) for the operator."""
+def _admin_token(run_dir: Path, name: str = "admin-token") -> str:
+    """A fresh secret for this run (the gate's admin token, vLLM's API key), also left in the run folder
+    (owner-only) for the operator."""
     token = secrets.token_urlsafe(24)
-    path = run_dir / "admin-token"
+    path = run_dir / name
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
@@ -258,11 +261,22 @@ def _message_key(common: CommonSettings) -> dict[str, str]:
     return {"ODPO_MESSAGE_KEY": key}
 
 
-def _child_env(bootstrap: str, run_dir: Path, opts: UpOptions, model_dir: Path, token: str,
+def _secret_env(token: str, vllm_key: str) -> dict[str, dict[str, str]]:
+    """Each component's secrets, given to that component only (not in the environment every child shares):
+    the admin token to the gate, vLLM's API key to the generator (vLLM's own key, and the one its sampler and
+    adapter loader send) and to vLLM's other clients, the gate and the gateway."""
+    return {"gate": {"ODPO_GATE_ADMIN_TOKEN": token, "ODPO_GATE_VLLM_API_KEY": vllm_key},
+            "generator": {"ODPO_GENERATOR_VLLM_API_KEY": vllm_key},
+            "gateway": {"ODPO_GATEWAY_VLLM_API_KEY": vllm_key}}
+
+
+def _child_env(bootstrap: str, run_dir: Path, opts: UpOptions, model_dir: Path,
                gen: GeneratorSettings, trainer: TrainerSettings) -> dict[str, str]:
     vllm_port = free_port()
     env = {
         "ODPO_BOOTSTRAP_SERVERS": bootstrap,
+        # the embedded broker speaks plain Kafka, whatever security settings this shell holds for another one
+        "ODPO_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT",
         "ODPO_STORE_DIR": str(run_dir / "store"),
         "ODPO_BASE_MODEL": str(model_dir),
         "ODPO_GENERATOR_VLLM_PORT": str(vllm_port),
@@ -271,7 +285,6 @@ def _child_env(bootstrap: str, run_dir: Path, opts: UpOptions, model_dir: Path, 
         "ODPO_GENERATOR_LOG_FILE": str(run_dir / "logs" / "vllm.log"),
         "ODPO_GATEWAY_PORT": str(opts.port),
         "ODPO_GATE_PORT": str(opts.gate_port or free_port()),  # fixed for the run: kept over the gate's restarts
-        "ODPO_GATE_ADMIN_TOKEN": token,  # the gate's only: no other component gets it
         "ODPO_GATE_HELDOUT_PROMPTS": str(opts.heldout_prompts),
         "ODPO_GATE_HELDOUT_PROMPTS_MAX": str(opts.heldout_prompts_max),
         "ODPO_GATE_EVAL_MAX_TOKENS": str(gen.max_tokens),

@@ -52,6 +52,7 @@ import httpx
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
+from core.bus import new_consumer
 from core.contracts import TOPIC_PREFERENCES
 from service.up_metrics import sample_sum
 
@@ -96,9 +97,8 @@ class TrainerBacklog:
         self.trainer_seen = dropped is not None
         try:
             if self._consumer is None:  # the group's id, never subscribed: reads its offsets without joining it
-                self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.group_id,
-                                               enable_auto_commit=False, client_id="odpo-up-pace",
-                                               request_timeout_ms=10_000)
+                self._consumer = new_consumer(self.bootstrap, group_id=self.group_id, enable_auto_commit=False,
+                                              client_id="odpo-up-pace", request_timeout_ms=10_000)
             parts = self._consumer.partitions_for_topic(TOPIC_PREFERENCES) or set()
             tps = [TopicPartition(TOPIC_PREFERENCES, p) for p in parts]
             ends = self._consumer.end_offsets(tps) if tps else {}

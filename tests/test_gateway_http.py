@@ -51,6 +51,19 @@ def test_health_ready_and_metrics(gateway):
     assert "odpo_gateway_policy_version 0.0" in metrics
 
 
+def test_metrics_port_moves_metrics_off_the_api_port():
+    """With `metrics_port`, /metrics answers there only: the API port (the public Service) carries no metrics."""
+    port = free_port()
+    settings, common = _down_settings(metrics_port=port)
+    with running_gateway(settings, common) as url:
+        httpx.get(f"{url}/healthz")
+        assert _is_error(httpx.get(f"{url}/metrics"), 404)["code"] == "not_found"
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        assert metrics.status_code == 200 and "odpo_gateway_requests_total" in metrics.text
+    with pytest.raises(httpx.ConnectError):  # stopped with the gateway
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
 CHAT = '{"model": "policy", "messages": [{"role": "user", "content": "hi"}]}'
 
 

@@ -66,7 +66,7 @@ from core.adapter_store import (
     write_manifest,
 )
 from core.assets import base_model_dir
-from core.bus import Envelope, Inbox, ensure_topics, make_producer, publish
+from core.bus import Envelope, Inbox, configure_kafka, ensure_topics, make_producer, publish
 from core.contracts import (
     DATASET_JUDGE,
     TOPIC_ADAPTERS,
@@ -356,6 +356,7 @@ def _stored_metrics(metrics: dict[str, float]) -> TrainMetrics:
 
 def run(common: CommonSettings, settings: TrainerSettings, stop: threading.Event) -> None:
     """Consume odpo.preferences and publish rolling LoRA updates until `stop` is set (rank 0 decides, under torchrun)."""
+    configure_kafka(common)
     model_dir = base_model_dir(common.cache_dir, common.base_model)
     ranks = Ranks.from_env(settings)
     clean = False

@@ -19,6 +19,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core.adapter_store import HOLDS_DIR, hold_versions
+from core.bus import configure_kafka
 from core.contracts import version_name
 from core.settings import CommonSettings, GateSettings
 from service.gate import admin
@@ -43,17 +44,19 @@ def create_gate_app(settings: GateSettings, common: CommonSettings | None = None
     """The gate; `promote=False` leaves out the promotion thread (versions are recorded and published, but only
     an operator promotes: tests of the admin API and of the readers)."""
     common = common or CommonSettings()
+    configure_kafka(common)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         pool = EnginePool(engine_urls(settings.vllm_url), settings.vllm_resolve_dns, down_s=settings.engine_down_s)
-        clients = EngineClients(settings.request_timeout_s)
+        vllm_headers = settings.vllm_headers()  # vLLM's API key, when it has one
+        clients = EngineClients(settings.request_timeout_s, vllm_headers)
         try:
             book = VersionBook(settings.promotion_tolerance)
             scores = ScoreGauge(settings.score_versions_kept)
             registry = _keep_in_file(book, settings, common, scores) if settings.persist_registry else None
             _hold_in_store(book, settings, common)
-            adapters = EngineAdapters(pool, common.store_dir)
+            adapters = EngineAdapters(pool, common.store_dir, headers=vllm_headers)
             control = GateControl(book, common.bootstrap_servers, settings.control_topic, scores,
                                   evaluation(settings), registry).attach()
             app.state.gate = GateState(settings=settings, common=common, clients=clients, book=book,

@@ -282,7 +282,8 @@ class PromotionGate:
         for attempt in (1, 2):
             try:
                 answers, _ = answer_prompts(self.adapters.scoring_url(), version_name(version), todo, s.eval_max_tokens,
-                                            concurrency=s.eval_concurrency, timeout_s=s.request_timeout_s)
+                                            concurrency=s.eval_concurrency, timeout_s=s.request_timeout_s,
+                                            headers=self.adapters.headers)
                 break
             except httpx.HTTPStatusError as exc:  # the generator unloaded it mid-way: load it and start over
                 if exc.response.status_code != 404 or attempt == 2:

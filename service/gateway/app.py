@@ -18,7 +18,9 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
+from prometheus_client import start_http_server
 
+from core.bus import configure_kafka
 from core.settings import CommonSettings, GatewaySettings
 from service.gateway import feedback, forwarding, health
 from service.gateway.endpoints import EnginePool, engine_urls
@@ -37,14 +39,16 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: GatewaySettings, common: CommonSettings | None = None) -> FastAPI:
     common = common or CommonSettings()
+    configure_kafka(common)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         pool = EnginePool(engine_urls(settings.vllm_url), settings.vllm_resolve_dns, down_s=settings.engine_down_s)
-        clients = EngineClients(settings.request_timeout_s)
+        vllm_headers = settings.vllm_headers()  # vLLM's API key, when it has one
+        clients = EngineClients(settings.request_timeout_s, vllm_headers)
         try:
             book = VersionBook(0.0)  # a copy of the gate's: its promotion rules never run here
-            adapters = EngineAdapters(pool, common.store_dir)
+            adapters = EngineAdapters(pool, common.store_dir, headers=vllm_headers)
             registry = RegistryFollower(book, common.bootstrap_servers, settings.control_topic,
                                         f"gateway-{socket.gethostname()}-{os.getpid()}",
                                         on_applied=lambda head: sync_promoted(book))
@@ -58,9 +62,17 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None) 
                 broker=BrokerCheck(common.bootstrap_servers, settings.broker_check_s), registry=registry)
             sync_promoted(book)
             registry.start()
+            metrics_server = None
+            if settings.metrics_port is not None:  # /metrics off the API port (the public Service's)
+                metrics_server, _ = start_http_server(settings.metrics_port, addr=common.metrics_host)
+                app.state.metrics_port = metrics_server.server_port
+                log.info("gateway metrics on %s:%d/metrics", common.metrics_host, metrics_server.server_port)
             try:
                 yield
             finally:
+                if metrics_server is not None:
+                    metrics_server.shutdown()
+                    metrics_server.server_close()
                 await anyio.to_thread.run_sync(registry.stop)
                 await anyio.to_thread.run_sync(served_log.stop)
                 await anyio.to_thread.run_sync(outbox.close)

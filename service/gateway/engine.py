@@ -65,8 +65,10 @@ def listed_versions(payload: dict) -> set[int]:
 class EngineAdapters:
     """Loads versions the gateway needs into every engine (blocking; call from threads)."""
 
-    def __init__(self, pool: EnginePool, store_dir: Path, timeout_s: float = 30.0):
+    def __init__(self, pool: EnginePool, store_dir: Path, timeout_s: float = 30.0,
+                 headers: dict[str, str] | None = None):
         self.pool = pool
+        self.headers = dict(headers or {})  # vLLM's API key (Authorization), on every request to an engine
         self.store = Path(store_dir).expanduser().resolve()
         self.timeout_s = timeout_s
         self.changes = 0  # bumped by every load, so cached listings know they are stale
@@ -75,7 +77,7 @@ class EngineAdapters:
 
     def client(self, url: str) -> httpx.Client:
         if url not in self._clients:
-            self._clients[url] = httpx.Client(base_url=url, timeout=self.timeout_s)
+            self._clients[url] = httpx.Client(base_url=url, timeout=self.timeout_s, headers=self.headers)
         return self._clients[url]
 
     def listed_at(self, url: str) -> set[int]:
@@ -273,14 +275,16 @@ class ModelRouter:
 class EngineClients:
     """One pooled async HTTP client per engine URL (the request path)."""
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, timeout_s: float, headers: dict[str, str] | None = None):
         self.timeout_s = timeout_s
+        self.headers = dict(headers or {})  # vLLM's API key (Authorization)
         self._clients: dict[str, httpx.AsyncClient] = {}
 
     def get(self, url: str) -> httpx.AsyncClient:
         if url not in self._clients:
             limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-            self._clients[url] = httpx.AsyncClient(base_url=url, timeout=self.timeout_s, limits=limits)
+            self._clients[url] = httpx.AsyncClient(base_url=url, timeout=self.timeout_s, limits=limits,
+                                                   headers=self.headers)
         return self._clients[url]
 
     async def aclose(self) -> None:

@@ -54,6 +54,8 @@ async def readyz(request: Request):
             "registry": state.registry.view()}
 
 
-@router.get("/metrics")
-async def metrics():
+@router.get("/metrics", responses={404: {"description": "Served on `metrics_port` instead"}})
+async def metrics(request: Request):
+    if state_of(request).settings.metrics_port is not None:
+        return error(404, "/metrics is served on the gateway's metrics port", code="not_found")
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

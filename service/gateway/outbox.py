@@ -20,7 +20,7 @@ import threading
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from core.bus import send
+from core.bus import make_producer, send
 from core.contracts import TOPIC_PROMPTS, TOPIC_SERVED, PromptEvent, ServedRecord, _Message
 from service.gateway.metrics import MIRROR_DROPPED, MIRRORED, SERVED_UNPUBLISHED
 
@@ -77,11 +77,9 @@ class Outbox:
     def _connect(self) -> KafkaProducer:
         with self._producer_lock:
             if self._producer is None:
-                # core.bus.make_producer's settings, plus a bound on how long send() may block for metadata.
+                # core.bus.make_producer, plus a bound on how long send() may block for metadata.
                 wait_ms = int(self.publish_timeout_s * 1000)
-                self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5, retries=5,
-                                               enable_idempotence=False, max_block_ms=wait_ms,
-                                               bootstrap_timeout_ms=wait_ms)
+                self._producer = make_producer(self.bootstrap, max_block_ms=wait_ms, bootstrap_timeout_ms=wait_ms)
             return self._producer
 
     def _drop_producer(self) -> None:

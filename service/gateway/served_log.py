@@ -38,7 +38,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from core import signing
 from core.broker import kafka_ready
-from core.bus import ensure_topics, retention, topic_id_of
+from core.bus import ensure_topics, new_consumer, retention, topic_id_of
 from core.contracts import TOPIC_SERVED, ServedRecord, ServedText
 from service.gateway.outbox import Outbox
 from service.gateway.served import ServedChoice, ServedStore
@@ -131,9 +131,9 @@ class ServedLog:
         if not kafka_ready(self.bootstrap, 2.0):  # ensure_topics takes 30 s to say so
             raise ConnectionError(f"the broker at {self.bootstrap} does not answer")
         ensure_topics(self.bootstrap, [self.topic], configs=retention(self.retention_s))
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                 auto_offset_reset="earliest", client_id=f"odpo-gateway-served-{self.replica}",
-                                 fetch_max_wait_ms=100, request_timeout_ms=15_000)
+        consumer = new_consumer(self.bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                                client_id=f"odpo-gateway-served-{self.replica}", fetch_max_wait_ms=100,
+                                request_timeout_ms=15_000)
         self._consumer = consumer
         tps = [TopicPartition(self.topic, p) for p in sorted(consumer.partitions_for_topic(self.topic) or {0})]
         consumer.assign(tps)

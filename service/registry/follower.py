@@ -31,7 +31,7 @@ from typing import Any
 from kafka import KafkaConsumer, TopicPartition
 
 from core import signing
-from core.bus import COMPACT, ensure_topics, topic_id_of
+from core.bus import COMPACT, ensure_topics, new_consumer, topic_id_of
 from service.registry.book import VersionBook
 from service.registry.control_log import ControlLog, Taken
 
@@ -103,11 +103,11 @@ class RegistryFollower:
     def _connect(self) -> None:
         ensure_topics(self.bootstrap, [self.topic], configs=COMPACT)
         self._connected()
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                 auto_offset_reset="earliest", client_id=f"odpo-{self.client}-registry",
-                                 max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20,
-                                 fetch_max_wait_ms=100,  # a change of the gate reaches the readers within ~0.1 s
-                                 request_timeout_ms=15_000)  # end_offsets on a down broker: not kafka's 5 min
+        consumer = new_consumer(self.bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest", client_id=f"odpo-{self.client}-registry",
+                                max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20,
+                                fetch_max_wait_ms=100,  # a change of the gate reaches the readers within ~0.1 s
+                                request_timeout_ms=15_000)  # end_offsets on a down broker: not kafka's 5 min
         consumer.assign([self._tp])
         consumer.seek_to_beginning(self._tp)
         with self._lock:  # a new reading pass from the topic's start; the book stays

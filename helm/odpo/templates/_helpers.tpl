@@ -74,6 +74,32 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-admin" (include "odpo.fullname" .)) .Values.admin.existingSecret }}
 {{- end }}
 
+{{- define "odpo.vllmKeySecretName" -}}
+{{- default (printf "%s-vllm" (include "odpo.fullname" .)) .Values.vllm.apiKey.existingSecret }}
+{{- end }}
+
+{{/* "true" when the Kafka clients log in (SASL_*), or talk TLS (SSL, SASL_SSL). */}}
+{{- define "odpo.kafkaSasl" -}}
+{{- if hasPrefix "SASL_" .Values.kafka.security.protocol }}true{{ end }}
+{{- end }}
+{{- define "odpo.kafkaTls" -}}
+{{- if has .Values.kafka.security.protocol (list "SSL" "SASL_SSL") }}true{{ end }}
+{{- end }}
+
+{{/* Values that render but cannot work: refused with a message. */}}
+{{- define "odpo.validate" -}}
+{{- $sec := .Values.kafka.security }}
+{{- if and .Values.kafka.tansu.enabled (ne $sec.protocol "PLAINTEXT") }}
+{{- fail (printf "kafka.security.protocol %s: the bundled kafka.tansu speaks PLAINTEXT only (its NetworkPolicy admits odpo's pods alone)" $sec.protocol) }}
+{{- end }}
+{{- if and (include "odpo.kafkaSasl" .) (or (not $sec.sasl.username) (not $sec.sasl.existingSecret)) }}
+{{- fail (printf "kafka.security.protocol %s needs kafka.security.sasl.username and kafka.security.sasl.existingSecret (the password's Secret)" $sec.protocol) }}
+{{- end }}
+{{- if and (or $sec.tls.caSecret $sec.tls.clientCertSecret) (not (include "odpo.kafkaTls" .)) }}
+{{- fail "kafka.security.tls.* needs kafka.security.protocol SSL or SASL_SSL" }}
+{{- end }}
+{{- end }}
+
 {{/* The serving engines of the gateway and the gate: the vLLM you run (`generator.vllmUrl`), or every
 generator pod's vLLM through the headless `-engines` Service (both resolve it to all addresses:
 `vllm_resolve_dns`). */}}
@@ -89,6 +115,8 @@ generator pod's vLLM through the headless `-engines` Service (both resolve it to
 {{- define "odpo.configPath" -}}/etc/odpo/odpo.yaml{{- end }}
 {{- define "odpo.cachePath" -}}/var/cache/odpo{{- end }}
 {{- define "odpo.adminTokenDir" -}}/etc/odpo-admin{{- end }}
+{{- define "odpo.vllmKeyDir" -}}/etc/odpo-vllm{{- end }}
+{{- define "odpo.kafkaSecretsDir" -}}/etc/odpo-kafka{{- end }}
 
 {{/* Pod-level fields every component shares: dict "root" $ "values" .Values.<component> */}}
 {{- define "odpo.podCommon" -}}
@@ -155,7 +183,7 @@ env:
   {{- end }}
 {{- end }}
 
-{{/* Volume mounts every odpo container has. */}}
+{{/* Volume mounts every odpo container has (every one is a Kafka client: its Secrets too). */}}
 {{- define "odpo.commonMounts" -}}
 - name: config
   mountPath: /etc/odpo
@@ -164,9 +192,45 @@ env:
   mountPath: /tmp
 - name: cache
   mountPath: {{ include "odpo.cachePath" . }}
+{{- if include "odpo.kafkaSasl" . }}
+- name: kafka-sasl
+  mountPath: {{ include "odpo.kafkaSecretsDir" . }}/sasl
+  readOnly: true
+{{- end }}
+{{- if and (include "odpo.kafkaTls" .) .Values.kafka.security.tls.caSecret }}
+- name: kafka-ca
+  mountPath: {{ include "odpo.kafkaSecretsDir" . }}/ca
+  readOnly: true
+{{- end }}
+{{- if and (include "odpo.kafkaTls" .) .Values.kafka.security.tls.clientCertSecret }}
+- name: kafka-client-cert
+  mountPath: {{ include "odpo.kafkaSecretsDir" . }}/client
+  readOnly: true
+{{- end }}
 {{- end }}
 
-{{/* Mounts of the pods that read or write model files (generator, trainer). */}}
+{{/* vLLM's API key as a file, in vLLM's clients only (generator, gateway, gate). */}}
+{{- define "odpo.vllmKeyMount" -}}
+{{- if .Values.vllm.apiKey.enabled }}
+- name: vllm-api-key
+  mountPath: {{ include "odpo.vllmKeyDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "odpo.vllmKeyVolume" -}}
+{{- if .Values.vllm.apiKey.enabled }}
+- name: vllm-api-key
+  secret:
+    secretName: {{ include "odpo.vllmKeySecretName" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.vllm.apiKey.existingSecretKey }}
+        path: api-key
+{{- end }}
+{{- end }}
+
+{{/* Mounts of the trainer, which writes versions into the store (the generator mounts the store itself). */}}
 {{- define "odpo.modelMounts" -}}
 - name: adapters
   mountPath: {{ .Values.adapterStore.mountPath }}
@@ -214,6 +278,7 @@ judge/service.py. The gateway never loads it. dict "root" $ "component" "judge" 
 {{- end }}
 
 {{- define "odpo.commonVolumes" -}}
+{{- $sec := .Values.kafka.security -}}
 - name: config
   configMap:
     name: {{ include "odpo.fullname" . }}-config
@@ -222,6 +287,35 @@ judge/service.py. The gateway never loads it. dict "root" $ "component" "judge" 
 - name: cache
   emptyDir:
     sizeLimit: {{ .Values.cache.sizeLimit }}
+{{- if include "odpo.kafkaSasl" . }}
+- name: kafka-sasl
+  secret:
+    secretName: {{ $sec.sasl.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ $sec.sasl.existingSecretKey }}
+        path: password
+{{- end }}
+{{- if and (include "odpo.kafkaTls" .) $sec.tls.caSecret }}
+- name: kafka-ca
+  secret:
+    secretName: {{ $sec.tls.caSecret }}
+    defaultMode: 0444
+    items:
+      - key: {{ $sec.tls.caSecretKey }}
+        path: ca.crt
+{{- end }}
+{{- if and (include "odpo.kafkaTls" .) $sec.tls.clientCertSecret }}
+- name: kafka-client-cert
+  secret:
+    secretName: {{ $sec.tls.clientCertSecret }}
+    defaultMode: 0440
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- end }}
 {{- end }}
 
 {{- define "odpo.modelVolumes" -}}
