@@ -54,8 +54,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/* The CPU image (Dockerfile): `image.tag`, or `<appVersion>-cpu`. */}}
 {{- define "odpo.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- printf "%s:%s" .Values.image.repository (default (printf "%s-cpu" .Chart.AppVersion) .Values.image.tag) }}
+{{- end }}
+
+{{/* The GPU image (Dockerfile.gpu): `image.gpuTag`, or `<appVersion>-gpu`. */}}
+{{- define "odpo.gpuImage" -}}
+{{- printf "%s:%s" .Values.image.repository (default (printf "%s-gpu" .Chart.AppVersion) .Values.image.gpuTag) }}
 {{- end }}
 
 {{- define "odpo.kafkaBootstrap" -}}
@@ -158,9 +164,9 @@ annotations:
   {{- end }}
 {{- end }}
 
-{{/* Container fields every odpo component shares: dict "root" $ "component" "judge" */}}
+{{/* Container fields every odpo component shares: dict "root" $ "component" "judge" ("gpu" true: the GPU image) */}}
 {{- define "odpo.containerCommon" -}}
-image: {{ include "odpo.image" .root }}
+image: {{ ternary (include "odpo.gpuImage" .root) (include "odpo.image" .root) (default false .gpu) }}
 imagePullPolicy: {{ .root.Values.image.pullPolicy }}
 args: [{{ .component | quote }}]
 command: ["odpo"]
