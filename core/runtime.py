@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -40,12 +41,24 @@ class JsonLines(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+_KAFKA_SECURITY = re.compile(r"auth|sasl|ssl|certificate|credential", re.IGNORECASE)
+
+
+def kafka_quiet(record: logging.LogRecord) -> bool:
+    """kafka-python's warnings (a reconnect at every broker restart) are left out, except those about logins,
+    permissions and TLS (e.g. "Not authorized to read from topic", "SASL re-authentication failed")."""
+    if not record.name.startswith("kafka") or record.levelno >= logging.ERROR:
+        return True
+    return bool(_KAFKA_SECURITY.search(record.getMessage()))
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text", component: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines(component) if fmt == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(kafka_quiet)
     logging.basicConfig(level=level.upper(), handlers=[handler])  # a no-op where logging is set up already
-    logging.getLogger("kafka").setLevel(logging.ERROR)  # kafka-python logs every reconnect at ERROR/INFO
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # and `kafka_quiet` keeps only what says something
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 

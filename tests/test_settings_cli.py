@@ -112,3 +112,18 @@ def test_json_log_lines():
     assert [(x["level"], x["logger"], x["message"], x["component"]) for x in lines] == [
         ("INFO", "x", "hello there", "judge"), ("ERROR", "x", "boom", "judge")]
     assert "ZeroDivisionError" in lines[1]["exc"]
+
+
+def test_kafka_warnings_about_logins_are_kept_and_reconnect_noise_is_not():
+    import logging
+
+    from core.runtime import kafka_quiet
+
+    def record(name: str, level: int, msg: str) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, msg, (), None)
+
+    assert kafka_quiet(record("kafka.consumer.fetcher", logging.WARNING, "Not authorized to read from topic odpo.x."))
+    assert kafka_quiet(record("kafka.net.connection", logging.WARNING, "c: SASL re-authentication failed: boom"))
+    assert not kafka_quiet(record("kafka.cluster", logging.WARNING, "No node available for metadata refresh"))
+    assert kafka_quiet(record("kafka.net.manager", logging.ERROR, "Connection failed: KafkaConnectionError"))
+    assert kafka_quiet(record("service.gate", logging.INFO, "anything of ours"))
