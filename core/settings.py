@@ -180,6 +180,24 @@ def secret_value(value: SecretStr | None, file: Path | None) -> str | None:
     return value.get_secret_value() if value is not None else None
 
 
+class _ServingEngines(BaseModel):
+    """Where the vLLM engines are, for the components that route to them (the gateway) or score through them
+    (the gate)."""
+
+    vllm_url: str = Field(
+        default="http://127.0.0.1:8100", description="The serving engine: the generator's vLLM, or several vLLM "
+        "replicas as comma-separated URLs (requests go round-robin; a version becomes `policy` only when every "
+        "one serves it).")
+    vllm_resolve_dns: bool = Field(
+        default=False, description="Each host name in `vllm_url` stands for all of its addresses, re-read every "
+        "10 s (a Kubernetes headless Service of the generator pods).")
+    engine_down_s: float = Field(
+        default=5, gt=0, description="How long an engine that refused a connection is skipped before it is "
+        "tried again.")
+    models_refresh_s: float = Field(default=1.0, gt=0, description="How often loaded versions are re-read from vLLM.")
+    request_timeout_s: float = Field(default=300, description="Timeout of one request to an engine.")
+
+
 class _VllmClient(BaseModel):
     """The API key a component sends to vLLM (`Authorization: Bearer`); vLLM checks it on /v1/* when the
     generator started it with one (`ODPO_GENERATOR_VLLM_API_KEY`)."""
@@ -528,7 +546,7 @@ class TrainerSettings(_ComponentSettings):
         return self
 
 
-class GatewaySettings(_ComponentSettings, _VllmClient):
+class GatewaySettings(_ComponentSettings, _ServingEngines, _VllmClient):
     """The OpenAI-compatible front door: a stateless reader of the gate's decisions (any number of replicas)."""
 
     model_config = SettingsConfigDict(env_prefix="ODPO_GATEWAY_", extra="forbid")
@@ -540,18 +558,6 @@ class GatewaySettings(_ComponentSettings, _VllmClient):
         default=None, ge=0, le=65535,
         description="Serve /metrics on this port (on `metrics_host`; 0 = a free one) and not on the API port, so "
                     "the public Service carries the API only. Unset: /metrics on the API port.")
-    vllm_url: str = Field(
-        default="http://127.0.0.1:8100", description="The serving engine: the generator's vLLM, or several vLLM "
-        "replicas as comma-separated URLs (requests go round-robin; a version becomes `policy` only when every "
-        "one serves it).")
-    vllm_resolve_dns: bool = Field(
-        default=False, description="Each host name in `vllm_url` stands for all of its addresses, re-read every "
-        "10 s (a Kubernetes headless Service of the generator pods).")
-    engine_down_s: float = Field(
-        default=5, gt=0, description="How long an engine that refused a connection is skipped before it is "
-        "tried again.")
-    models_refresh_s: float = Field(default=1.0, gt=0, description="How often loaded versions are re-read from vLLM.")
-    request_timeout_s: float = Field(default=300, description="Timeout of one forwarded request.")
     served_capacity: int = Field(default=10_000, ge=1, description="Served responses kept for /v1/feedback (LRU).")
     served_retention_s: float = Field(
         default=7 * 24 * 3600, gt=0, description="How long a served response stays ratable through any replica "
@@ -577,7 +583,7 @@ class GatewaySettings(_ComponentSettings, _VllmClient):
                     "promoted version, history, pin); the gate writes it, every gateway replica reads it.")
 
 
-class GateSettings(_ComponentSettings, _VllmClient):
+class GateSettings(_ComponentSettings, _ServingEngines, _VllmClient):
     # (the limit_* fields are the degeneration limits: service/gate/verdict.py)
     """The promotion gate: the one writer of the policy registry (scores, promoted version, pins, history)."""
 
@@ -587,18 +593,6 @@ class GateSettings(_ComponentSettings, _VllmClient):
     host: str = Field(default="127.0.0.1", description="Listen address of the admin API, /readyz and /metrics.")
     port: int = Field(default=8001, description="Listen port of the admin API, /readyz and /metrics.")
 
-    vllm_url: str = Field(
-        default="http://127.0.0.1:8100", description="The serving engine: the generator's vLLM, or several vLLM "
-        "replicas as comma-separated URLs (requests go round-robin; a version becomes `policy` only when every "
-        "one serves it).")
-    vllm_resolve_dns: bool = Field(
-        default=False, description="Each host name in `vllm_url` stands for all of its addresses, re-read every "
-        "10 s (a Kubernetes headless Service of the generator pods).")
-    engine_down_s: float = Field(
-        default=5, gt=0, description="How long an engine that refused a connection is skipped before it is "
-        "tried again.")
-    models_refresh_s: float = Field(default=1.0, gt=0, description="How often loaded versions are re-read from vLLM.")
-    request_timeout_s: float = Field(default=300, description="Timeout of one forwarded request.")
     admin_token: SecretStr | None = Field(default=None, description="Bearer token of the admin API (unset: admin off).")
     admin_token_file: Path | None = Field(
         default=None, description="File holding the admin token (a Kubernetes Secret mount); read on each request.")

@@ -28,8 +28,7 @@ from service.gate.metrics import ScoreGauge, sync_promoted
 from service.gate.promotion import PromotionGate
 from service.gate.registry_file import RegistryFile
 from service.gate.state import GateState, state_of
-from service.gateway.endpoints import EnginePool, engine_urls
-from service.gateway.engine import EngineAdapters, EngineClients, ModelRouter
+from service.gateway.engine import ModelRouter, engine_access
 from service.gateway.protocol import error, json_errors
 from service.registry.book import VersionBook
 
@@ -48,15 +47,12 @@ def create_gate_app(settings: GateSettings, common: CommonSettings | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        pool = EnginePool(engine_urls(settings.vllm_url), settings.vllm_resolve_dns, down_s=settings.engine_down_s)
-        vllm_headers = settings.vllm_headers()  # vLLM's API key, when it has one
-        clients = EngineClients(settings.request_timeout_s, vllm_headers)
+        clients, adapters = engine_access(settings, common.store_dir)
         try:
             book = VersionBook(settings.promotion_tolerance)
             scores = ScoreGauge(settings.score_versions_kept)
             registry = _keep_in_file(book, settings, common, scores) if settings.persist_registry else None
             _hold_in_store(book, settings, common)
-            adapters = EngineAdapters(pool, common.store_dir, headers=vllm_headers)
             control = GateControl(book, common.bootstrap_servers, settings.control_topic, scores,
                                   evaluation(settings), registry).attach()
             app.state.gate = GateState(settings=settings, common=common, clients=clients, book=book,

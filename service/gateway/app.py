@@ -23,8 +23,7 @@ from prometheus_client import start_http_server
 from core.bus import configure_kafka
 from core.settings import CommonSettings, GatewaySettings
 from service.gateway import feedback, forwarding, health
-from service.gateway.endpoints import EnginePool, engine_urls
-from service.gateway.engine import EngineAdapters, EngineClients, ModelRouter
+from service.gateway.engine import ModelRouter, engine_access
 from service.gateway.metrics import RequestMetrics, sync_promoted
 from service.gateway.outbox import Outbox
 from service.gateway.protocol import json_errors
@@ -43,12 +42,9 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        pool = EnginePool(engine_urls(settings.vllm_url), settings.vllm_resolve_dns, down_s=settings.engine_down_s)
-        vllm_headers = settings.vllm_headers()  # vLLM's API key, when it has one
-        clients = EngineClients(settings.request_timeout_s, vllm_headers)
+        clients, adapters = engine_access(settings, common.store_dir)
         try:
             book = VersionBook(0.0)  # a copy of the gate's: its promotion rules never run here
-            adapters = EngineAdapters(pool, common.store_dir, headers=vllm_headers)
             registry = RegistryFollower(book, common.bootstrap_servers, settings.control_topic,
                                         f"gateway-{socket.gethostname()}-{os.getpid()}",
                                         on_applied=lambda head: sync_promoted(book))

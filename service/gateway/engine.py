@@ -290,3 +290,14 @@ class EngineClients:
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.aclose()
+
+
+def engine_access(settings, store_dir: Path) -> tuple[EngineClients, EngineAdapters]:
+    """The clients of the engines a component's settings name (`vllm_url`, `vllm_resolve_dns`, `engine_down_s`,
+    `request_timeout_s` and vLLM's API key: core.settings._ServingEngines and _VllmClient): async clients for
+    the request path, and the adapter loader (its `pool` is the engines' pool)."""
+    from service.gateway.endpoints import engine_urls
+
+    pool = EnginePool(engine_urls(settings.vllm_url), settings.vllm_resolve_dns, down_s=settings.engine_down_s)
+    headers = settings.vllm_headers()  # vLLM's API key, when it has one
+    return EngineClients(settings.request_timeout_s, headers), EngineAdapters(pool, store_dir, headers=headers)
