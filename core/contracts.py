@@ -56,7 +56,7 @@ def parse_version_name(name: str) -> int | None:
     """Inverse of `version_name`; None for names that are not a policy version."""
     if name == BASE_MODEL_NAME:
         return 0
-    m = _VERSION_NAME.match(name)
+    m = _VERSION_NAME.fullmatch(name) if isinstance(name, str) else None
     return int(m.group(1)) if m else None
 
 

@@ -20,7 +20,7 @@ EXIT_CAUSE = "exit cause: "
 
 # Fields a log call may add with `extra=` that the JSON lines carry (the gateway's access log, request ids).
 LOG_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "model", "policy_version", "client",
-              "engine")
+              "engine", "key_id")
 
 
 class JsonLines(logging.Formatter):

@@ -581,6 +581,25 @@ class GatewaySettings(_ComponentSettings, _ServingEngines, _VllmClient):
         default="odpo.control", min_length=1,
         description="Compacted one-partition topic of the gate's decisions (a record per version, the head: "
                     "promoted version, history, pin); the gate writes it, every gateway replica reads it.")
+    api_keys_file: Path | None = Field(
+        default=None, description="Client API keys (JSON or YAML list of {id, key or sha256, scopes, rate_per_s, "
+        "burst, daily_quota, feedback_per_hour, feedback_per_response}; README, Client credentials): every `/v1/*` "
+        "request then needs `Authorization: Bearer <key>` with the route's scope. Re-read when the file changes "
+        "(a rotated Kubernetes Secret applies without a restart). Unset: no keys (a local run on 127.0.0.1).")
+    api_keys_check_s: float = Field(
+        default=1.0, gt=0, description="How often the gateway looks whether `api_keys_file` changed.")
+    max_body_bytes: int = Field(
+        default=1 << 20, ge=1024, description="Largest request body; more is refused with 413 (counted as it "
+                                               "arrives, whatever Content-Length says).")
+    prompt_task_kinds: list[str] = Field(
+        default=["constraints"], description="Task kinds a client may give a prompt on /v1/prompts (the task is "
+        "what the verifier judge rewards); others are refused with 400. Default: the bundled constraints.")
+    unknown_model_cache_s: float = Field(
+        default=2.0, ge=0, description="How long a `policy-v<N>` found in no engine and not announced is answered "
+                                       "404 from memory, without looking in the store and the engines again.")
+    serve_refused_versions: bool = Field(
+        default=False, description="Serve versions the gate refused or an operator rolled back when a client names "
+                                   "them (`policy-v<N>`). Off: 404; `policy` follows the gate either way.")
 
 
 class GateSettings(_ComponentSettings, _ServingEngines, _VllmClient):

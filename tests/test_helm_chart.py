@@ -132,6 +132,7 @@ def _existing_secrets(values: dict) -> set[str]:
     security = values.get("kafka", {}).get("security", {})
     names = {values.get("admin", {}).get("existingSecret"),
              values.get("vllm", {}).get("apiKey", {}).get("existingSecret"),
+             values.get("gateway", {}).get("apiKeys", {}).get("existingSecret"),
              security.get("sasl", {}).get("existingSecret"), security.get("tls", {}).get("caSecret"),
              security.get("tls", {}).get("clientCertSecret")}
     return {n for n in names if n}
@@ -608,13 +609,13 @@ def _secret_volumes(docs) -> dict[str, set[str]]:
 def test_secrets_are_mounted_only_where_they_are_used(credentials, tmp_path, monkeypatch):
     """vLLM's API key reaches vLLM's clients only (generator, gateway, gate) and only their settings name it;
     Kafka's password, CA and client certificate reach every Kafka client (every odpo pod) and never the broker;
-    the admin token the gate only. Off: no key, no Secret, no setting."""
+    the admin token the gate only; client API keys the gateway only. Off: no key, no Secret, no setting."""
     if credentials == "on":
         values = load_values("values-cpu-external.yaml")
         docs = render(values)
         kafka = {"odpo-kafka-user", "kafka-cluster-ca", "odpo-kafka-client"}
         mounted = _secret_volumes(docs)
-        assert mounted == {"generator": kafka | {"odpo-vllm-key"}, "gateway": kafka | {"odpo-vllm-key"},
+        assert mounted == {"generator": kafka | {"odpo-vllm-key"}, "gateway": kafka | {"odpo-vllm-key", "odpo-api-keys"},
                            "gate": kafka | {"odpo-vllm-key", "odpo-admin-token"}, "judge": kafka, "trainer": kafka}
         common, generator, judge, trainer, gateway, gate = _load_settings(docs, tmp_path, monkeypatch)
         for settings in (generator, gateway, gate):
@@ -627,7 +628,7 @@ def test_secrets_are_mounted_only_where_they_are_used(credentials, tmp_path, mon
             "generator", "gateway", "gate"}
     else:
         docs = render({"vllm": {"apiKey": {"enabled": False}}, "admin": {"enabled": False},
-                       "kafka": {"tansu": {"enabled": True}}})
+                       "kafka": {"tansu": {"enabled": True}}, "gateway": {"apiKeys": {"enabled": False}}})
         assert not any(_secret_volumes(docs).values()) and not find(docs, "Secret")
         common, generator, _, _, gateway, gate = _load_settings(docs, tmp_path, monkeypatch)
         assert common.kafka_security_protocol == "PLAINTEXT" and common.kafka_sasl_password_file is None
@@ -724,3 +725,34 @@ def test_the_trial_broker_command_starts_tansu(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_client_api_keys_reach_the_gateways_only(enabled, tmp_path, monkeypatch):
+    """On by default: the keys file is a Secret mounted into the gateway pods only, as a directory (a subPath
+    mount never sees a rotated Secret), the gateway's settings name the file inside that mount, and the generated
+    Secret is a keys file the gateway accepts (one key, every scope). Off: no Secret, no mount, no setting."""
+    import base64
+
+    from service.gateway.keys import SCOPES, parse_keys
+
+    docs = render({"gateway": {"apiKeys": {"enabled": enabled}}})
+    secret = f"{RELEASE}-odpo-api-keys"
+    holders = {}
+    for dep in find(docs, "Deployment") + find(docs, "StatefulSet"):
+        spec = dep["spec"]["template"]["spec"]
+        for volume in spec.get("volumes", []):
+            if volume.get("secret", {}).get("secretName") == secret:
+                mounts = [m for c in spec["containers"] for m in c.get("volumeMounts", [])
+                          if m["name"] == volume["name"]]
+                holders[dep["metadata"]["name"]] = mounts
+    gateway = yaml.safe_load(settings_file(docs)).get("gateway", {})
+    if not enabled:
+        assert not holders and not find(docs, "Secret", secret) and "api_keys_file" not in gateway
+        return
+    assert set(holders) == {f"{RELEASE}-odpo-gateway"}, holders
+    [mount] = holders[f"{RELEASE}-odpo-gateway"]
+    assert "subPath" not in mount and mount["readOnly"] is True
+    assert gateway["api_keys_file"] == f"{mount['mountPath']}/keys.yaml"
+    [key] = parse_keys(base64.b64decode(one(docs, "Secret", secret)["data"]["keys.yaml"]).decode())
+    assert key.id == "default" and set(key.scopes) == set(SCOPES)

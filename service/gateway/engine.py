@@ -15,11 +15,20 @@ is registered by the generators only.
 A version becomes `policy` only once every routable engine serves it
 (`make_servable(..., everywhere=True)` before the gate scores it and before
 an operator's promote, pin or rollback).
+
+A client's `policy-v<N>` that no engine serves and the store has not
+announced is answered from a short negative cache (`unknown_cache_s`), and
+the engines' listings are re-read for such names at most once per that time:
+a stream of unknown names neither reads the store again for the same name nor
+refreshes every engine under the router's lock. Versions the gate refused or
+an operator rolled back are not served by name unless `serve_refused` (the
+gateway's `serve_refused_versions`); `policy` follows the gate either way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 import time
@@ -30,7 +39,7 @@ import httpx
 
 from core.adapter_store import AdapterFolderError, read_manifest, verified_folder
 from core.contracts import BASE_MODEL_NAME, POLICY_ALIAS, parse_version_name, version_name
-from service.registry.book import VersionBook, VersionRecord
+from service.registry.book import REFUSED, ROLLED_BACK, VersionBook, VersionRecord
 from service.gateway.endpoints import EnginePool
 
 log = logging.getLogger(__name__)
@@ -167,9 +176,15 @@ class EngineAdapters:
 class ModelRouter:
     """Resolves requested model names to served names, from cached listings of the engines' models."""
 
-    def __init__(self, clients: EngineClients, book: VersionBook, adapters: EngineAdapters, refresh_s: float):
+    UNKNOWN_KEPT = 4096  # names in the negative cache
+
+    def __init__(self, clients: EngineClients, book: VersionBook, adapters: EngineAdapters, refresh_s: float,
+                 unknown_cache_s: float = 0.0, serve_refused: bool = True):
         self.clients, self.book, self.adapters, self.refresh_s = clients, book, adapters, refresh_s
+        self.unknown_cache_s, self.serve_refused = unknown_cache_s, serve_refused
         self.pool = adapters.pool
+        self._unknown: collections.OrderedDict[int, float] = collections.OrderedDict()  # version -> until
+        self._forced_at = float("-inf")  # the last re-read of the listings for an unknown name
         self._listed: dict[str, set[int]] = {}
         self._fetched_at: dict[str, float] = {}
         self._seen_changes = -1
@@ -231,10 +246,38 @@ class ModelRouter:
         if version is None:
             raise UnknownModel(f"unknown model `{requested}`; use `{POLICY_ALIAS}`, `{BASE_MODEL_NAME}` or "
                                "`policy-v<N>`")
-        if version not in await self.listed() and self.record(version) is None \
-                and version not in await self.listed(force=True):
+        if not self.serve_refused and version != self.book.promoted:
+            status = self.book.status_of(version)
+            if status in (REFUSED, ROLLED_BACK):
+                what = "the gate refused it" if status == REFUSED else "an operator rolled it back"
+                raise UnknownModel(f"model `{requested}` is not served: {what} (ODPO_GATEWAY_SERVE_REFUSED_VERSIONS)")
+        if self._known_unknown(version):
             raise UnknownModel(f"model `{requested}` is not loaded")
-        return requested, version
+        if version in await self.listed() or self.record(version) is not None:
+            return requested, version
+        if time.monotonic() - self._forced_at >= self.unknown_cache_s:  # a new load the listings missed?
+            self._forced_at = time.monotonic()
+            if version in await self.listed(force=True):
+                return requested, version
+        self._remember_unknown(version)
+        raise UnknownModel(f"model `{requested}` is not loaded")
+
+    def _known_unknown(self, version: int) -> bool:
+        until = self._unknown.get(version)
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        del self._unknown[version]
+        return False
+
+    def _remember_unknown(self, version: int) -> None:
+        if self.unknown_cache_s <= 0:
+            return
+        self._unknown[version] = time.monotonic() + self.unknown_cache_s
+        self._unknown.move_to_end(version)
+        while len(self._unknown) > self.UNKNOWN_KEPT:
+            self._unknown.popitem(last=False)
 
     def record(self, version: int) -> VersionRecord | None:
         """What the gateway knows of `version`: the book's record, or the store's announcement (the store is

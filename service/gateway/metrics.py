@@ -1,7 +1,8 @@
 """The gateway's Prometheus metrics (`odpo_gateway_*`) and the middleware that counts every request.
 
 Label values stay bounded: `route` is a route template (or `other`), `alias`
-one of policy/base/version/other/-, `status` an HTTP status. The gate's
+one of policy/base/version/other/-, `status` an HTTP status, `key` a key id
+from the keys file (service/gateway/keys.py) or `-`. The gate's
 scores and decisions are the gate's own metrics (service/gate/metrics.py).
 """
 
@@ -40,6 +41,13 @@ SERVED_KEPT = Gauge("odpo_gateway_served_responses", "Served responses kept for 
 SERVED_UNPUBLISHED = Counter("odpo_gateway_served_unpublished_total", "Served responses not published to odpo.served "
                              "(the other replicas, and this one after a restart, cannot take feedback on them), by "
                              "reason.", ["reason"])
+
+KEY_REQUESTS = Counter("odpo_gateway_key_requests_total", "Requests by client API key id (`-`: keys off, no key or "
+                       "a wrong one) and status.", ["key", "status"])
+KEY_REFUSALS = Counter("odpo_gateway_key_refusals_total", "Requests refused for their API key, by key id (`-`: no "
+                       "valid key) and reason (unauthenticated, forbidden, rate, daily_quota, feedback_per_hour, "
+                       "feedback_per_response).", ["key", "reason"])
+TOO_LARGE = Counter("odpo_gateway_body_too_large_total", "Requests refused with 413: a body over max_body_bytes.")
 
 KNOWN_ALIASES = (POLICY_ALIAS, BASE_MODEL_NAME)
 ACCESS = logging.getLogger("odpo.access")
@@ -107,14 +115,16 @@ def _observe(scope, state, status: int, started: float) -> None:
     alias = state.get("odpo_alias", "-")
     code = str(status)
     seconds = time.perf_counter() - started
+    key_id = state.get("key_id")
     REQUESTS.labels(path, alias, code).inc()
     LATENCY.labels(path, alias, code).observe(seconds)
+    KEY_REQUESTS.labels(key_id or "-", code).inc()
     client = scope.get("client")
     ACCESS.log(logging.DEBUG if path in QUIET_PATHS else logging.INFO, "%s %s %d %.1f ms %s", scope.get("method"), scope.get("path"), status, seconds * 1000,
                 state.get("request_id"), extra={
                     "request_id": state.get("request_id"), "method": scope.get("method"), "path": scope.get("path"),
                     "status": status, "duration_ms": round(seconds * 1000, 1), "model": alias,
-                    "client": client[0] if client else None})
+                    "client": client[0] if client else None, "key_id": key_id})
 
 
 def sync_promoted(book) -> None:

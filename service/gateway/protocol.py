@@ -18,6 +18,13 @@ from core.contracts import ChatMessage, PromptEvent
 MODEL_HELP = "`policy` (the promoted version), `base` or `policy-v<N>`."
 NO_LEARN_HEADER = "x-odpo-no-learn"
 MAX_PROMPT_BYTES = 256 * 1024  # one odpo.prompts message; Kafka's default limit is 1 MiB
+# list lengths (the whole body is capped too: ODPO_GATEWAY_MAX_BODY_BYTES, body_limit.py)
+MAX_MESSAGES = 256  # turns of a chat request or a prompt
+MAX_PARTS = 64  # text parts of one message's content
+MAX_COMPLETION_PROMPTS = 16  # prompts of one /v1/completions request
+MAX_PROMPTS = 64  # prompts of one /v1/prompts call
+MAX_N = 8  # choices per prompt
+MAX_STOP = 4  # stop strings
 
 Text = Annotated[str, Field(max_length=100_000)]
 ResponseId = Annotated[str, Field(min_length=1, max_length=200)]
@@ -36,7 +43,12 @@ def error(status: int, message: str, kind: str = "invalid_request_error", code: 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid request (JSON error body)"},
+    401: {"description": "No valid API key, when keys are on (JSON error body)"},
+    403: {"description": "The API key lacks the route's scope (JSON error body)"},
     404: {"description": "Unknown model or id (JSON error body)"},
+    409: {"description": "Feedback this API key already gave on that response (JSON error body)"},
+    413: {"description": "Request body over the gateway's limit (JSON error body)"},
+    429: {"description": "The API key's rate, quota or feedback limit reached; see Retry-After (JSON error body)"},
     503: {"description": "Serving engine or broker unavailable (JSON error body)"},
 }
 
@@ -52,7 +64,8 @@ class TextPart(_Strict):
 
 class Message(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: Text | list[TextPart] = Field(description="A string, or a list of text parts.")
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_PARTS)] = Field(
+        description="A string, or a list of text parts.")
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -67,11 +80,11 @@ class SamplingRequest(_Strict):
     max_tokens: int | None = Field(default=None, ge=1, le=1 << 20, description="Most new tokens per choice.")
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int | None = Field(default=None, ge=1, le=8, description="Choices per prompt.")
+    n: int | None = Field(default=None, ge=1, le=MAX_N, description="Choices per prompt.")
     stream: bool | None = Field(default=None, description="Server-sent events, OpenAI-style.")
     stream_options: StreamOptions | None = None
     stop: Annotated[str, Field(max_length=200)] | Annotated[list[Annotated[str, Field(max_length=200)]],
-                                                            Field(max_length=4)] | None = None
+                                                            Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 63) - 1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -82,7 +95,7 @@ class SamplingRequest(_Strict):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[Message] = Field(min_length=1, max_length=256)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -90,7 +103,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: Annotated[str, Field(min_length=1, max_length=100_000)] | Annotated[
-        list[Annotated[str, Field(min_length=1, max_length=100_000)]], Field(min_length=1, max_length=16)]
+        list[Annotated[str, Field(min_length=1, max_length=100_000)]], Field(min_length=1, max_length=MAX_COMPLETION_PROMPTS)]
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool | None = None
 
@@ -128,7 +141,7 @@ class PromptIn(_Strict):
     """One prompt for online sampling: chat `messages` (ending with a user turn) or `text`."""
 
     id: str | None = Field(default=None, min_length=1, max_length=200, description="Default: a new id.")
-    messages: list[ChatMessage] | None = Field(default=None, max_length=256)
+    messages: list[ChatMessage] | None = Field(default=None, max_length=MAX_MESSAGES)
     text: Text | None = None
     task: dict[str, Any] = Field(default_factory=dict, description="Metadata a verifier judge needs.")
 
@@ -148,7 +161,7 @@ class PromptIn(_Strict):
 
 
 class PromptsRequest(_Strict):
-    prompts: list[PromptIn] = Field(min_length=1, max_length=64)
+    prompts: list[PromptIn] = Field(min_length=1, max_length=MAX_PROMPTS)
 
 
 class VersionRequest(_Strict):
@@ -160,7 +173,7 @@ class PinRequest(_Strict):
 
 
 ERROR_KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error",
-               503: "unavailable"}
+               413: "invalid_request_error", 429: "rate_limit_error", 503: "unavailable"}
 
 
 def json_errors(app) -> None:

@@ -10,6 +10,7 @@ from fastapi import Request
 
 from core.settings import CommonSettings, GatewaySettings
 from service.gateway.engine import EngineAdapters, EngineClients, ModelRouter
+from service.gateway.keys import FeedbackCaps, KeyRing
 from service.gateway.outbox import Outbox
 from service.gateway.served import ServedStore
 from service.gateway.served_log import ServedLog
@@ -52,6 +53,8 @@ class GatewayState:
     broker: BrokerCheck
     registry: RegistryFollower
     served_log: ServedLog | None = None  # odpo.served, shared with the other replicas (None: `served` is this one's)
+    keys: KeyRing | None = None  # client API keys (None: off)
+    feedback_caps: FeedbackCaps = field(default_factory=FeedbackCaps)  # per key: feedback per response, per hour
 
 
 def state_of(request: Request) -> GatewayState:

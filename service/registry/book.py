@@ -143,6 +143,12 @@ class VersionBook:
         with self._lock:
             return max(self._records)
 
+    def status_of(self, version: int) -> str | None:
+        """`version`'s status, without copying its record (None: unknown here)."""
+        with self._lock:
+            rec = self._records.get(version)
+            return rec.status if rec else None
+
     def record(self, version: int) -> VersionRecord | None:
         with self._lock:
             rec = self._records.get(version)

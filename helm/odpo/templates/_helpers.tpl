@@ -80,6 +80,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-admin" (include "odpo.fullname" .)) .Values.admin.existingSecret }}
 {{- end }}
 
+{{- define "odpo.apiKeysSecretName" -}}
+{{- default (printf "%s-api-keys" (include "odpo.fullname" .)) .Values.gateway.apiKeys.existingSecret }}
+{{- end }}
+{{- define "odpo.apiKeysDir" -}}/etc/odpo-api-keys{{- end }}
+
 {{- define "odpo.vllmKeySecretName" -}}
 {{- default (printf "%s-vllm" (include "odpo.fullname" .)) .Values.vllm.apiKey.existingSecret }}
 {{- end }}
