@@ -22,6 +22,7 @@ from prometheus_client import start_http_server
 
 from core.bus import configure_kafka
 from core.settings import CommonSettings, GatewaySettings
+from core.topics import topic_name
 from service.gateway import feedback, forwarding, health
 from service.gateway.endpoints import EnginePool, engine_urls
 from service.gateway.engine import EngineAdapters, EngineClients, ModelRouter
@@ -49,7 +50,7 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None) 
         try:
             book = VersionBook(0.0)  # a copy of the gate's: its promotion rules never run here
             adapters = EngineAdapters(pool, common.store_dir, headers=vllm_headers)
-            registry = RegistryFollower(book, common.bootstrap_servers, settings.control_topic,
+            registry = RegistryFollower(book, common.bootstrap_servers, topic_name(settings.control_topic),
                                         f"gateway-{socket.gethostname()}-{os.getpid()}",
                                         on_applied=lambda head: sync_promoted(book))
             outbox = Outbox(common.bootstrap_servers, settings.mirror_queue_size, settings.publish_timeout_s).start()

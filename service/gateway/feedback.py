@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from core.contracts import TOPIC_FEEDBACK, TOPIC_PROMPTS, Feedback
+from core.topics import topic_name
 from service.gateway.metrics import ENQUEUED, FEEDBACK
 from service.gateway.outbox import BrokerUnavailable
 from service.gateway.protocol import ERROR_RESPONSES, FeedbackRequest, PromptsRequest, error
@@ -48,7 +49,7 @@ async def feedback(body: FeedbackRequest, request: Request):
         preferred=body.preferred, prompt=this.prompt, response=this.response(body.response_id),
         other_response=other.response(body.other_response_id) if other else None)
     try:
-        await anyio.to_thread.run_sync(state.outbox.publish, TOPIC_FEEDBACK, [(this.prompt.id, message)])
+        await anyio.to_thread.run_sync(state.outbox.publish, topic_name(TOPIC_FEEDBACK), [(this.prompt.id, message)])
     except BrokerUnavailable as exc:
         return error(503, str(exc), "unavailable")
     FEEDBACK.labels("choice" if other else "rating").inc()
@@ -61,7 +62,7 @@ async def enqueue_prompts(body: PromptsRequest, request: Request):
     state = state_of(request)
     events = [p.to_event(new_prompt_id()) for p in body.prompts]
     try:
-        await anyio.to_thread.run_sync(state.outbox.publish, TOPIC_PROMPTS, [(e.id, e) for e in events])
+        await anyio.to_thread.run_sync(state.outbox.publish, topic_name(TOPIC_PROMPTS), [(e.id, e) for e in events])
     except BrokerUnavailable as exc:
         return error(503, str(exc), "unavailable")
     ENQUEUED.inc(len(events))
