@@ -197,7 +197,7 @@ def test_a_prefixed_deployment_touches_only_its_own_topics_and_groups(bare_broke
         with running_loop(GateSettings(vllm_url=engine), GatewaySettings(vllm_url=engine), common,
                           promote=False) as (gateway, gate):
             deadline = time.monotonic() + 30
-            while "not read yet" in (why := httpx.get(f"{gateway}/readyz", timeout=10).text):
+            while "not read yet" in httpx.get(f"{gateway}/readyz", timeout=10).text:
                 assert time.monotonic() < deadline, "the gateway did not read the gate's registry"
                 time.sleep(0.1)
             resp = httpx.post(f"{gateway}/v1/prompts", timeout=30, json={"prompts": [{"text": "Describe snow."}]})
