@@ -39,6 +39,7 @@ from core.adapter_store import write_manifest
 from core.broker import EmbeddedBroker, free_port
 from core.bus import ensure_topics, make_producer, publish
 from core.contracts import TOPIC_ADAPTERS, TOPIC_PROMPTS, version_name
+from core.topics import topic_name
 from service.task import make_prompts
 from service.up_metrics import sample_value
 from trainer.retention import prune_store
@@ -168,7 +169,7 @@ def _soak(gateway: str, gate: str, engine: str, vllm_port: int, gen_metrics: str
                 v += 1
                 ready = write_adapters(model, model_dir(), store, [v])[0]
                 write_manifest(store, ready)  # the trainer's order: folder, announcement, then the topic
-                publish(producer, TOPIC_ADAPTERS, version_name(v), ready)
+                publish(producer, topic_name(TOPIC_ADAPTERS), version_name(v), ready)
                 deleted += prune_store(store, KEEP_VERSIONS)
                 clients.newest = v
                 next_publish += interval_s
@@ -178,7 +179,7 @@ def _soak(gateway: str, gate: str, engine: str, vllm_port: int, gen_metrics: str
                 print(f"{(time.monotonic() - t0) / 60:5.1f} min: published v{v}; vLLM lists "
                       f"{mem['policy_names_listed']} versions, RSS {mem['rss_mib']} MiB; "
                       f"clients {dict(clients.results)}", flush=True)
-            publish(producer, TOPIC_PROMPTS, prompts[fed % len(prompts)].id, prompts[fed % len(prompts)])
+            publish(producer, topic_name(TOPIC_PROMPTS), prompts[fed % len(prompts)].id, prompts[fed % len(prompts)])
             fed += 1
             if any(p.poll() is not None for p in procs):
                 raise RuntimeError("a component exited during the soak")

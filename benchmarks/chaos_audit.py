@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from core.adapter_store import announced_versions, published_versions
 from core.bus import TopicTail
 from core.contracts import TOPIC_CANDIDATES, TOPIC_PREFERENCES, PreferencePair
+from core.topics import topic_name
 from trainer.export import ExportError, archived_pairs
 from trainer.ledger import trained_ledger
 
@@ -41,7 +42,7 @@ class PairTail(threading.Thread):
         tail = None
         while not self._halt.is_set():
             try:
-                tail = tail or TopicTail(self.bootstrap, [TOPIC_PREFERENCES, TOPIC_CANDIDATES],
+                tail = tail or TopicTail(self.bootstrap, [topic_name(TOPIC_PREFERENCES), topic_name(TOPIC_CANDIDATES)],
                                          client_id="odpo-chaos-tail")
                 if self._rewind.is_set():
                     self._rewind.clear()
@@ -59,7 +60,7 @@ class PairTail(threading.Thread):
             now = time.time()
             with self._lock:
                 for rec in records:
-                    if rec.topic == TOPIC_CANDIDATES:
+                    if rec.topic == topic_name(TOPIC_CANDIDATES):
                         self.last_candidates = now
                         continue
                     try:

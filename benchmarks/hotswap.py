@@ -35,6 +35,7 @@ from generator.server import VllmServer
 from core.broker import EmbeddedBroker
 from core.bus import ensure_topics, make_producer, publish
 from core.contracts import TOPIC_ADAPTERS, AdapterReady
+from core.topics import topic_name
 from core.settings import CommonSettings, GeneratorSettings
 
 SERVED_NAME = "policy"  # the full-weight server's model name
@@ -111,7 +112,7 @@ def bench_hot_swap(base: Path, work: Path, readies: list[AdapterReady], ids: lis
             first_completion(client, "base", ids)  # the generator has registered `base` and is watching
             for k, ready in enumerate(readies):
                 ready = ready.model_copy(update={"created_at": time.time()})
-                publish(producer, TOPIC_ADAPTERS, f"policy-v{ready.version}", ready)
+                publish(producer, topic_name(TOPIC_ADAPTERS), f"policy-v{ready.version}", ready)
                 latency = first_completion(client, f"policy-v{ready.version}", ids) - ready.created_at
                 t_warm = time.time()  # the same request again: what a served version's answer costs anyway
                 first_completion(client, f"policy-v{ready.version}", ids)

@@ -38,6 +38,7 @@ from core.adapter_store import write_manifest
 from core.broker import EmbeddedBroker, free_port
 from core.bus import ensure_topics, make_producer, publish
 from core.contracts import TOPIC_ADAPTERS, version_name
+from core.topics import topic_name
 
 # The gate's settings (ODPO_GATE_*): 4 held-out prompts of 12 tokens, any version promoted.
 GATE_ENV = {"ODPO_GATE_HELDOUT_PROMPTS": "4", "ODPO_GATE_HELDOUT_PROMPTS_MAX": "4",
@@ -160,7 +161,7 @@ def _publish_and_measure(gate: str, gateways: list[str], engines: list[str], sto
         for v in range(1, versions + 1):
             ready = write_adapters(model, model_dir(), store, [v])[0]
             write_manifest(store, ready)  # the trainer's order: folder, announcement, then the topic
-            publish(producer, TOPIC_ADAPTERS, version_name(v), ready)
+            publish(producer, topic_name(TOPIC_ADAPTERS), version_name(v), ready)
             published = time.monotonic()
             clients.newest = v
             row = {"version": v, "answered_s": [None] * len(engines), "promoted_s": None,

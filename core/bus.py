@@ -10,6 +10,13 @@ Every Kafka client of odpo is made here (`new_producer`, `new_consumer`,
 start; a process that never does (a one-shot tool) reads them from its
 environment and `ODPO_CONFIG` on first use. tests/test_kafka_security.py
 fails when a module builds a kafka-python client itself.
+
+Names: every topic is named by `core.topics.topic_name(base)` (the
+deployment's `topic_prefix` + a `TOPIC_*` base name of core/contracts.py) and
+every consumer group gets the prefix in `new_consumer`; `configure_kafka` sets
+both for the process. `ensure_topics` creates topics with the configured
+partitions and replication factor (core/topics.py says which stay at one
+partition).
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter
 from pydantic import ValidationError
 
-from core import signing
-from core.contracts import ALL_TOPICS, TOPIC_ADAPTERS, TOPIC_CONTROL, TOPIC_DLQ, TOPIC_SERVED, DeadLetter, _Message
+from core import signing, topics
+from core.contracts import TOPIC_ADAPTERS, TOPIC_CONTROL, TOPIC_DLQ, TOPIC_SERVED, DeadLetter, _Message
 from core.settings import CommonSettings, secret_value
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,7 @@ def retention(seconds: float) -> dict[str, str]:
 # topic is created before any gateway (`odpo up`, tests); a gateway that creates it uses its own setting.
 # Tansu 0.6 takes topic configs on creation but answers DescribeConfigs with none and deletes nothing by age
 # (measured), so on Tansu the gateway's own age filter (service/gateway/served_log.py) is what holds.
+# Keyed by base name (core/topics.py).
 TOPIC_CONFIGS = {TOPIC_ADAPTERS: COMPACT, TOPIC_CONTROL: COMPACT, TOPIC_SERVED: retention(7 * 24 * 3600)}
 
 
@@ -84,9 +92,11 @@ def kafka_security(common: CommonSettings) -> dict:
 
 
 def configure_kafka(common: CommonSettings) -> None:
-    """Make every Kafka client this process builds from now on use `common`'s security settings."""
+    """Make every Kafka client this process builds from now on use `common`'s security settings, and every
+    topic and group name its `topic_prefix` (core/topics.py)."""
     global _security
     _security = kafka_security(common)
+    topics.configure(topics.layout_of(common))
 
 
 def kafka_client_config(**settings) -> dict:
@@ -102,9 +112,13 @@ def new_producer(bootstrap: str, **settings) -> KafkaProducer:
     return KafkaProducer(**kafka_client_config(bootstrap_servers=bootstrap, **settings))
 
 
-def new_consumer(bootstrap: str, *topics: str, **settings) -> KafkaConsumer:
-    """A kafka-python consumer (subscribed to `topics`, if any) with the security settings."""
-    return KafkaConsumer(*topics, **kafka_client_config(bootstrap_servers=bootstrap, **settings))
+def new_consumer(bootstrap: str, *names: str, **settings) -> KafkaConsumer:
+    """A kafka-python consumer (subscribed to the topics `names`, full names, if any) with the security settings.
+    A `group_id` is a configured group id: the deployment's prefix is added here (core/topics.py), so no
+    consumer of odpo joins or reads another deployment's group."""
+    if settings.get("group_id"):
+        settings["group_id"] = topics.group_name(settings["group_id"])
+    return KafkaConsumer(*names, **kafka_client_config(bootstrap_servers=bootstrap, **settings))
 
 
 def new_admin(bootstrap: str, **settings) -> KafkaAdminClient:
@@ -112,17 +126,22 @@ def new_admin(bootstrap: str, **settings) -> KafkaAdminClient:
     return KafkaAdminClient(**kafka_client_config(bootstrap_servers=bootstrap, **settings))
 
 
-def ensure_topics(bootstrap: str, topics: Iterable[str] = ALL_TOPICS, partitions: int = 1,
+def ensure_topics(bootstrap: str, names: Iterable[str] | None = None, partitions: int | None = None,
                   configs: dict[str, str] | None = None) -> None:
-    """Create the topics that do not exist yet (idempotent), with their `TOPIC_CONFIGS` (or `configs`, for
-    topics under other names)."""
+    """Create the topics that do not exist yet (idempotent): `names` are full names (`topics.topic_name`; default:
+    every topic of the deployment), created with the configured partitions (`partitions` overrides; one for the
+    topics core/topics.py keeps at one) and replication factor, and their `TOPIC_CONFIGS` (or `configs`, for
+    topics under other names). A topic that exists is left as it is."""
+    layout = topics.current()
+    names = layout.all_topics() if names is None else list(names)
     admin = new_admin(bootstrap)
     try:
-        missing = set(topics) - set(admin.list_topics())
+        missing = set(names) - set(admin.list_topics())
         for name in sorted(missing):
             try:
-                admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1,
-                                              topic_configs=configs or TOPIC_CONFIGS.get(name, {}))])
+                admin.create_topics([NewTopic(name, num_partitions=partitions or layout.partitions_of(name),
+                                              replication_factor=layout.replication_factor,
+                                              topic_configs=configs or TOPIC_CONFIGS.get(layout.base(name), {}))])
             except TopicAlreadyExistsError:
                 pass
     finally:
@@ -170,7 +189,7 @@ def dead_letter(producer: KafkaProducer, record, error: str, component: str) -> 
     key = record.key.decode(errors="replace") if record.key else None
     letter = DeadLetter(source_topic=record.topic, partition=record.partition, offset=record.offset, key=key,
                         payload=raw.decode(errors="replace"), error=error[:4000], component=component)
-    publish(producer, TOPIC_DLQ, key, letter)
+    publish(producer, topics.topic_name(TOPIC_DLQ), key, letter)
     DEAD_LETTERS.labels(component, record.topic).inc()
     log.warning("%s: dead-lettered %s[%d]@%d: %s", component, record.topic, record.partition, record.offset,
                 error.splitlines()[0][:200])
@@ -370,10 +389,11 @@ class TopicTail:
     the components that consume the same topics (progress views, tests).
     """
 
-    def __init__(self, bootstrap: str, topics: Iterable[str], client_id: str = "odpo-tail"):
+    def __init__(self, bootstrap: str, names: Iterable[str], client_id: str = "odpo-tail"):
+        """`names`: full topic names (`topics.topic_name`)."""
         self._consumer = new_consumer(bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
                                       client_id=client_id)
-        tps = [TopicPartition(t, p) for t in topics for p in sorted(self._consumer.partitions_for_topic(t) or {0})]
+        tps = [TopicPartition(t, p) for t in names for p in sorted(self._consumer.partitions_for_topic(t) or {0})]
         self._consumer.assign(tps)
         self._consumer.seek_to_beginning(*tps)
 

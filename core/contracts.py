@@ -3,6 +3,9 @@
 Every message is the JSON of one of these models and carries `schema_version`.
 Keys on Kafka are the prompt id, so one prompt's events stay on one partition.
 Components never share anything else than these models and the adapter store.
+
+The `TOPIC_*` names are base names: a component reads and writes
+`core.topics.topic_name(TOPIC_...)`, the deployment's topic prefix + the base name.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ TOPIC_CONTROL = "odpo.control"
 # What any gateway replica served and kept for feedback, keyed by response id, read by every replica
 # (service/gateway/served_log.py); deleted by age (the gateway's `served_retention_s`).
 TOPIC_SERVED = "odpo.served"
+# `odpo dlq replay`'s record of the dead letters it replayed (service/dlq.py): compacted, one partition, created by
+# the command (not by ensure_topics' default list: the loop never reads it).
+TOPIC_DLQ_REPLAYED = "odpo.dlq.replayed"
 ALL_TOPICS = (TOPIC_PROMPTS, TOPIC_CANDIDATES, TOPIC_PREFERENCES, TOPIC_ADAPTERS, TOPIC_FEEDBACK, TOPIC_DLQ,
               TOPIC_CONTROL, TOPIC_SERVED)
 
@@ -303,6 +309,21 @@ class DeadLetter(_Message):
     created_at: float = Field(default_factory=time.time)
 
 
+class DlqReplayed(_Message):
+    """`odpo dlq replay` put a dead letter's record back on its topic (keyed by `record`, so it is done once)."""
+
+    record: str = Field(min_length=1, description="Digest of the original record: source topic, partition, offset, "
+                                                  "payload (service/dlq.py `record_digest`).")
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    dlq_partition: int
+    dlq_offset: int
+    replayed_partition: int = Field(description="Where the replayed copy went on the source topic.")
+    replayed_offset: int
+    replayed_at: float = Field(default_factory=time.time)
+
+
 TOPIC_MODELS: dict[str, type[_Message]] = {
     TOPIC_PROMPTS: PromptEvent,
     TOPIC_CANDIDATES: CandidateSet,
@@ -311,4 +332,5 @@ TOPIC_MODELS: dict[str, type[_Message]] = {
     TOPIC_FEEDBACK: Feedback,
     TOPIC_DLQ: DeadLetter,
     TOPIC_SERVED: ServedRecord,
+    TOPIC_DLQ_REPLAYED: DlqReplayed,
 }

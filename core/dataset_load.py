@@ -155,8 +155,9 @@ def load_and_publish(path: Path, kind: str, bootstrap: str, on_error: str = "sto
 
     from core.bus import ensure_topics, make_producer
     from core.contracts import TOPIC_PREFERENCES, TOPIC_PROMPTS
+    from core.topics import topic_name
 
-    topic = {"pairs": TOPIC_PREFERENCES, "prompts": TOPIC_PROMPTS}[kind]
+    topic = topic_name({"pairs": TOPIC_PREFERENCES, "prompts": TOPIC_PROMPTS}[kind])
     try:
         loaded = load_file(path, kind)
     except (OSError, UnicodeDecodeError) as exc:

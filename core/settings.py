@@ -131,6 +131,23 @@ class CommonSettings(_ComponentSettings):
         keys_from(self.message_key.get_secret_value() if self.message_key is not None else None,
                   self.message_key_file)  # a key that cannot be used is a settings error (exit 2), not a crash later
         return self
+    # Kafka names and shape (core/topics.py): every topic a component reads or writes, and every consumer group,
+    # is `topic_prefix` + its base name; `core.bus.ensure_topics` creates the topics this way.
+    topic_prefix: str = Field(
+        default="", max_length=200, pattern=r"^[A-Za-z0-9._-]*$",
+        description="Prefix of every topic and consumer group name, so deployments share a Kafka cluster without "
+                    "sharing a message or a group: `team-a.` makes `team-a.odpo.prompts` and the group "
+                    "`team-a.odpo-generator` (empty: `odpo.prompts`, `odpo-generator`). Letters, digits, `.`, `_`, "
+                    "`-`. Every component of a deployment needs the same one.")
+    topic_partitions: int = Field(
+        default=1, ge=1, le=1000,
+        description="Partitions of the topics odpo creates that consumer groups share (odpo.prompts, "
+                    ".candidates, .preferences, .feedback, .served, .dlq); odpo.control and odpo.adapters always "
+                    "get one. A topic that exists already is left as it is.")
+    topic_replication_factor: int = Field(
+        default=1, ge=1, le=32,
+        description="Replicas of every topic odpo creates (at most the number of brokers; 3 on a production "
+                    "cluster). A topic that exists already is left as it is.")
     # Kafka security: every producer, consumer and admin client of every component takes these
     # (core/bus.py, `kafka_security`).
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
@@ -580,7 +597,8 @@ class GatewaySettings(_ComponentSettings, _ServingEngines, _VllmClient):
     control_topic: str = Field(
         default="odpo.control", min_length=1,
         description="Compacted one-partition topic of the gate's decisions (a record per version, the head: "
-                    "promoted version, history, pin); the gate writes it, every gateway replica reads it.")
+                    "promoted version, history, pin); the gate writes it, every gateway replica reads it. The "
+                    "common `topic_prefix` is put before it.")
     api_keys_file: Path | None = Field(
         default=None, description="Client API keys (JSON or YAML list of {id, key or sha256, scopes, rate_per_s, "
         "burst, daily_quota, feedback_per_hour, feedback_per_response}; README, Client credentials): every `/v1/*` "
@@ -666,7 +684,8 @@ class GateSettings(_ComponentSettings, _ServingEngines, _VllmClient):
     control_topic: str = Field(
         default="odpo.control", min_length=1,
         description="Compacted one-partition topic of the gate's decisions (a record per version, the head: "
-                    "promoted version, history, pin); the gate writes it, every gateway replica reads it.")
+                    "promoted version, history, pin); the gate writes it, every gateway replica reads it. The "
+                    "common `topic_prefix` is put before it.")
 
     @model_validator(mode="after")
     def _heldout_range(self) -> "GateSettings":

@@ -13,7 +13,8 @@ it); `odpo_bus_signature_failures_total` counts them by reason. The topic is
 inside the MAC so a record cannot be replayed onto another topic; a record
 replayed onto its own topic is caught elsewhere (pair ids and the trainer's
 ledger, the store's `announced/` record for `AdapterReady`, epochs on
-odpo.control).
+odpo.control). The MAC covers the full topic name, prefix included (core/topics.py), so a record of one
+deployment does not pass on another's topic even where both hold the same key.
 
 Keys (CommonSettings `message_key` / `message_key_file`, i.e. `ODPO_MESSAGE_KEY`
 or a mounted Secret named by `ODPO_MESSAGE_KEY_FILE`): one or more
@@ -36,7 +37,7 @@ import threading
 
 from prometheus_client import Counter
 
-from core import message_keys
+from core import message_keys, topics
 from core.message_keys import MessageKeys, keys_from, parse_keys  # noqa: F401 - parse_keys: for odpo up, tests
 
 from core.contracts import (
@@ -114,7 +115,7 @@ def refusal(topic: str, value: bytes | None, record_headers, component: str, sig
     """None when the record may be read (signing off, a topic not in SIGNED_TOPICS unless `signed`, or a valid
     signature); else the reason, counted."""
     keys = current()
-    if keys is None or not (topic in SIGNED_TOPICS if signed is None else signed):
+    if keys is None or not (topics.base_name(topic) in SIGNED_TOPICS if signed is None else signed):
         return None
     reason = keys.check(topic, value, record_headers)
     if reason is not None:

@@ -25,6 +25,7 @@ from generator.metrics import PROMPTS, PROMPTS_REJECTED, REQUEST_RETRIES, SAMPLE
 from generator.sampler import PromptRejected, Sampler, ServerFailed
 from core.bus import Envelope, Inbox, publish
 from core.contracts import TOPIC_CANDIDATES, PromptEvent
+from core.topics import topic_name
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class SamplerLoop:
         while True:
             try:
                 cands = self.sampler.sample(env.value)
-                publish(self.producer, TOPIC_CANDIDATES, env.value.id, cands)
+                publish(self.producer, topic_name(TOPIC_CANDIDATES), env.value.id, cands)
                 SAMPLES.inc(len(cands.completions))
                 TOKENS.inc(sum(len(c.token_ids) for c in cands.completions))
                 return Outcome("published")

@@ -20,6 +20,7 @@ from core.bus import Inbox, configure_kafka, ensure_topics, make_producer
 from core.contracts import TOPIC_ADAPTERS, TOPIC_PROMPTS, AdapterReady, PromptEvent
 from core.runtime import EXIT_CAUSE, serve_metrics
 from core.settings import CommonSettings, GeneratorSettings
+from core.topics import topic_name
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def run(common: CommonSettings, settings: GeneratorSettings, stop: threading.Eve
         ensure_topics(common.bootstrap_servers)
         producer = make_producer(common.bootstrap_servers)
         closers.append(producer.close)
-        adapter_inbox = Inbox(common.bootstrap_servers, TOPIC_ADAPTERS, AdapterReady, COMPONENT, producer,
+        adapter_inbox = Inbox(common.bootstrap_servers, topic_name(TOPIC_ADAPTERS), AdapterReady, COMPONENT, producer,
                               group_id=None)
         closers.append(adapter_inbox.close)
         watcher = AdapterWatcher(adapter_inbox, adapters, common.store_dir, settings.store_check_s)
@@ -76,7 +77,7 @@ def run(common: CommonSettings, settings: GeneratorSettings, stop: threading.Eve
             from transformers import AutoTokenizer  # heavy import, only once vLLM is up
 
             sampler = Sampler(client, AutoTokenizer.from_pretrained(model_dir), adapters, settings)
-            prompt_inbox = Inbox(common.bootstrap_servers, TOPIC_PROMPTS, PromptEvent, COMPONENT, producer,
+            prompt_inbox = Inbox(common.bootstrap_servers, topic_name(TOPIC_PROMPTS), PromptEvent, COMPONENT, producer,
                                  group_id=settings.group_id, max_poll_records=settings.max_in_flight)
             closers.append(prompt_inbox.close)
             SamplerLoop(prompt_inbox, sampler, producer, settings.max_in_flight, settings.max_request_attempts,

@@ -39,6 +39,7 @@ from core.contracts import (
 )
 from core.runtime import serve_metrics
 from core.settings import CommonSettings, JudgeSettings
+from core.topics import group_name, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class _Outbox:
             if not self.seen.add(pair.id):
                 M.DROPPED.labels("duplicate").inc()
                 continue
-            future = send(self.producer, TOPIC_PREFERENCES, pair.prompt.id, pair.to_bytes())
+            future = send(self.producer, topic_name(TOPIC_PREFERENCES), pair.prompt.id, pair.to_bytes())
             self._pending.append((future, pair))
 
     def confirm(self) -> None:
@@ -268,10 +269,11 @@ def run(common: CommonSettings, settings: JudgeSettings, stop: threading.Event) 
         judge = None if human else make_judge(settings, _reference_model(common, settings))
     except (ValueError, OSError, RuntimeError) as exc:  # a plugin (or its reference model) cannot start: a wrong setting
         raise UsageError(f"judge {settings.judge}: {exc}") from None
-    topic, model = (TOPIC_FEEDBACK, Feedback) if human else (TOPIC_CANDIDATES, CandidateSet)
+    topic, model = (topic_name(TOPIC_FEEDBACK), Feedback) if human else (topic_name(TOPIC_CANDIDATES), CandidateSet)
     group = settings.feedback_group_id if human else settings.group_id
     port = serve_metrics(settings.metrics_port, common.metrics_host)
-    log.info("judge %r: %s -> %s, group %s, metrics on :%d", settings.judge, topic, TOPIC_PREFERENCES, group, port)
+    log.info("judge %r: %s -> %s, group %s, metrics on :%d", settings.judge, topic, topic_name(TOPIC_PREFERENCES),
+             group_name(group), port)
     producer = make_producer(common.bootstrap_servers)
     inbox = None
     try:

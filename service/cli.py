@@ -359,6 +359,69 @@ def _add_adapters(sub) -> None:
     e.set_defaults(func=_export_adapter)
 
 
+def _int_option(name: str, text: str | None, minimum: int) -> int | None:
+    """An integer option parsed here (argparse's own errors are several lines): None when not given."""
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"--{name} must be a whole number (got {text!r})") from None
+    if value < minimum:
+        raise UsageError(f"--{name} must be >= {minimum} (got {value})")
+    return value
+
+
+def _dlq_replay(args) -> int:
+    """`odpo dlq replay`: a topic's dead letters back onto it, each once (service/dlq.py)."""
+    from kafka.errors import KafkaError
+
+    from core.broker import kafka_ready
+    from core.settings import CommonSettings
+    from service.dlq import ReplayOptions, check_topic, parse_since, replay
+
+    if args.topic is None:
+        raise UsageError("dlq replay: say which topic's dead letters to replay, --topic TOPIC")
+    if args.since is not None and args.from_offset is not None:
+        raise UsageError("--since and --from-offset: give one of them")
+    limit = _int_option("limit", args.limit, 1)
+    from_offset = _int_option("from-offset", args.from_offset, 0)
+    since = parse_since(args.since) if args.since is not None else None
+    common = _settings(CommonSettings)  # the topic prefix, the message key, Kafka's security settings
+    opts = ReplayOptions(topic=check_topic(args.topic), since=since, from_offset=from_offset, dry_run=args.dry_run,
+                         limit=limit, resign=args.resign)
+    if not kafka_ready(common.bootstrap_servers, 5.0):
+        raise UsageError(f"cannot read or write the broker at {common.bootstrap_servers}: it does not answer")
+    try:
+        report = replay(common.bootstrap_servers, opts)
+    except (KafkaError, TimeoutError) as exc:
+        raise UsageError(f"cannot read or write the broker at {common.bootstrap_servers}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    print(report.table())
+    return 0
+
+
+def _add_dlq(sub) -> None:
+    group = sub.add_parser("dlq", help="The dead-letter queue (odpo.dlq).").add_subparsers(dest="action",
+                                                                                         required=True)
+    r = group.add_parser("replay", help="Validate a topic's dead letters again and publish the valid ones back to "
+                                        "it, signed, each once (a marker on odpo.dlq.replayed; service/dlq.py). "
+                                        "Prints a row per dead letter: replayed, still invalid (why), skipped.")
+    r.add_argument("--topic", default=None, metavar="TOPIC",
+                   help="Source topic whose dead letters to replay, e.g. odpo.preferences (the topic prefix is "
+                        "added).")
+    r.add_argument("--since", default=None, metavar="ISO",
+                   help="Only dead letters written at or after this time (ISO 8601; no zone: UTC).")
+    r.add_argument("--from-offset", default=None, metavar="N", help="Only dead letters from this odpo.dlq offset "
+                                                                    "on (in each of its partitions).")
+    r.add_argument("--limit", default=None, metavar="N", help="Replay at most N dead letters.")
+    r.add_argument("--dry-run", action="store_true", help="Show what would be replayed; write nothing.")
+    r.add_argument("--resign", action="store_true",
+                   help="Also replay records dead-lettered for their signature, signed with this process's key "
+                        "(only once you know who wrote them: a forged record would be signed too).")
+    r.set_defaults(func=_dlq_replay)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -453,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_offline(sub)
     _add_loaders(sub)
     _add_adapters(sub)
+    _add_dlq(sub)
     _add_eval(sub)
     return p
 

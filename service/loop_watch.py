@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from core import signing
 from core.adapter_store import newest_ready
 from core.bus import TopicTail
+from core.topics import base_name, topic_name
 from core.contracts import (
     DATASET_JUDGE,
     TOPIC_ADAPTERS,
@@ -37,7 +38,7 @@ from core.contracts import (
     PreferencePair,
 )
 
-WATCHED = (TOPIC_CANDIDATES, TOPIC_PREFERENCES, TOPIC_ADAPTERS, TOPIC_DLQ)
+WATCHED = (TOPIC_CANDIDATES, TOPIC_PREFERENCES, TOPIC_ADAPTERS, TOPIC_DLQ)  # base names (core/topics.py)
 STORE_POLL_S = 5.0
 
 
@@ -116,7 +117,7 @@ class LoopWatcher(threading.Thread):
         self._lock = threading.Lock()
         self._rewind_done: threading.Event | None = None
         self._store_checked = 0.0
-        self._tail = tail or TopicTail(bootstrap, WATCHED, client_id="odpo-up-watch")
+        self._tail = tail or TopicTail(bootstrap, [topic_name(t) for t in WATCHED], client_id="odpo-up-watch")
 
     def snapshot(self) -> LoopCounts:
         with self._lock:
@@ -148,12 +149,12 @@ class LoopWatcher(threading.Thread):
                     for rec in records:
                         # a forged record (dead-lettered by its consumer) is not progress
                         if signing.refusal(rec.topic, rec.value, rec.headers, "up") is None:
-                            self.count(rec.topic, rec.value)
+                            self.count(base_name(rec.topic), rec.value)
         finally:
             self._tail.close()
 
     def count(self, topic: str, raw: bytes) -> None:
-        """Count one record (the caller holds the lock, or owns the watcher)."""
+        """Count one record of the topic `topic` (a base name; the caller holds the lock, or owns the watcher)."""
         c = self.counts
         if topic == TOPIC_CANDIDATES:
             c.candidate_sets += 1
@@ -168,7 +169,7 @@ class LoopWatcher(threading.Thread):
         elif topic == TOPIC_DLQ:
             c.dead_letters += 1
             try:
-                c.dead_prompts += DeadLetter.from_bytes(raw).source_topic == TOPIC_PROMPTS
+                c.dead_prompts += DeadLetter.from_bytes(raw).source_topic == topic_name(TOPIC_PROMPTS)
             except ValidationError:
                 pass
         elif topic == TOPIC_ADAPTERS:

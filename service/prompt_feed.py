@@ -27,6 +27,7 @@ from kafka.errors import KafkaError
 from core.adapter_store import write_file_atomic
 from core.bus import send
 from core.contracts import TOPIC_PROMPTS, PromptEvent
+from core.topics import topic_name
 
 log = logging.getLogger(__name__)
 FEED_FILE = "feed.json"
@@ -66,7 +67,7 @@ class PromptFeeder:
         try:
             while self.outstanding(done) + len(futures) < self._backlog:
                 event = self._event(self.sent + len(futures))
-                futures.append(send(self._producer, TOPIC_PROMPTS, event.id, event.to_bytes()))
+                futures.append(send(self._producer, topic_name(TOPIC_PROMPTS), event.id, event.to_bytes()))
             if futures:
                 self._producer.flush(timeout=30)
         except KafkaError as exc:  # the broker is away: what did not go out is counted below, and skipped

@@ -54,6 +54,7 @@ from kafka.errors import KafkaError
 
 from core.bus import new_consumer
 from core.contracts import TOPIC_PREFERENCES
+from core.topics import topic_name
 from service.up_metrics import sample_sum
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,9 @@ class TrainerBacklog:
             if self._consumer is None:  # the group's id, never subscribed: reads its offsets without joining it
                 self._consumer = new_consumer(self.bootstrap, group_id=self.group_id, enable_auto_commit=False,
                                               client_id="odpo-up-pace", request_timeout_ms=10_000)
-            parts = self._consumer.partitions_for_topic(TOPIC_PREFERENCES) or set()
-            tps = [TopicPartition(TOPIC_PREFERENCES, p) for p in parts]
+            topic = topic_name(TOPIC_PREFERENCES)
+            parts = self._consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in parts]
             ends = self._consumer.end_offsets(tps) if tps else {}
             committed = {tp: self._consumer.committed(tp) or 0 for tp in ends}
             if sum(committed.values()) != self._committed:

@@ -150,6 +150,54 @@ def test_a_restarted_broker_gets_the_state_back_from_the_gate(tmp_path):
             r.stop()
 
 
+def test_a_replayed_head_of_the_gate_changes_nothing(broker):
+    """Anyone who can write the topic can copy a real (signed) head of the gate and write it again later: within
+    the gate's epoch a head with an older seq is a replay, so readers keep the newer state, and the gate writes
+    its head again after the copy, so compaction (the newest message per key) keeps the gate's."""
+    topic = f"odpo.control.test-{uuid.uuid4().hex[:8]}"
+    a, r = _gate(broker, topic), _reader(broker, topic)
+    try:
+        _until(lambda: a.term, what="a writes")
+        a.book.add(ready(1))
+        a.book.promote(1)
+        _until(lambda: r.book.promoted == 1 and r.applied_seq == a.published_seq(), what="the reader applies v1")
+        old = next(rec for rec in reversed(_records(broker, topic)) if rec.key == b"head")
+        assert json.loads(old.value)["promoted"] == 1
+        a.book.add(ready(2))
+        a.book.promote(2)
+        _until(lambda: r.book.promoted == 2 and r.applied_seq == a.published_seq(), what="the reader applies v2")
+        replay = make_producer(broker.bootstrap)
+        replay.send(topic, key=old.key, value=old.value, headers=list(old.headers or []))
+        replay.flush()
+        replay.close()
+        newest = _until(lambda: (last := _newest_by_key(broker, topic))["head"]["promoted"] == 2 and last, 10,
+                        "the gate's head written again after the replay")
+        assert newest["head"]["seq"] > json.loads(old.value)["seq"]
+        time.sleep(1)
+        assert (r.book.promoted, a.book.promoted, a.term) == (2, 2, 1)
+        c = _reader(broker, topic)  # a reader that starts now reads the replay too, and the head after it
+        try:
+            _until(lambda: c.book.promoted == 2 and c.applied_seq >= a.published_seq(), what="c takes v2")
+        finally:
+            c.stop()
+    finally:
+        a.stop()
+        r.stop()
+
+
+def _records(broker, topic: str) -> list:
+    tail = TopicTail(broker.bootstrap, [topic], client_id="odpo-test-control")
+    try:
+        found, idle = [], 0
+        while idle < 3:
+            records = tail.poll(300)
+            idle = 0 if records else idle + 1
+            found += records
+        return found
+    finally:
+        tail.close()
+
+
 def _newest_by_key(broker, topic: str) -> dict[str, dict]:
     tail = TopicTail(broker.bootstrap, [topic], client_id="odpo-test-control")
     try:

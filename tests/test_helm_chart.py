@@ -335,6 +335,22 @@ def test_a_second_gate_cannot_be_asked_for():
         render({"gate": {"replicas": 2}})
 
 
+def test_topic_prefix_partitions_and_replication_reach_the_settings(tmp_path, monkeypatch):
+    """kafka.topicPrefix, topicPartitions and replicationFactor become CommonSettings `topic_*`; a bundled
+    one-broker Tansu refuses a replication factor above 1, and the schema a prefix Kafka would refuse."""
+    import helm_python as helm
+
+    docs = render({"kafka": {"topicPrefix": "team-a.", "topicPartitions": 4, "replicationFactor": 3}})
+    common = _load_settings(docs, tmp_path, monkeypatch)[0]
+    assert (common.topic_prefix, common.topic_partitions, common.topic_replication_factor) == ("team-a.", 4, 3)
+    defaults = _load_settings(render({}), tmp_path, monkeypatch)[0]
+    assert (defaults.topic_prefix, defaults.topic_partitions, defaults.topic_replication_factor) == ("", 1, 1)
+    with pytest.raises(helm.HelmRenderError, match="one broker"):
+        render({"kafka": {"tansu": {"enabled": True}, "replicationFactor": 2}})
+    with pytest.raises(helm.HelmValuesError, match="topicPrefix"):
+        render({"kafka": {"topicPrefix": "team a/"}})
+
+
 def _admin_references(docs, secret_name):
     """Deployment name -> how its pods reach the admin token (Secret volumes, secret env, ODPO_*ADMIN* env)."""
     refs: dict[str, list[str]] = {}

@@ -78,6 +78,7 @@ from core.contracts import (
 )
 from core.runtime import serve_metrics
 from core.settings import CommonSettings, TrainerSettings
+from core.topics import topic_name
 from trainer import metrics as M
 from trainer.archive import PairArchive
 from trainer.checkpoint import recipe_settings, remove_staging_leftovers
@@ -214,7 +215,7 @@ class TrainerLoop:
         if read:
             synced = self.archive.sync()
             log.info("stopping: archived %d pair(s) still on %s, untrained and uncommitted%s", read,
-                     TOPIC_PREFERENCES, "" if synced else " (the archive's write failed: they stay on the topic only)")
+                     topic_name(TOPIC_PREFERENCES), "" if synced else " (the archive's write failed: they stay on the topic only)")
         return read
 
     def _publish(self, window: list[_Buffered], result: WindowResult) -> None:
@@ -228,7 +229,7 @@ class TrainerLoop:
                              base_model=self.trainer.policy.base_model, parent_version=state.parent_version,
                              pairs_trained=state.pairs_trained, metrics=result.train_metrics())
         write_manifest(self.common.store_dir, ready)  # the record first: a component behind reads it there
-        publish(self.producer, TOPIC_ADAPTERS, version_name(state.version), ready)
+        publish(self.producer, topic_name(TOPIC_ADAPTERS), version_name(state.version), ready)
         mark_published(self.common.store_dir, state.version)
         self.commit(offsets)
         self.apply_retention()
@@ -260,7 +261,7 @@ class TrainerLoop:
                                  pairs_trained=state.pairs_trained, metrics=_stored_metrics(state.metrics))
             write_manifest(store, ready)
         never_announced = published_version(store) < version
-        publish(self.producer, TOPIC_ADAPTERS, version_name(version), ready)
+        publish(self.producer, topic_name(TOPIC_ADAPTERS), version_name(version), ready)
         mark_published(store, version)
         if never_announced:
             M.REPUBLISHED.inc()
@@ -381,7 +382,7 @@ def _lead(trainer: Trainer, common: CommonSettings, settings: TrainerSettings, s
     log.info("trainer at version %d, /metrics on %s:%d", trainer.version, common.metrics_host, port)
     ensure_topics(common.bootstrap_servers)
     producer = make_producer(common.bootstrap_servers)
-    inbox = Inbox(common.bootstrap_servers, TOPIC_PREFERENCES, PreferencePair, COMPONENT, producer,
+    inbox = Inbox(common.bootstrap_servers, topic_name(TOPIC_PREFERENCES), PreferencePair, COMPONENT, producer,
                   group_id=settings.group_id)
     loop = TrainerLoop(trainer, inbox, producer, common, settings, stop, ranks, tracker)
     loop.announce_newest()

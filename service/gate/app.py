@@ -22,6 +22,7 @@ from core.adapter_store import HOLDS_DIR, hold_versions
 from core.bus import configure_kafka
 from core.contracts import version_name
 from core.settings import CommonSettings, GateSettings
+from core.topics import topic_name
 from service.gate import admin
 from service.gate.control import GateControl
 from service.gate.metrics import ScoreGauge, sync_promoted
@@ -53,7 +54,7 @@ def create_gate_app(settings: GateSettings, common: CommonSettings | None = None
             scores = ScoreGauge(settings.score_versions_kept)
             registry = _keep_in_file(book, settings, common, scores) if settings.persist_registry else None
             _hold_in_store(book, settings, common)
-            control = GateControl(book, common.bootstrap_servers, settings.control_topic, scores,
+            control = GateControl(book, common.bootstrap_servers, topic_name(settings.control_topic), scores,
                                   evaluation(settings), registry).attach()
             app.state.gate = GateState(settings=settings, common=common, clients=clients, book=book,
                                        router=ModelRouter(clients, book, adapters, settings.models_refresh_s),

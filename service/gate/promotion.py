@@ -40,6 +40,7 @@ import httpx
 from core.adapter_store import NotAnnounced, announced_versions, check_announced, read_manifest
 from core.bus import Inbox, make_producer
 from core.contracts import TOPIC_ADAPTERS, AdapterReady, version_name
+from core.topics import topic_name
 from core.settings import CommonSettings, GateSettings
 from service.gate.metrics import EVAL_SECONDS, PROMOTIONS, REFUSALS, REFUSED_BY, ScoreGauge, sync_promoted
 from service.gateway.engine import EngineAdapters, NotServable, engine_died
@@ -117,7 +118,7 @@ class PromotionGate:
                 return
             try:
                 self._producer = make_producer(self.bootstrap)
-                self._inbox = Inbox(self.bootstrap, TOPIC_ADAPTERS, AdapterReady, COMPONENT, self._producer,
+                self._inbox = Inbox(self.bootstrap, topic_name(TOPIC_ADAPTERS), AdapterReady, COMPONENT, self._producer,
                                     group_id=None)
             except Exception as exc:  # noqa: BLE001 - kafka-python raises several kinds; retry later
                 log.warning("gate: broker %s unreachable (%s); retrying", self.bootstrap, exc.__class__.__name__)

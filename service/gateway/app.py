@@ -24,6 +24,7 @@ from prometheus_client import start_http_server
 
 from core.bus import configure_kafka
 from core.settings import CommonSettings, GatewaySettings
+from core.topics import topic_name
 from service.gateway import feedback, forwarding, health
 from service.gateway.body_limit import BodyLimit
 from service.gateway.engine import ModelRouter, engine_access
@@ -52,7 +53,7 @@ def create_app(settings: GatewaySettings, common: CommonSettings | None = None) 
         clients, adapters = engine_access(settings, common.store_dir)
         try:
             book = VersionBook(0.0)  # a copy of the gate's: its promotion rules never run here
-            registry = RegistryFollower(book, common.bootstrap_servers, settings.control_topic,
+            registry = RegistryFollower(book, common.bootstrap_servers, topic_name(settings.control_topic),
                                         f"gateway-{socket.gethostname()}-{os.getpid()}",
                                         on_applied=lambda head: sync_promoted(book))
             outbox = Outbox(common.bootstrap_servers, settings.mirror_queue_size, settings.publish_timeout_s).start()

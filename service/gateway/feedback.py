@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from core.contracts import TOPIC_FEEDBACK, TOPIC_PROMPTS, Feedback
+from core.topics import topic_name
 from service.gateway.keys import ApiKey, retry_after
 from service.gateway.metrics import ENQUEUED, FEEDBACK, KEY_REFUSALS
 from service.gateway.outbox import BrokerUnavailable
@@ -64,7 +65,7 @@ async def feedback(body: FeedbackRequest, request: Request):
                          code="feedback_exists" if status == 409 else "feedback_rate_exceeded",
                          headers=retry_after(wait) if status == 429 else None)
     try:
-        await anyio.to_thread.run_sync(state.outbox.publish, TOPIC_FEEDBACK, [(this.prompt.id, message)])
+        await anyio.to_thread.run_sync(state.outbox.publish, topic_name(TOPIC_FEEDBACK), [(this.prompt.id, message)])
     except BrokerUnavailable as exc:
         if key is not None:
             state.feedback_caps.release(key, ids)
@@ -85,7 +86,7 @@ async def enqueue_prompts(body: PromptsRequest, request: Request):
                          code="task_kind_not_allowed")
     events = [p.to_event(new_prompt_id()) for p in body.prompts]
     try:
-        await anyio.to_thread.run_sync(state.outbox.publish, TOPIC_PROMPTS, [(e.id, e) for e in events])
+        await anyio.to_thread.run_sync(state.outbox.publish, topic_name(TOPIC_PROMPTS), [(e.id, e) for e in events])
     except BrokerUnavailable as exc:
         return error(503, str(exc), "unavailable")
     ENQUEUED.inc(len(events))

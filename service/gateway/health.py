@@ -46,7 +46,7 @@ async def readyz(request: Request):
         except (PolicyUnavailable, httpx.HTTPError) as exc:
             problems.append(f"{version_name(promoted)} is not servable: {exc}")
     if not state.registry.has_read:  # until then `policy` would be `base`, whatever the gate promoted
-        problems.append(f"the gate's decisions not read yet from {state.settings.control_topic}")
+        problems.append(f"the gate's decisions not read yet from {state.registry.topic}")
     broker = "ok" if await state.broker.ok() else "unreachable"
     if problems:
         return error(503, "; ".join(problems + [f"broker {state.broker.bootstrap} {broker}"]), "unavailable")

@@ -22,6 +22,7 @@ from kafka.errors import KafkaError
 
 from core.bus import make_producer, send
 from core.contracts import TOPIC_PROMPTS, TOPIC_SERVED, PromptEvent, ServedRecord, _Message
+from core.topics import topic_name
 from service.gateway.metrics import MIRROR_DROPPED, MIRRORED, SERVED_UNPUBLISHED
 
 log = logging.getLogger(__name__)
@@ -56,14 +57,15 @@ class Outbox:
     # -- for request handlers ------------------------------------------------------------------------
     def mirror(self, event: PromptEvent) -> bool:
         """Queue a client prompt for odpo.prompts without waiting; False (counted) when the queue is full."""
-        return self._put(TOPIC_PROMPTS, event.id, event)
+        return self._put(topic_name(TOPIC_PROMPTS), event.id, event)
 
     def served(self, record: ServedRecord) -> bool:
         """Queue a served response for odpo.served without waiting; False (counted) when the queue is full."""
-        return self._put(TOPIC_SERVED, record.id, record)
+        return self._put(topic_name(TOPIC_SERVED), record.id, record)
 
     def publish(self, topic: str, items: list[tuple[str, _Message]]) -> None:
-        """Publish (key, message) items and wait until Kafka has them all (blocking: call from a worker thread)."""
+        """Publish (key, message) items to `topic` (a full name, `topic_name`) and wait until Kafka has them all
+        (blocking: call from a worker thread)."""
         try:
             producer = self._connect()
             futures = [send(producer, topic, key, msg.to_bytes()) for key, msg in items]  # signed (core/signing.py)
@@ -106,7 +108,7 @@ class Outbox:
             try:
                 producer = self._connect()
                 future = send(producer, topic, key, message.to_bytes())  # signed (core/signing.py)
-                if topic == TOPIC_PROMPTS:
+                if topic == topic_name(TOPIC_PROMPTS):
                     future.add_callback(lambda _meta: MIRRORED.inc())
                 future.add_errback(lambda _exc, topic=topic: _dropped(topic, "broker_error"))
                 if self._queue.empty():
@@ -119,4 +121,4 @@ class Outbox:
 
 
 def _dropped(topic: str, reason: str) -> None:
-    (SERVED_UNPUBLISHED if topic == TOPIC_SERVED else MIRROR_DROPPED).labels(reason).inc()
+    (SERVED_UNPUBLISHED if topic == topic_name(TOPIC_SERVED) else MIRROR_DROPPED).labels(reason).inc()

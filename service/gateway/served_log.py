@@ -40,6 +40,7 @@ from core import signing
 from core.broker import kafka_ready
 from core.bus import ensure_topics, new_consumer, retention, topic_id_of
 from core.contracts import TOPIC_SERVED, ServedRecord, ServedText
+from core.topics import topic_name
 from service.gateway.outbox import Outbox
 from service.gateway.served import ServedChoice, ServedStore
 
@@ -53,8 +54,8 @@ class ServedLog:
     """This replica's side of odpo.served: publishes what it keeps, and reads every replica's into its store."""
 
     def __init__(self, bootstrap: str, store: ServedStore, outbox: Outbox, retention_s: float,
-                 topic: str = TOPIC_SERVED):
-        self.bootstrap, self.topic, self.retention_s = bootstrap, topic, retention_s
+                 topic: str | None = None):
+        self.bootstrap, self.topic, self.retention_s = bootstrap, topic or topic_name(TOPIC_SERVED), retention_s
         self.store, self.outbox = store, outbox
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.away = False  # the tail's last try to read the topic failed: `caught_up` asks are not waited for

@@ -16,7 +16,8 @@ from its start (no group) and, once it has read to the end, makes its book the s
 it names by digest, all at once). Acceptance is decided by the log alone, so
 every process reading it takes the same state: a claim is accepted if its
 epoch is higher than every epoch before it; a head if its epoch is higher, or
-equal and from the same writer. An older epoch's message (a second gate
+equal, from the same writer and with a higher `seq` (an older head written
+again, a replay, is ignored). An older epoch's message (a second gate
 started by mistake, or a paused one that woke up) is ignored, and the gate of
 the newest epoch writes the key again after it, so compaction cannot leave it
 last.
@@ -159,7 +160,10 @@ class ControlLog:
             if newer:
                 self.accept(epoch, writer, msg.get("url", ""))
             return Taken(CLAIM, None, msg, epoch, writer, newer)
-        if not (newer or (epoch == self.epoch and writer == self.owner)):
+        # Within an epoch the writer's seq only rises: an older head of the same writer is a replay (a copy of
+        # a real, signed record written again), never a change; the gate writes its head again after it.
+        later = self.head is None or int(msg["seq"]) > int(self.head["seq"])
+        if not (newer or (epoch == self.epoch and writer == self.owner and later)):
             return Taken(HEAD, None, msg, epoch, writer, False)
         self.accept(epoch, writer, msg.get("url", ""))
         with self.lock:

@@ -101,7 +101,7 @@ class RegistryFollower:
                 self._halt.wait(5)
 
     def _connect(self) -> None:
-        ensure_topics(self.bootstrap, [self.topic], configs=COMPACT)
+        ensure_topics(self.bootstrap, [self.topic], partitions=1, configs=COMPACT)  # one partition: see above
         self._connected()
         consumer = new_consumer(self.bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest", client_id=f"odpo-{self.client}-registry",

@@ -103,6 +103,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and .Values.kafka.tansu.enabled (ne $sec.protocol "PLAINTEXT") }}
 {{- fail (printf "kafka.security.protocol %s: the bundled kafka.tansu speaks PLAINTEXT only (its NetworkPolicy admits odpo's pods alone)" $sec.protocol) }}
 {{- end }}
+{{- if and .Values.kafka.tansu.enabled (gt (int .Values.kafka.replicationFactor) 1) }}
+{{- fail (printf "kafka.replicationFactor %d: the bundled kafka.tansu is one broker (1 replica)" (int .Values.kafka.replicationFactor)) }}
+{{- end }}
 {{- if and (include "odpo.kafkaSasl" .) (or (not $sec.sasl.username) (not $sec.sasl.existingSecret)) }}
 {{- fail (printf "kafka.security.protocol %s needs kafka.security.sasl.username and kafka.security.sasl.existingSecret (the password's Secret)" $sec.protocol) }}
 {{- end }}
