@@ -482,8 +482,11 @@ def attack_unknown_flood(ctx: Ctx, client, n: int = 200, min_s: float = 20.0) ->
             statuses[status] += 1
 
     with ThreadPoolExecutor(8) as pool:
-        while sum(statuses.values()) < n or time.time() - start < min_s:
-            list(pool.map(one, range(16)))
+        sent = 0
+        while sent < n or time.time() - start < min_s:  # bursts of 8, n spread over min_s (then on at that pace)
+            list(pool.map(one, range(8)))
+            sent += 8
+            time.sleep(max(0.0, start + sent * min_s / n - time.time()))
     end = time.time()
     before = client.p50(start - 60, start)
     during = client.p50(start, end)
