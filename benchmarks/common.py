@@ -14,7 +14,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from core.adapter_store import adapter_digest, publish_dir, staging_dir
+from core.adapter_store import adapter_digest, publish_dir, staging_dir, write_manifest
 from core.assets import base_model_dir, base_model_name
 from core.contracts import AdapterReady, TrainMetrics
 from service.task import make_prompts
@@ -61,7 +61,7 @@ def peft_model(base_dir: Path, r: int = 8):
 
 
 def write_adapters(model, base_dir: Path, store: Path, versions: list[int]) -> list[AdapterReady]:
-    """Publish one adapter per version into the store, as the trainer does (random non-zero lora_B,
+    """Publish and announce one adapter per version in the store, as the trainer does (random non-zero lora_B,
     so every version answers differently); returns their AdapterReady messages."""
     import torch
 
@@ -75,10 +75,11 @@ def write_adapters(model, base_dir: Path, store: Path, versions: list[int]) -> l
         staged = staging_dir(store, v)
         model.save_pretrained(staged)
         final = publish_dir(staged, store, v)
-        readies.append(AdapterReady(version=v, path=final.name, sha256=adapter_digest(final),
-                                    base_model=base_model_name(base_dir), parent_version=v - 1, pairs_trained=0,
-                                    metrics=TrainMetrics(loss=0.69, reward_margin=0.0, reward_accuracy=0.5,
-                                                         steps=1)))
+        ready = AdapterReady(version=v, path=final.name, sha256=adapter_digest(final),
+                             base_model=base_model_name(base_dir), parent_version=v - 1, pairs_trained=0,
+                             metrics=TrainMetrics(loss=0.69, reward_margin=0.0, reward_accuracy=0.5, steps=1))
+        write_manifest(store, ready)  # announced, as the trainer does: readers take only announced versions
+        readies.append(ready)
     return readies
 
 

@@ -24,8 +24,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, YamlCo
 
 SECTIONS = ("common", "generator", "judge", "trainer", "gateway", "gate")
 # ODPO_* variables that are not settings: the config file's path, the store the generator hands its vLLM's LoRA
-# resolver (generator/lora_resolver.py), and the judge's default API-key variable (`llm_judge_api_key_env`).
-OTHER_VARIABLES = {"ODPO_CONFIG", "ODPO_LORA_STORE", "ODPO_JUDGE_LLM_API_KEY"}
+# resolver (generator/lora_resolver.py), the judge's default API-key variable (`llm_judge_api_key_env`) and
+# odpo eval's API key of the engines it asks (service/cli.py).
+OTHER_VARIABLES = {"ODPO_CONFIG", "ODPO_LORA_STORE", "ODPO_JUDGE_LLM_API_KEY", "ODPO_EVAL_API_KEY"}
 
 
 def _closest(name: str, known) -> str:

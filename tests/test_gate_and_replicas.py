@@ -33,6 +33,7 @@ import pytest
 
 from core.broker import EmbeddedBroker, free_port
 from core.bus import TopicTail, make_producer, publish
+from core.adapter_store import write_manifest
 from core.contracts import TOPIC_ADAPTERS, version_name
 from core.runtime import die_with_parent
 from service.gate.control import GateControl
@@ -307,15 +308,23 @@ def house(vllm_server, model_dir, vllm_store, own_broker, tmp_path_factory):
                 "ODPO_GATE_ADMIN_TOKEN": TOKEN, "ODPO_GATE_REGISTRY_FILE": str(folder / "registry.json"),
                 **{f"ODPO_GATE_{k}": str(v) for k, v in GATE.items()}}
     producer = make_producer(own_broker.bootstrap)
-    publish(producer, TOPIC_ADAPTERS, version_name(V1), noisy_adapter(vllm_store, model_dir, V1, 1e-5, seed=21))
+    announced = []  # the trainer's order: folder, announcement, then the topic (a gate takes only announced ones)
+
+    def publish_version(ready):
+        announced.append(write_manifest(vllm_store, ready))
+        publish(producer, TOPIC_ADAPTERS, version_name(ready.version), ready)
+
+    publish_version(noisy_adapter(vllm_store, model_dir, V1, 1e-5, seed=21))
     gate = Gate({**env, **gate_env}, folder)
     gateways = [Gateway(name, env, folder / f"gateway-{name}.log") for name in ("a", "b")]
     try:
         _until(gate.ready, 120, "the gate writing the registry")
         for g in gateways:
             _until(lambda g=g: g.policy() is not None, 120, f"gateway {g.name} ready")
-        yield gate, gateways, producer
+        yield gate, gateways, publish_version
     finally:
+        for path in announced:  # later tests' gates take the store's newest announced version
+            path.unlink(missing_ok=True)
         producer.close()
         for g in gateways:
             g.stop()
@@ -353,7 +362,7 @@ def test_an_admin_change_through_the_gate_is_served_by_both_gateways_within_a_se
 
 
 def test_a_killed_gate_is_restarted_and_decides_the_pending_version_once(house, model_dir, vllm_store):
-    gate, gateways, producer = house
+    gate, gateways, publish_version = house
     if gate.get("/admin/versions")["pinned"]:  # left by a test before that failed half-way
         gate.admin("unpin")
     # Clients on both gateways the whole time: not one error while the gate dies and comes back.
@@ -375,8 +384,7 @@ def test_a_killed_gate_is_restarted_and_decides_the_pending_version_once(house, 
     for t in clients:
         t.start()
     try:
-        publish(producer, TOPIC_ADAPTERS, version_name(V2),
-                noisy_adapter(vllm_store, model_dir, V2, 1e-5, seed=22, parent=V1))
+        publish_version(noisy_adapter(vllm_store, model_dir, V2, 1e-5, seed=22, parent=V1))
         _until(lambda: (rec := gate.record(V2)) and rec["status"] == "evaluating", 60,
                f"the gate scoring {version_name(V2)}")
         old = gate.child.proc
@@ -389,8 +397,7 @@ def test_a_killed_gate_is_restarted_and_decides_the_pending_version_once(house, 
         assert rec["status"] == "passed" and rec["promoted"], rec
         for g in gateways:
             _until(lambda g=g: g.policy() == V2, 5, f"gateway {g.name} serving {version_name(V2)}")
-        publish(producer, TOPIC_ADAPTERS, version_name(V3),
-                noisy_adapter(vllm_store, model_dir, V3, 1e-5, seed=23, parent=V2))
+        publish_version(noisy_adapter(vllm_store, model_dir, V3, 1e-5, seed=23, parent=V2))
         assert _decided(gate, V3)["promoted"]
         _until(lambda: version_name(V3) in gate.decisions(), 10, "the decision in the log")  # logged just after
         time.sleep(1)  # (a second decision, if there were one, would be logged by now)

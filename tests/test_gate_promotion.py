@@ -103,7 +103,8 @@ def _listed(vllm_url: str) -> set[str]:
     return {m["id"] for m in httpx.get(f"{vllm_url}/v1/models").json()["data"]}
 
 
-def test_bad_adapter_is_not_promoted_and_rollback_restores_traffic(gated, vllm_server, model_dir, vllm_store):
+def test_bad_adapter_is_not_promoted_and_rollback_restores_traffic(gated, vllm_server, model_dir, vllm_store,
+                                                                   announce):
     broker, url, gate = gated
     base = _wait_decided(gate, 0)
     assert base["status"] == "passed" and base["score"] is not None and base["promoted"]
@@ -113,6 +114,7 @@ def test_bad_adapter_is_not_promoted_and_rollback_restores_traffic(gated, vllm_s
     # A sound version (LoRA weights too small to change a greedy answer): scored like base, so promoted
     # (larger noise changes an answer or two, and on 6 prompts the paired interval cannot rule out a loss).
     good = noisy_adapter(vllm_store, model_dir, GOOD, scale=1e-5, seed=2, parent=0)
+    announce(good)  # as the trainer does: the announcement, then the topic (the gate takes only announced ones)
     publish(producer, TOPIC_ADAPTERS, f"policy-v{GOOD}", good)
     rec = _wait_decided(gate, GOOD)
     assert rec["status"] == "passed" and rec["promoted"], rec
@@ -125,6 +127,7 @@ def test_bad_adapter_is_not_promoted_and_rollback_restores_traffic(gated, vllm_s
     # registered in vLLM: a client may still ask for it by name, and an unload under such a request, then a
     # load again, killed vLLM (tests/test_generator_unload_race.py).
     bad = silent_adapter(vllm_store, model_dir, BAD, parent=GOOD)
+    announce(bad)
     publish(producer, TOPIC_ADAPTERS, f"policy-v{BAD}", bad)
     rec = _wait_decided(gate, BAD)
     producer.close()
@@ -199,7 +202,8 @@ def _registry(url: str) -> dict:
     return {**view, "versions": [{k: v for k, v in r.items() if k != "loaded"} for r in view["versions"]]}
 
 
-def test_a_restarted_gate_keeps_scores_promotions_and_the_pin(vllm_server, model_dir, vllm_store, tmp_path):
+def test_a_restarted_gate_keeps_scores_promotions_and_the_pin(vllm_server, model_dir, vllm_store, tmp_path,
+                                                              announce):
     """Two gate processes' lifetimes over one registry file and one broker: the second forgets nothing and
     scores nothing again, and a gateway started after it routes as it decided; a third gate with another held-out
     evaluation scores the promoted version again."""
@@ -213,8 +217,9 @@ def test_a_restarted_gate_keeps_scores_promotions_and_the_pin(vllm_server, model
         with running_gate(settings, common) as gate:
             _wait_decided(gate, 0)
             producer = make_producer(broker.bootstrap)
-            publish(producer, TOPIC_ADAPTERS, f"policy-v{RESTARTED}",
-                    noisy_adapter(vllm_store, model_dir, RESTARTED, scale=1e-5, seed=3, parent=0))
+            restarted = noisy_adapter(vllm_store, model_dir, RESTARTED, scale=1e-5, seed=3, parent=0)
+            announce(restarted)
+            publish(producer, TOPIC_ADAPTERS, f"policy-v{RESTARTED}", restarted)
             producer.close()
             assert _wait_decided(gate, RESTARTED)["promoted"]
             _admin(gate, "rollback")

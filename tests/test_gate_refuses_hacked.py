@@ -102,7 +102,8 @@ def _metric(url: str, series: str) -> float:
     return 0.0
 
 
-def test_the_gate_refuses_a_policy_that_games_the_old_verifier(hacked_adapter, vllm_server, model_dir, vllm_store):
+def test_the_gate_refuses_a_policy_that_games_the_old_verifier(hacked_adapter, vllm_server, model_dir, vllm_store,
+                                                               announce):
     register_base(vllm_server.url, model_dir, vllm_store)
     prompts = make_prompts("heldout", 24)
     with EmbeddedBroker() as broker:
@@ -114,6 +115,7 @@ def test_the_gate_refuses_a_policy_that_games_the_old_verifier(hacked_adapter, v
         with running_gate(settings, common) as url:
             assert _wait_decided(url, 0)["status"] == "passed"
             producer = make_producer(broker.bootstrap)
+            announce(hacked_adapter)  # as the trainer does: announced, then on the topic
             publish(producer, TOPIC_ADAPTERS, f"policy-v{HACKED}", hacked_adapter)
             producer.close()
             refused_before = {s: _metric(url, f'odpo_gate_refusals_by_signal_total{{signal="{s}"}}')

@@ -54,10 +54,12 @@ def committed(bootstrap: str, group: str, topic: str) -> int | None:
 
 
 def test_service_samples_hot_swaps_and_dead_letters(broker, producer, vllm_server, vllm_store, model_dir,
-                                                    tmp_path, group_id):
+                                                    tmp_path, group_id, announce):
     peft = make_peft_model(model_dir)
     randomize_lora_b(peft, seed=101)
-    publish(producer, TOPIC_ADAPTERS, "policy-v101", publish_adapter(peft, vllm_store, 101, model_dir))
+    ready101 = publish_adapter(peft, vllm_store, 101, model_dir)
+    announce(ready101)  # as the trainer does: announced in the store, then on the topic
+    publish(producer, TOPIC_ADAPTERS, "policy-v101", ready101)
     common = CommonSettings(bootstrap_servers=broker.bootstrap, store_dir=vllm_store, cache_dir=tmp_path,
                             base_model=model_dir)
     settings = GeneratorSettings(vllm_url=vllm_server.url, n=2, max_tokens=8, max_in_flight=2, group_id=group_id)
@@ -84,9 +86,13 @@ def test_service_samples_hot_swaps_and_dead_letters(broker, producer, vllm_serve
         # A live swap, then a corrupted version that must be refused while 102 keeps serving.
         randomize_lora_b(peft, seed=102)
         ready102 = publish_adapter(peft, vllm_store, 102, model_dir)
+        announce(ready102)
         publish(producer, TOPIC_ADAPTERS, "policy-v102", ready102)
         randomize_lora_b(peft, seed=103)
-        ready103 = publish_adapter(peft, vllm_store, 103, model_dir).model_copy(update={"sha256": "0" * 64})
+        ready103 = publish_adapter(peft, vllm_store, 103, model_dir)
+        announce(ready103)
+        weights = vllm_store / ready103.path / "adapter_model.safetensors"  # its files damaged after the announcement
+        weights.write_bytes(weights.read_bytes()[:-16] + bytes(16))
         publish(producer, TOPIC_ADAPTERS, "policy-v103", ready103)
         refused = dlq.wait_for(lambda d: d.key == "policy-v103", 60, "the corrupted adapter on the DLQ")[0]
         assert refused.source_topic == TOPIC_ADAPTERS and "sha256 mismatch" in refused.error
