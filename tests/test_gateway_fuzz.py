@@ -74,6 +74,7 @@ def _steer(case, served: list[str]) -> None:
         for p in body["prompts"]:  # the one-form and last-turn rules are not in the schema
             if isinstance(p, dict):
                 p.pop("messages", None)
+                p.pop("task", None)  # a client's task must be of an allowed kind; none is always fine
                 p["text"] = p.get("text") if isinstance(p.get("text"), str) and p["text"].strip() else "Say hi."
     elif case.path == "/v1/feedback" and pick % 2:
         for key in ("response_id", "other_response_id"):
