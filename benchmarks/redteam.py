@@ -50,10 +50,17 @@ from core import signing
 from core.broker import free_port
 from core.bus import TopicTail, configure_kafka, new_producer
 from core.contracts import TOPIC_ADAPTERS, TOPIC_CONTROL, TOPIC_DLQ, TOPIC_PREFERENCES, AdapterReady, DeadLetter
+from core.topics import topic_name
 from core.settings import CommonSettings
 from service.up_view import decided_through
 from trainer.export import ExportError, archived_pairs
 from trainer.ledger import trained_ledger
+
+# The topics of this deployment (`odpo up` sets no prefix; core/topics.py): every Kafka call uses these.
+T_ADAPTERS = topic_name(TOPIC_ADAPTERS)
+T_CONTROL = topic_name(TOPIC_CONTROL)
+T_DLQ = topic_name(TOPIC_DLQ)
+T_PREFERENCES = topic_name(TOPIC_PREFERENCES)
 
 KEYS = {"client": {"scopes": ["inference"]}, "labeler": {"scopes": ["inference", "feedback"]},
         "feeder": {"scopes": ["prompts"]}, "ratey": {"scopes": ["inference"], "rate_per_s": 0.2, "burst": 2},
@@ -67,7 +74,7 @@ class Watch(threading.Thread):
     def __init__(self, bootstrap: str):
         super().__init__(name="redteam-watch", daemon=True)
         self.bootstrap, self._halt, self._lock = bootstrap, threading.Event(), threading.Lock()
-        self.records: dict[str, list] = {t: [] for t in (TOPIC_PREFERENCES, TOPIC_DLQ, TOPIC_ADAPTERS, TOPIC_CONTROL)}
+        self.records: dict[str, list] = {t: [] for t in (T_PREFERENCES, T_DLQ, T_ADAPTERS, T_CONTROL)}
         self.pair_seen: dict[str, float] = {}
 
     def run(self) -> None:
@@ -83,7 +90,7 @@ class Watch(threading.Thread):
             with self._lock:
                 for rec in got:
                     self.records[rec.topic].append(rec)
-                    if rec.topic == TOPIC_PREFERENCES:
+                    if rec.topic == T_PREFERENCES:
                         try:
                             self.pair_seen.setdefault(json.loads(rec.value)["id"], time.time())
                         except (ValueError, KeyError, TypeError):
@@ -103,7 +110,7 @@ class Watch(threading.Thread):
 
     def dead_letters(self) -> list[DeadLetter]:
         out = []
-        for r in self._of(TOPIC_DLQ):
+        for r in self._of(T_DLQ):
             try:
                 out.append(DeadLetter.from_bytes(r.value))
             except ValueError:
@@ -112,7 +119,7 @@ class Watch(threading.Thread):
 
     def versions(self) -> set[int]:
         out = set()
-        for r in self._of(TOPIC_ADAPTERS):
+        for r in self._of(T_ADAPTERS):
             try:
                 out.add(AdapterReady.from_bytes(r.value).version) if _signed(r) else None
             except ValueError:
@@ -247,7 +254,7 @@ def run(args) -> dict:
                     {"gateway": f"{gateway}/metrics", "gate": f"{gate}/metrics",
                      "trainer": f"http://127.0.0.1:{trainer_port}/metrics",
                      "generator": f"http://127.0.0.1:{generator_port}/metrics"})
-        _wait(lambda: watch.first(TOPIC_PREFERENCES) is not None, left(), up, "the first preference pair")
+        _wait(lambda: watch.first(T_PREFERENCES) is not None, left(), up, "the first preference pair")
         time.sleep(20)  # the legitimate client's latency before any attack
         step = lambda fn, *a: _step(rows, client, fn, ctx, *a)  # noqa: E731
         step(A.attack_prompts), step(A.attack_judge_regex), step(A.attack_feedback), step(A.attack_key_limits)

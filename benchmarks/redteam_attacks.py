@@ -38,7 +38,15 @@ from core.contracts import (
     ServedRecord,
     ServedText,
 )
+from core.topics import topic_name
 from service.task import make_prompts
+
+# The topics of this deployment (`odpo up` sets no prefix; core/topics.py): every Kafka call uses these.
+T_ADAPTERS = topic_name(TOPIC_ADAPTERS)
+T_CONTROL = topic_name(TOPIC_CONTROL)
+T_PREFERENCES = topic_name(TOPIC_PREFERENCES)
+T_PROMPTS = topic_name(TOPIC_PROMPTS)
+T_SERVED = topic_name(TOPIC_SERVED)
 
 SIG = "odpo-sig"
 BIG = 2 ** 31
@@ -292,13 +300,13 @@ def attack_forged_pairs(ctx: Ctx) -> Row:
     key_id = ctx.watch.signing_key_id()
     variants = {"unsigned": [], "unknown": [(SIG, f"evil:{'0' * 64}".encode())],
                 "mismatch": [(SIG, f"{key_id}:{'1' * 64}".encode())]}
-    deltas = metric_deltas(ctx, [("trainer", "odpo_bus_signature_failures_total", {"topic": TOPIC_PREFERENCES})])
+    deltas = metric_deltas(ctx, [("trainer", "odpo_bus_signature_failures_total", {"topic": T_PREFERENCES})])
     got = {}
     for name, headers in variants.items():
         pair = _pair(f"{name}-{secrets.token_hex(3)}")
         ctx.forged_pairs.add(pair.id)
-        send(ctx, TOPIC_PREFERENCES, pair.id, pair.to_bytes(), headers)
-        got[name] = dlq_for(ctx, TOPIC_PREFERENCES, pair.id, {"trainer"})
+        send(ctx, T_PREFERENCES, pair.id, pair.to_bytes(), headers)
+        got[name] = dlq_for(ctx, T_PREFERENCES, pair.id, {"trainer"})
     row.blocked = all("trainer" in g and g["trainer"].startswith("signature") for g in got.values())
     row.how = "; ".join(f"{n}: {letters(g)}" for n, g in got.items()) + "; " + deltas()[1] + \
         " (archive and ledger checked at the end)"
@@ -307,12 +315,12 @@ def attack_forged_pairs(ctx: Ctx) -> Row:
 
 def attack_replayed_pair(ctx: Ctx) -> Row:
     row = Row("replayed signed PreferencePair (value and header copied)", "not trained twice (the trainer's ledger)")
-    rec = ctx.watch.first(TOPIC_PREFERENCES)
+    rec = ctx.watch.first(T_PREFERENCES)
     if rec is None:
         row.how = "no pair seen yet"
         return row
     ctx.replayed_pairs.add(PreferencePair.from_bytes(rec.value).id)
-    ctx.producer.send(TOPIC_PREFERENCES, key=rec.key, value=rec.value, headers=list(rec.headers or []))
+    ctx.producer.send(T_PREFERENCES, key=rec.key, value=rec.value, headers=list(rec.headers or []))
     ctx.producer.flush()
     row.how = f"replayed {next(iter(ctx.replayed_pairs))}; checked at the end"
     return row
@@ -321,7 +329,7 @@ def attack_replayed_pair(ctx: Ctx) -> Row:
 def attack_adapters(ctx: Ctx) -> Row:
     row = Row("forged AdapterReady: v1 as v2^31 (unsigned / v1's header), another version's folder; v1 replayed",
               "DLQ by the generator and the gate; `policy` unchanged; later versions still promoted")
-    rec = ctx.watch.first(TOPIC_ADAPTERS)
+    rec = ctx.watch.first(T_ADAPTERS)
     if rec is None:
         row.how = "no version published yet"
         return row
@@ -329,7 +337,7 @@ def attack_adapters(ctx: Ctx) -> Row:
     newest = max(ctx.watch.versions(), default=v1.version)
     ctx.adapter_attack_newest = newest
     before_gw, before_gate = readyz(ctx.gateway), readyz(ctx.gate)
-    specs = [(c, "odpo_bus_signature_failures_total", {"topic": TOPIC_ADAPTERS}) for c in ("generator", "gate")]
+    specs = [(c, "odpo_bus_signature_failures_total", {"topic": T_ADAPTERS}) for c in ("generator", "gate")]
     specs += [(c, "odpo_bus_unannounced_adapters_total", {}) for c in ("generator", "gate")]
     deltas = metric_deltas(ctx, specs)
     big = v1.model_copy(update={"version": BIG}).to_bytes()
@@ -338,10 +346,10 @@ def attack_adapters(ctx: Ctx) -> Row:
     forged = {f"redteam-big-{tag}": (big, []), f"redteam-bigsig-{tag}": (big, list(rec.headers or [])),
               f"redteam-folder-{tag}": (folder, [])}
     for key, (value, headers) in forged.items():
-        send(ctx, TOPIC_ADAPTERS, key, value, headers)
-    ctx.producer.send(TOPIC_ADAPTERS, key=rec.key, value=rec.value, headers=list(rec.headers or []))  # verbatim
+        send(ctx, T_ADAPTERS, key, value, headers)
+    ctx.producer.send(T_ADAPTERS, key=rec.key, value=rec.value, headers=list(rec.headers or []))  # verbatim
     ctx.producer.flush()
-    got = {k: dlq_for(ctx, TOPIC_ADAPTERS, k, {"generator", "gate"}) for k in forged}
+    got = {k: dlq_for(ctx, T_ADAPTERS, k, {"generator", "gate"}) for k in forged}
     time.sleep(5)
     gw, gate = readyz(ctx.gateway), readyz(ctx.gate)
     by_name = http(ctx, "POST", "/v1/chat/completions", "client", json={
@@ -358,9 +366,9 @@ def attack_adapters(ctx: Ctx) -> Row:
 
 def attack_control(ctx: Ctx) -> list[Row]:
     gw0, gate0 = readyz(ctx.gateway), readyz(ctx.gate)
-    head = ctx.watch.last(TOPIC_CONTROL, b"head")
-    claim = ctx.watch.last(TOPIC_CONTROL, b"claim")
-    deltas = metric_deltas(ctx, [(c, "odpo_bus_signature_failures_total", {"topic": TOPIC_CONTROL})
+    head = ctx.watch.last(T_CONTROL, b"head")
+    claim = ctx.watch.last(T_CONTROL, b"claim")
+    deltas = metric_deltas(ctx, [(c, "odpo_bus_signature_failures_total", {"topic": T_CONTROL})
                                  for c in ("gateway", "gate")])
     rows = []
     row = Row("control topic: unsigned head promoting a bogus version; claims with \"epoch\": 1e999",
@@ -369,10 +377,10 @@ def attack_control(ctx: Ctx) -> list[Row]:
     bogus.update({"epoch": 10 ** 6, "writer": "redteam", "seq": int(bogus.get("seq", 0)) + 10 ** 6,
                   "promoted": 999, "url": "http://127.0.0.1:9"})
     inf_claim = b'{"epoch": 1e999, "writer": "redteam", "url": "http://127.0.0.1:9"}'
-    send(ctx, TOPIC_CONTROL, "head", json.dumps(bogus).encode())
-    send(ctx, TOPIC_CONTROL, "claim", inf_claim)
+    send(ctx, T_CONTROL, "head", json.dumps(bogus).encode())
+    send(ctx, T_CONTROL, "claim", inf_claim)
     if claim is not None:  # a real claim's header on the forged value: mismatch
-        send(ctx, TOPIC_CONTROL, "claim", inf_claim, list(claim.headers or []))
+        send(ctx, T_CONTROL, "claim", inf_claim, list(claim.headers or []))
     time.sleep(8)
     gw, gate = readyz(ctx.gateway), readyz(ctx.gate)
     epoch0 = (gw0 or {}).get("registry", {}).get("epoch")
@@ -391,13 +399,13 @@ def attack_control(ctx: Ctx) -> list[Row]:
 def _replay_head(ctx: Ctx) -> Row:
     row = Row("control topic: the gate's first signed head replayed verbatim after a promotion",
               "readers keep the newer state: `policy` never goes back")
-    first = ctx.watch.first(TOPIC_CONTROL, b"head")
+    first = ctx.watch.first(T_CONTROL, b"head")
     gate = readyz(ctx.gate)
     if first is None or gate is None or json.loads(first.value).get("promoted") == gate.get("promoted"):
         row.how = "no promotion since the first head yet"
         return row
     ctx.head_replay = (time.time(), int(gate["promoted"]))
-    ctx.producer.send(TOPIC_CONTROL, key=first.key, value=first.value, headers=list(first.headers or []))
+    ctx.producer.send(T_CONTROL, key=first.key, value=first.value, headers=list(first.headers or []))
     ctx.producer.flush()
     time.sleep(10)
     gw = readyz(ctx.gateway)
@@ -413,10 +421,10 @@ def _replay_head(ctx: Ctx) -> Row:
 def attack_served(ctx: Ctx) -> Row:
     row = Row("forged odpo.served record, then feedback naming it", "skipped by the gateway's served log; 404")
     rid = f"redteam-served-{secrets.token_hex(4)}"
-    deltas = metric_deltas(ctx, [("gateway", "odpo_bus_signature_failures_total", {"topic": TOPIC_SERVED})])
+    deltas = metric_deltas(ctx, [("gateway", "odpo_bus_signature_failures_total", {"topic": T_SERVED})])
     record = ServedRecord(id=rid, replica="redteam", choices=[ServedText(prompt=prompt_event(rid), text="no",
                                                                          policy_version=0)])
-    send(ctx, TOPIC_SERVED, rid, record.to_bytes())
+    send(ctx, T_SERVED, rid, record.to_bytes())
     time.sleep(2)
     r = http(ctx, "POST", "/v1/feedback", "labeler", json={"response_id": rid, "rating": 1.0})
     row.blocked, row.how = r.status_code == 404, show("feedback", r) + "; " + deltas()[1]
@@ -427,9 +435,9 @@ def attack_forged_prompt(ctx: Ctx) -> Row:
     row = Row("unsigned prompt with a catastrophic regex task on odpo.prompts", "dead-lettered by the generator")
     event = prompt_event(f"prompt-{secrets.token_hex(3)}").model_copy(update={
         "task": {"kind": "regex", "pattern": CATASTROPHIC}})
-    deltas = metric_deltas(ctx, [("generator", "odpo_bus_signature_failures_total", {"topic": TOPIC_PROMPTS})])
-    send(ctx, TOPIC_PROMPTS, event.id, event.to_bytes())
-    got = dlq_for(ctx, TOPIC_PROMPTS, event.id, {"generator"})
+    deltas = metric_deltas(ctx, [("generator", "odpo_bus_signature_failures_total", {"topic": T_PROMPTS})])
+    send(ctx, T_PROMPTS, event.id, event.to_bytes())
+    got = dlq_for(ctx, T_PROMPTS, event.id, {"generator"})
     row.blocked = "generator" in got and got["generator"].startswith("signature")
     row.how = letters(got) + "; " + deltas()[1]
     return row
