@@ -39,6 +39,7 @@ from core.contracts import (
     ServedText,
 )
 from core.topics import topic_name
+from generator.lora_resolver import STORE_ENV as LORA_STORE_ENV
 from service.task import make_prompts
 
 # The topics of this deployment (`odpo up` sets no prefix; core/topics.py): every Kafka call uses these.
@@ -570,8 +571,9 @@ def attack_vllm(ctx: Ctx, generator_pid: int | None) -> Row:
 
 
 def attack_secrets(ctx: Ctx, pids: dict[str, int]) -> Row:
-    """Which process holds which secret: the admin token only the gate, vLLM none of odpo's settings; the
-    run folder's secret files owner-only."""
+    """Which process holds which secret: the admin token only the gate, vLLM none of odpo's settings (but the
+    store path its LoRA resolver reads, ODPO_LORA_STORE, which is no secret); the run folder's secret files
+    owner-only."""
     row = Row("secrets: admin token only in the gate, none of ODPO_* in vLLM, secret files 0600",
               "no other process holds them")
     leaks = []
@@ -584,7 +586,7 @@ def attack_secrets(ctx: Ctx, pids: dict[str, int]) -> Row:
                 continue
             vllm = p.pid != pid and _is_vllm(p)
             held = [k for k in env if (k == "ODPO_GATE_ADMIN_TOKEN" and name != "gate")
-                    or (vllm and k.startswith("ODPO_"))]
+                    or (vllm and k.startswith("ODPO_") and k != LORA_STORE_ENV)]
             leaks += [f"{name}{' (vLLM)' if vllm else ''}: {k}" for k in held]
     for f in ("admin-token", "vllm-api-key"):
         path = ctx.run_dir / f
