@@ -43,6 +43,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks import redteam_attacks as A
+from benchmarks import redteam_forgeries as F
 from benchmarks.chaos import LOOP_ENV, _bootstrap, _components, _stop, _wait
 from benchmarks.chaos_audit import audit
 from benchmarks.common import percentile, write_json
@@ -258,13 +259,13 @@ def run(args) -> dict:
         time.sleep(20)  # the legitimate client's latency before any attack
         step = lambda fn, *a: _step(rows, client, fn, ctx, *a)  # noqa: E731
         step(A.attack_prompts), step(A.attack_judge_regex), step(A.attack_feedback), step(A.attack_key_limits)
-        step(A.attack_sizes), step(A.attack_admin), step(A.attack_forged_prompt), step(A.attack_served)
-        step(A.attack_forged_pairs), step(A.attack_replayed_pair)
+        step(A.attack_sizes), step(A.attack_admin), step(F.attack_forged_prompt), step(F.attack_served)
+        step(F.attack_forged_pairs), step(F.attack_replayed_pair)
         _wait(lambda: (A.readyz(gateway) or {}).get("policy_version", 0) >= 1, left(), up,
               "version 1 to be promoted and routed")
         pids = {name: int(e["pid"]) for name, e in _components(run_dir).items() if "pid" in e}
-        step(A.attack_names), step(A.attack_unknown_flood, client), step(A.attack_adapters)
-        step(A.attack_control), step(A.attack_vllm, pids.get("generator")), step(A.attack_secrets, pids)
+        step(A.attack_names), step(A.attack_unknown_flood, client), step(F.attack_adapters)
+        step(F.attack_control), step(A.attack_vllm, pids.get("generator")), step(A.attack_secrets, pids)
         while up.poll() is None and time.time() < deadline:
             A.check_refused_by_name(ctx)
             time.sleep(3)
